@@ -1,0 +1,276 @@
+"""PPO conventions: every formula choice that differs between RLHF frameworks, as one
+frozen dataclass, and named presets reproducing each framework.
+
+Where each preset's formulas come from:
+
+- `deepspeed_chat`: microsoft/DeepSpeedExamples, applications/DeepSpeed-Chat,
+  dschat/rlhf/ppo_trainer.py (`DeepSpeedPPOTrainer.__init__` constants kl_ctl=0.1,
+  clip_reward_value=5, cliprange=0.2, cliprange_value=0.2, gamma=1, lam=0.95;
+  `compute_rewards`, `train_rlhf`'s zeroing after `ends`, `get_advantages_and_returns`,
+  `actor_loss_fn`, `critic_loss_fn`). No whitening, token-mean losses.
+- `nemo`: NVIDIA/NeMo-Aligner, examples/nlp/gpt/conf/gpt_ppo_actor.yaml
+  (initial_policy_kl_penalty=0.01, use_absolute_kl=True, discount_factor=1.0,
+  gae_lambda=0.95, normalize_advantages=True, entropy_bonus=0.0, ratio_eps=0.2),
+  gpt_ppo_critic.yaml (loss_clip_val=0.2), nemo_aligner/utils/ppo_utils.py (reward on
+  the last valid token, GAE over mask-multiplied rewards/values) and the actor/critic
+  losses in megatron_gpt_ppo_actor.py / megatron_gpt_critic.py (0.5 * masked mean).
+  NeMo normalises advantages with its own global mean/var; `masked_whiten` is used.
+- `openrlhf`: OpenRLHF/OpenRLHF, openrlhf/cli/train_ppo*.py defaults
+  (init_kl_coef=0.01, kl_estimator k1, reward_clip_range=(-10, 10), gamma=1,
+  lambd=0.95, eps_clip=0.2, value_clip=0.2; later releases changed the defaults to
+  lambd=1 and value_clip=0.5, override those fields to follow them),
+  openrlhf/models/utils.py
+  (`compute_reward`: score on the last action token), experience_maker.py (GAE over
+  mask-multiplied rewards/values, advantage normalisation), models/loss.py
+  (`PolicyLoss`, `ValueLoss` = 0.5 * clipped).
+- `trl`: huggingface/trl, trl/trainer/ppo_config.py defaults (kl_coef=0.05,
+  kl_estimator k1, cliprange=0.2, cliprange_value=0.2, vf_coef=0.1, gamma=1, lam=0.95,
+  whiten_rewards=False) and ppo_trainer.py: score at `sequence_lengths_p1` (the same
+  one-past-the-end slot as DeepSpeed-Chat, hence reward_position "dschat"), KL zero on
+  padding, values zeroed after that slot, advantages whitened over the response mask,
+  critic loss vf_coef * 0.5 * max(...) -> value_loss_scale 0.05. Not reproduced:
+  TRL's value loss also covers the score slot (its `padding_mask_p1`), and
+  `missing_eos_penalty`.
+- `default`: this project's own choices, each explained in `_DEFAULT_REASONS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from shared.advantages import GAE_MASK_MODES
+from shared.aggregation import AGG_MODES
+from shared.kl import KL_ESTIMATORS
+from shared.rewards import SCORE_POSITIONS
+
+KL_IN = ("reward", "loss")
+KL_CONTROLLERS = ("fixed", "adaptive")
+
+
+@dataclass(frozen=True)
+class PPOConventions:
+    """Every convention the 'experience -> advantages -> losses' pipeline depends on."""
+
+    kl_estimator: str = "k1"
+    """Per-token KL estimator: "k1" (log p - log q), "abs", "k2" or "k3" (`kl_penalty`)."""
+    kl_clamp: float | None = None
+    """Clip each per-token KL estimate to [-kl_clamp, kl_clamp]; None = no clip."""
+    kl_in: str = "reward"
+    """"reward": -kl_coef * KL in the token rewards; "loss": kl_coef * KL added to the
+    actor loss (`kl_loss`) and no KL in the rewards."""
+    kl_coef: float = 0.05
+    """KL coefficient beta (the initial one for the adaptive controller)."""
+    kl_controller: str = "fixed"
+    """"fixed" or "adaptive" (Ziegler et al. 2019; `adaptive_kl_controller`)."""
+    kl_target: float = 6.0
+    """Target KL of the adaptive controller (Ziegler et al. 2019 use 6 nats)."""
+    kl_horizon: float = 10000.0
+    """Horizon of the adaptive controller (Ziegler et al. 2019 use 10000)."""
+    reward_clip: float | None = None
+    """Clip the reward-model score to [-reward_clip, reward_clip]; None = no clip."""
+    reward_position: str = "last_token"
+    """Where the score goes: "last_token" or "dschat" (one past the end, `score_position`)."""
+    zero_after_end: bool = False
+    """True: keep the KL term on every slot up to the score position, masked or not
+    (DeepSpeed-Chat); False: KL only on valid response tokens."""
+    gae_mask_mode: str = "skip_masked"
+    """"zero_after_end" (DeepSpeed-Chat/OpenRLHF/NeMo/TRL) or "skip_masked" (verl/Tunix)."""
+    gamma: float = 1.0
+    """Discount factor in [0, 1]."""
+    lam: float = 0.95
+    """GAE lambda in [0, 1]."""
+    whiten_advantages: bool = True
+    """Whiten advantages over the valid tokens of the batch (`masked_whiten`)."""
+    whiten_rewards: bool = False
+    """Scale token rewards to unit variance without shifting the mean (TRL option)."""
+    clip_low: float = 0.2
+    """PPO ratio clip epsilon (lower side, and both sides when clip_high is None)."""
+    clip_high: float | None = None
+    """Upper-side epsilon for asymmetric clipping (DAPO); None = symmetric."""
+    dual_clip: float | None = None
+    """Dual-clip constant c > 1 for negative advantages; None = off."""
+    log_ratio_clamp: float | None = None
+    """Clip log(pi/pi_old) to [-c, c] before exp; None = off."""
+    value_clip: float | None = 0.2
+    """Value clipping range around the rollout values; None = unclipped value loss."""
+    value_loss_scale: float = 0.5
+    """Multiplier of the value loss (0.5 * max(...) in most frameworks)."""
+    entropy_coef: float = 0.0
+    """Entropy bonus coefficient (subtracted from the actor loss)."""
+    loss_agg_mode: str = "token-mean"
+    """Loss aggregation (`aggregate_loss`): token-mean, seq-mean-token-mean, ..."""
+
+    def __post_init__(self) -> None:
+        _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        _choice("kl_in", self.kl_in, KL_IN)
+        _choice("kl_controller", self.kl_controller, KL_CONTROLLERS)
+        _choice("reward_position", self.reward_position, SCORE_POSITIONS)
+        _choice("gae_mask_mode", self.gae_mask_mode, GAE_MASK_MODES)
+        _choice("loss_agg_mode", self.loss_agg_mode, AGG_MODES)
+        for name in ("zero_after_end", "whiten_advantages", "whiten_rewards"):
+            _choice(name, getattr(self, name), (True, False))
+        for name in ("kl_clamp", "reward_clip", "clip_high", "log_ratio_clamp", "value_clip"):
+            _positive_or_none(name, getattr(self, name))
+        _check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "a number >= 0")
+        _check(self.kl_target > 0, "kl_target", self.kl_target, "a number > 0")
+        _check(self.kl_horizon > 0, "kl_horizon", self.kl_horizon, "a number > 0")
+        _check(0 <= self.gamma <= 1, "gamma", self.gamma, "a number in [0, 1]")
+        _check(0 <= self.lam <= 1, "lam", self.lam, "a number in [0, 1]")
+        _check(0 < self.clip_low < 1, "clip_low", self.clip_low, "a number in (0, 1)")
+        _check(
+            self.dual_clip is None or self.dual_clip > 1,
+            "dual_clip", self.dual_clip, "None or a number > 1",
+        )
+        _check(self.value_loss_scale > 0, "value_loss_scale", self.value_loss_scale, "> 0")
+        if self.reward_position == "dschat" and self.gae_mask_mode == "skip_masked":
+            raise ValueError(
+                "reward_position='dschat' puts the score on a padding slot, which "
+                "gae_mask_mode='skip_masked' would skip; use gae_mask_mode='zero_after_end'"
+            )
+
+
+def _choice(name: str, value: object, allowed: tuple) -> None:
+    if isinstance(value, bool) != all(isinstance(a, bool) for a in allowed) or value not in allowed:
+        raise ValueError(
+            f"PPOConventions.{name} = {value!r} is not allowed; allowed values: {list(allowed)}"
+        )
+
+
+def _check(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"PPOConventions.{name} = {value!r} is not allowed; expected {allowed}")
+
+
+def _positive_or_none(name: str, value: float | None) -> None:
+    _check(value is None or value > 0, name, value, "None or a number > 0")
+
+
+DEEPSPEED_CHAT = PPOConventions(
+    kl_estimator="k1",
+    kl_in="reward",
+    kl_coef=0.1,
+    kl_controller="fixed",
+    reward_clip=5.0,
+    reward_position="dschat",
+    zero_after_end=True,
+    gae_mask_mode="zero_after_end",
+    gamma=1.0,
+    lam=0.95,
+    whiten_advantages=False,
+    whiten_rewards=False,
+    clip_low=0.2,
+    value_clip=0.2,
+    value_loss_scale=0.5,
+    entropy_coef=0.0,
+    loss_agg_mode="token-mean",
+)
+
+NEMO = PPOConventions(
+    kl_estimator="abs",
+    kl_coef=0.01,
+    reward_clip=None,
+    reward_position="last_token",
+    zero_after_end=False,
+    gae_mask_mode="zero_after_end",
+    gamma=1.0,
+    lam=0.95,
+    whiten_advantages=True,
+    clip_low=0.2,
+    value_clip=0.2,
+    value_loss_scale=0.5,
+    entropy_coef=0.0,
+    loss_agg_mode="token-mean",
+)
+
+OPENRLHF = PPOConventions(
+    kl_estimator="k1",
+    kl_coef=0.01,
+    reward_clip=10.0,
+    reward_position="last_token",
+    zero_after_end=False,
+    gae_mask_mode="zero_after_end",
+    gamma=1.0,
+    lam=0.95,
+    whiten_advantages=True,
+    clip_low=0.2,
+    value_clip=0.2,
+    value_loss_scale=0.5,
+    entropy_coef=0.0,
+    loss_agg_mode="token-mean",
+)
+
+TRL = PPOConventions(
+    kl_estimator="k1",
+    kl_coef=0.05,
+    reward_clip=None,
+    reward_position="dschat",
+    zero_after_end=False,
+    gae_mask_mode="zero_after_end",
+    gamma=1.0,
+    lam=0.95,
+    whiten_advantages=True,
+    whiten_rewards=False,
+    clip_low=0.2,
+    value_clip=0.2,
+    value_loss_scale=0.05,
+    entropy_coef=0.0,
+    loss_agg_mode="token-mean",
+)
+
+DEFAULT = PPOConventions(
+    kl_estimator="k1",
+    kl_in="reward",
+    kl_coef=0.05,
+    kl_controller="fixed",
+    reward_clip=10.0,
+    reward_position="last_token",
+    zero_after_end=False,
+    gae_mask_mode="skip_masked",
+    gamma=1.0,
+    lam=0.95,
+    whiten_advantages=True,
+    whiten_rewards=False,
+    clip_low=0.2,
+    clip_high=None,
+    dual_clip=None,
+    log_ratio_clamp=20.0,
+    value_clip=0.2,
+    value_loss_scale=0.5,
+    entropy_coef=0.0,
+    loss_agg_mode="token-mean",
+)
+"""The project's own conventions (reasons in `_DEFAULT_REASONS`)."""
+
+_DEFAULT_REASONS = {
+    "kl_estimator": "k1 in the reward: unbiased, and its sum over tokens is the sequence "
+    "log-ratio whose expectation is the KL of InstructGPT's objective",
+    "kl_coef": "0.05, TRL's default, between DeepSpeed-Chat's 0.1 and OpenRLHF's 0.01",
+    "reward_clip": "10, OpenRLHF's guard against reward-model outliers; loose enough not "
+    "to bind for a normalised reward model",
+    "reward_position": "last_token: the score belongs to the token that ends the answer "
+    "(the EOS when generated), never one past it",
+    "gae_mask_mode": "skip_masked: identical to zero_after_end for prefix masks and still "
+    "correct when masked tokens sit inside a response",
+    "whiten_advantages": "True, as TRL, OpenRLHF, NeMo and verl: scale-free policy updates",
+    "log_ratio_clamp": "20, as verl: only guards exp() against overflow, inactive for sane "
+    "ratios",
+    "value_clip": "0.2 with 0.5 * max(...), the value loss shared by every framework here",
+    "loss_agg_mode": "token-mean with a global token count: split-invariant, and the "
+    "common choice",
+}
+
+PRESETS: dict[str, PPOConventions] = {
+    "default": DEFAULT,
+    "deepspeed_chat": DEEPSPEED_CHAT,
+    "nemo": NEMO,
+    "openrlhf": OPENRLHF,
+    "trl": TRL,
+}
+
+
+def get_preset(name: str, **overrides: object) -> PPOConventions:
+    """The preset called `name`, with optional field overrides (validated again)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown PPO preset {name!r}; available presets: {sorted(PRESETS)}")
+    return replace(PRESETS[name], **overrides) if overrides else PRESETS[name]
+
