@@ -1,0 +1,189 @@
+"""Load a config from YAML with ``base:`` inheritance and ``key=value`` overrides.
+
+Order of application: the ``base:`` chain (deep-merged, the child wins), the
+file itself, then the command-line overrides. Relative paths written as
+``./x`` or ``../x`` are taken relative to the file that holds them, so a
+config works from any working directory. ``ppo.preset`` picks the PPO
+conventions and ``ppo.conventions`` overrides single fields of it.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from shared.config._build import ConfigError, build, to_dict
+from shared.config.aliases import NEMO_PPO_KEYS, resolve_alias
+from shared.config.schema import RLHFConfig
+from shared.presets import get_preset
+
+__all__ = [
+    "config_from_dict",
+    "load_config",
+    "parse_override",
+    "save_config",
+]
+
+# Fields holding filesystem paths (dotted; `[]` marks a list of mappings).
+_PATH_KEYS = (
+    "output_dir",
+    "model.actor_model_name_or_path",
+    "model.critic_model_name_or_path",
+    "model.tokenizer_name_or_path",
+    "model.reward_tokenizer_name_or_path",
+    "data.datasets[].path",
+    "data.unsupervised_dataset_name",
+    "data.cache_dir",
+    "eval.dataset",
+)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {path}: {err.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], child: Mapping[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in child.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), dict) and key not in (
+            "actor_config", "critic_config"
+        ):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _resolve_paths(data: dict[str, Any], root: Path) -> None:
+    """Rewrite ./ and ../ paths in ``data`` (in place, our own copy) against ``root``."""
+
+    def fix(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith(("./", "../")):
+            return os.path.normpath(str(root / value))
+        return value
+
+    for dotted in _PATH_KEYS:
+        *parents, leaf = dotted.split(".")
+        nodes = [data]
+        for part in parents:
+            nxt = []
+            for node in nodes:
+                many = part.endswith("[]")
+                child = node.get(part[:-2] if many else part) if isinstance(node, dict) else None
+                if many and isinstance(child, list):
+                    nxt.extend(c for c in child if isinstance(c, dict))
+                elif isinstance(child, dict):
+                    nxt.append(child)
+            nodes = nxt
+        for node in nodes:
+            if isinstance(node, dict) and leaf in node:
+                node[leaf] = fix(node[leaf])
+
+
+def _load_chain(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(str(p) for p in (*seen, path))
+        raise ConfigError(f"config `base:` chain loops: {chain}")
+    data = _read_yaml(path)
+    _resolve_paths(data, path.parent)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file path, got {base!r}")
+    return _merge(_load_chain(path.parent / base, (*seen, path)), data)
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads 1e-5 as a string; people mean a number.
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_override(text: str) -> list[tuple[str, Any]]:
+    """``"ppo.ppo_epochs=2"`` -> ``[("ppo.ppo_epochs", 2)]``, resolving DS-Chat/NeMo names."""
+    key, sep, raw = text.partition("=")
+    key = key.strip().lstrip("-")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. ppo.ppo_epochs=2")
+    return resolve_alias(key, _parse_scalar(raw))
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    node = data
+    parts = dotted.split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            where = ".".join(parts[: i + 1])
+            raise ConfigError(f"override {dotted}: {where} is {child!r}, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _normalise(data: dict[str, Any]) -> dict[str, Any]:
+    """Apply NeMo names inside ``ppo:``, plain-string datasets and the PPO preset."""
+    data = copy.deepcopy(data)
+    ppo = data.get("ppo")
+    if isinstance(ppo, dict):
+        for name in [k for k in ppo if k in NEMO_PPO_KEYS]:
+            for dotted, value in resolve_alias(name, ppo.pop(name)):
+                _set(data, dotted, value)
+        ppo = data["ppo"]
+        preset_name = ppo.get("preset", "default")
+        try:
+            preset = get_preset(preset_name)
+        except (KeyError, ValueError) as err:
+            raise ConfigError(f"ppo.preset: {err}") from None
+        overrides = ppo.get("conventions") or {}
+        if not isinstance(overrides, dict):
+            raise ConfigError(f"ppo.conventions: expected a mapping, got {overrides!r}")
+        ppo["conventions"] = {**to_dict(preset), **overrides}
+    datasets = (data.get("data") or {}).get("datasets")
+    if isinstance(datasets, list):
+        data["data"]["datasets"] = [{"path": d} if isinstance(d, str) else d for d in datasets]
+    return data
+
+
+def config_from_dict(data: Mapping[str, Any], overrides: Iterable[str] = ()) -> RLHFConfig:
+    """Build a validated ``RLHFConfig`` from plain data plus ``key=value`` overrides."""
+    data = copy.deepcopy(dict(data))
+    for text in overrides:
+        for dotted, value in parse_override(text):
+            _set(data, dotted, value)
+    return build(RLHFConfig, _normalise(data))
+
+
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> RLHFConfig:
+    """Read ``path`` (YAML), apply ``overrides`` and return the validated config."""
+    return config_from_dict(_load_chain(Path(path)), overrides)
+
+
+def save_config(config: RLHFConfig, path: str | os.PathLike) -> None:
+    """Write the full, resolved config; ``load_config`` of it gives ``config`` back."""
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

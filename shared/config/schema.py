@@ -1,0 +1,518 @@
+"""The typed configuration tree: one frozen dataclass per section.
+
+``RLHFConfig`` is the root. Each field carries a comment saying what it does
+and, where it has one, the DeepSpeed-Chat argument or NeMo-RLHF key it mirrors
+(the full tables are in ``shared.config.aliases`` and ``docs/config.md``).
+Values are checked where they are set (``__post_init__``); checks that span
+sections live in ``RLHFConfig.__post_init__``. Every error names the key, the
+value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from shared.config._build import ConfigError
+from shared.data.config import DataConfig
+from shared.presets import PPOConventions, get_preset
+
+__all__ = [
+    "EngineConfig",
+    "EvalConfig",
+    "JaxEngineConfig",
+    "LoggingConfig",
+    "LoRAConfig",
+    "MeshConfig",
+    "ModelConfig",
+    "ModuleConfig",
+    "OptimizerConfig",
+    "PPOConfig",
+    "RewardConfig",
+    "RLHFConfig",
+    "SamplingConfig",
+    "SFTConfig",
+    "TorchEngineConfig",
+]
+
+Dtype = Literal["fp32", "bf16", "fp16"]
+Schedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {value!r} is invalid; {allowed}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which models to load (or build from scratch) for the three steps."""
+
+    # Step-1 initialisation and the PPO actor/reference: a local directory or hub
+    # name (DS-Chat --model_name_or_path / --actor_model_name_or_path). null with
+    # `actor_config` set builds a fresh model from that config (the demo).
+    actor_model_name_or_path: str | None = None
+    # Step-2 initialisation and the PPO critic/reward (DS-Chat
+    # --critic_model_name_or_path). null with `critic_config` set builds one fresh.
+    critic_model_name_or_path: str | None = None
+    # Hugging Face config kwargs (`model_type` plus sizes) for a from-scratch actor.
+    actor_config: dict[str, Any] | None = None
+    # As `actor_config`, for the reward model / critic backbone.
+    critic_config: dict[str, Any] | None = None
+    # Tokenizer for every model; defaults to the actor's directory.
+    tokenizer_name_or_path: str | None = None
+    # The reward model's tokenizer, when it differs from the actor's. Allowed only
+    # with `retokenize_for_reward: true` (decode actor tokens, re-encode for the
+    # reward model); otherwise a mismatch is an error.
+    reward_tokenizer_name_or_path: str | None = None
+    # Decode actor tokens and re-encode them with the reward tokenizer.
+    retokenize_for_reward: bool = False
+    # Parameter/compute dtype of the trained models (DS-Chat --dtype).
+    dtype: Dtype = "fp32"
+    # Passed to `from_pretrained` (needed by some hub models).
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if self.actor_model_name_or_path is None and self.actor_config is None:
+            raise ConfigError(
+                "model.actor_model_name_or_path: null is invalid while model.actor_config is "
+                "also null; set a model directory / hub name or a config to build one"
+            )
+        if self.actor_config is not None and "model_type" not in self.actor_config:
+            raise ConfigError("model.actor_config: needs a `model_type` key (llama, opt, gpt2)")
+        if self.critic_config is not None and "model_type" not in self.critic_config:
+            raise ConfigError("model.critic_config: needs a `model_type` key (llama, opt, gpt2)")
+        if self.reward_tokenizer_name_or_path and not self.retokenize_for_reward:
+            raise ConfigError(
+                "model.reward_tokenizer_name_or_path: a separate reward tokenizer needs "
+                "model.retokenize_for_reward: true"
+            )
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Low-rank adapters, applied through peft (torch) or flax NNX LoRA (jax)."""
+
+    # Rank; 0 disables LoRA (DS-Chat --actor_lora_dim / --critic_lora_dim).
+    dim: int = 0
+    # The update is scaled by alpha / dim (peft's lora_alpha; DS-Chat's lora_scaling=1).
+    alpha: float = 1.0
+    # Substring selecting the modules to adapt (DS-Chat --*_lora_module_name).
+    module_name: str = "decoder.layers."
+    # Explicit module-name suffixes (e.g. [q_proj, v_proj]); overrides module_name.
+    target_modules: tuple[str, ...] = ()
+    # Train only the adapters (DS-Chat --only_optimize_lora).
+    only_optimize: bool = False
+    # Learning rate of the adapters (DS-Chat --*_lora_learning_rate); null: the
+    # model's learning rate.
+    learning_rate: float | None = None
+
+    def __post_init__(self):
+        _check(self.dim >= 0, "dim", self.dim, "must be >= 0 (0 disables LoRA)")
+        _check(self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        if self.only_optimize and self.dim == 0:
+            raise ConfigError("only_optimize: true needs dim > 0 (LoRA is disabled with dim 0)")
+
+
+@dataclass(frozen=True)
+class ModuleConfig:
+    """How one trained model (actor, critic, SFT or reward model) is run."""
+
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # Recompute activations in the backward pass (DS-Chat --*_gradient_checkpointing;
+    # remat in the JAX backend).
+    gradient_checkpointing: bool = False
+    # Set every dropout probability to 0 (DS-Chat --disable_*_dropout).
+    disable_dropout: bool = True
+    # Or override it with this value (DS-Chat --actor_dropout / --critic_dropout).
+    dropout: float | None = None
+
+    def __post_init__(self):
+        if self.dropout is not None:
+            _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """AdamW with a schedule from shared.schedules (identical in both backends)."""
+
+    # Peak learning rate (after warmup).
+    learning_rate: float = 1e-5
+    # Decoupled (AdamW) weight decay.
+    weight_decay: float = 0.0
+    # constant | constant_with_warmup | linear | cosine (DS-Chat --lr_scheduler_type).
+    lr_scheduler_type: Schedule = "cosine"
+    # Linear warmup from 0 over this many optimiser steps.
+    num_warmup_steps: int = 0
+    # Floor of the cosine schedule, as a fraction of learning_rate.
+    min_lr_ratio: float = 0.0
+    # DeepSpeed-Chat uses betas (0.9, 0.95).
+    betas: tuple[float, ...] = (0.9, 0.95)
+    # Adam epsilon.
+    eps: float = 1e-8
+    # Global gradient-norm clip; 0 disables (DeepSpeed gradient_clipping).
+    max_grad_norm: float = 1.0
+
+    def __post_init__(self):
+        _check(self.learning_rate >= 0, "learning_rate", self.learning_rate, "must be >= 0")
+        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _check(self.num_warmup_steps >= 0, "num_warmup_steps", self.num_warmup_steps,
+               "must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
+               self.betas, "must be two numbers in [0, 1)")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "must be >= 0")
+        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+
+
+def _check_batches(prefix: str, **sizes: int) -> None:
+    for name, value in sizes.items():
+        _check(value >= 1, f"{prefix}{name}", value, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class SFTConfig:
+    """Step 1: supervised fine-tuning on demonstrations."""
+
+    # Sequences (SFT) or comparison pairs (reward) per device per micro-step.
+    per_device_train_batch_size: int = 16
+    # Batch size per device for evaluation.
+    per_device_eval_batch_size: int = 16
+    # Passes over the training data.
+    num_train_epochs: int = 1
+    # Stop after this many optimiser steps (null: run all epochs).
+    max_steps: int | None = None
+    # Micro-batches accumulated per optimiser step; the loss is normalised by the global token
+    # count, so this never changes the gradient.
+    gradient_accumulation_steps: int = 1
+    optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(learning_rate=1e-3))
+    model: ModuleConfig = field(default_factory=ModuleConfig)
+    # How per-token losses become one number (shared.aggregation modes).
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = (
+        "token-mean"
+    )
+    # Evaluate (perplexity) every N optimiser steps; 0: only at the end.
+    eval_interval: int = 0
+
+    def __post_init__(self):
+        _check_batches("", per_device_train_batch_size=self.per_device_train_batch_size,
+                       per_device_eval_batch_size=self.per_device_eval_batch_size,
+                       num_train_epochs=self.num_train_epochs,
+                       gradient_accumulation_steps=self.gradient_accumulation_steps)
+        if self.max_steps is not None:
+            _check(self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1 or null")
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    """Step 2: reward-model training on comparisons."""
+
+    # Sequences (SFT) or comparison pairs (reward) per device per micro-step.
+    per_device_train_batch_size: int = 16
+    # Batch size per device for evaluation.
+    per_device_eval_batch_size: int = 16
+    # Passes over the training data.
+    num_train_epochs: int = 1
+    # Stop after this many optimiser steps (null: run all epochs).
+    max_steps: int | None = None
+    # Micro-batches accumulated per optimiser step; the loss is normalised by the global token
+    # count, so this never changes the gradient.
+    gradient_accumulation_steps: int = 1
+    optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(learning_rate=5e-4))
+    model: ModuleConfig = field(default_factory=ModuleConfig)
+    # bradley_terry: -log sigmoid(s_chosen - s_rejected - margin) on end scores;
+    # dschat: DeepSpeed-Chat's token-span variant; kway: InstructGPT K-way ranking.
+    loss: Literal["bradley_terry", "dschat", "kway"] = "bradley_terry"
+    # Optional margin for bradley_terry (Llama-2 style); null: none.
+    margin: float | None = None
+    # Evaluate every N optimiser steps; 0: only at the end.
+    eval_interval: int = 0
+
+    def __post_init__(self):
+        _check_batches("", per_device_train_batch_size=self.per_device_train_batch_size,
+                       per_device_eval_batch_size=self.per_device_eval_batch_size,
+                       num_train_epochs=self.num_train_epochs,
+                       gradient_accumulation_steps=self.gradient_accumulation_steps)
+        if self.max_steps is not None:
+            _check(self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1 or null")
+        if self.margin is not None and self.loss != "bradley_terry":
+            raise ConfigError(f"margin: only used with loss bradley_terry, not {self.loss!r}")
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    """Rollout sampling (NeMo-RLHF model.sampling_params)."""
+
+    # false: greedy decoding.
+    do_sample: bool = True
+    # Softmax temperature of sampling (the recorded log-probs are always at temperature 1).
+    temperature: float = 1.0
+    # 0 disables top-k filtering.
+    top_k: int = 0
+    # 1.0 disables nucleus filtering.
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        _check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+        _check(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 disables)")
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """Step 3: PPO with actor, reference, critic and reward models."""
+
+    # Base conventions: default | deepspeed_chat | nemo | openrlhf | trl (shared.presets).
+    preset: str = "default"
+    # The preset's conventions with the overrides given under `conventions:`
+    # applied; the run snapshot stores every field, so it reloads identically.
+    conventions: PPOConventions = field(default_factory=lambda: get_preset("default"))
+    # Prompts per device per generation batch (DS-Chat
+    # --per_device_generation_batch_size; NeMo rollout_micro_batch_size).
+    per_device_generation_batch_size: int = 16
+    # Mini-batch per device for each PPO update (DS-Chat --per_device_training_batch_size).
+    per_device_training_batch_size: int = 16
+    # Generation batches collected into the rollout buffer before training
+    # (DS-Chat --generation_batches).
+    generation_batches: int = 1
+    # NeMo num_rollout_samples: total samples per rollout over all devices. When
+    # set, generation_batches is derived from it at run time and must divide evenly.
+    num_rollout_samples: int | None = None
+    # Passes over the rollout buffer (DS-Chat --ppo_epochs; NeMo epochs).
+    ppo_epochs: int = 1
+    # Visit the rollout buffer in a fresh seeded order every PPO epoch; false walks
+    # it in order, as DeepSpeed-Chat does.
+    shuffle_minibatches: bool = True
+    # Passes over the prompt dataset (DS-Chat --num_train_epochs).
+    # Passes over the training data.
+    num_train_epochs: int = 1
+    # Stop after this many PPO iterations (rollout + training); null: all epochs.
+    max_iterations: int | None = None
+    # Micro-batches accumulated per optimiser step; the loss is normalised by the global token
+    # count, so this never changes the gradient.
+    gradient_accumulation_steps: int = 1
+    actor_optim: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(learning_rate=9.65e-6, lr_scheduler_type="cosine")
+    )
+    critic_optim: OptimizerConfig = field(
+        default_factory=lambda: OptimizerConfig(learning_rate=5e-6, lr_scheduler_type="cosine")
+    )
+    actor: ModuleConfig = field(default_factory=ModuleConfig)
+    critic: ModuleConfig = field(default_factory=ModuleConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    # Pretraining (ptx) loss weight (DS-Chat --unsup_coef; InstructGPT's 27.8).
+    unsup_coef: float = 27.8
+    # joint: ptx loss added to the actor loss in the same optimiser step;
+    # separate: DeepSpeed-Chat's extra optimiser step on the ptx batch.
+    ptx_mode: Literal["joint", "separate"] = "joint"
+    # Keep an exponential moving average of the actor (DS-Chat --enable_ema).
+    enable_ema: bool = False
+    # EMA decay: ema = beta * ema + (1 - beta) * actor (DeepSpeed-Chat's 0.992).
+    ema_beta: float = 0.992
+    # Keep the reference model in host memory (DS-Chat --offload_reference_model).
+    offload_reference_model: bool = False
+    # Answers with fewer tokens than this (EOS counted) are "too short". Rule:
+    # mask: they stay in the batch with an all-zero response mask (no loss, no
+    #   advantage), counted in metrics as `short_answers`;
+    # dschat: dropped, and a batch with none left reuses the last valid rollout,
+    #   as DeepSpeed-Chat does; also counted.
+    min_answer_tokens: int = 2
+    # What happens to too-short answers (see min_answer_tokens).
+    short_answer_policy: Literal["mask", "dschat"] = "mask"
+    # Print sampled prompts and answers every N iterations (DS-Chat --print_answers).
+    print_answers: bool = False
+    # Iterations between printed samples (DS-Chat --print_answers_interval).
+    print_answers_interval: int = 1
+    # Upcast logits to fp32 for the losses (DS-Chat --compute_fp32_loss).
+    compute_fp32_loss: bool = False
+    # fp16: skip both steps when either overflows (DS-Chat --align_overflow).
+    align_overflow: bool = False
+
+    def __post_init__(self):
+        _check_batches("", per_device_generation_batch_size=self.per_device_generation_batch_size,
+                       per_device_training_batch_size=self.per_device_training_batch_size,
+                       generation_batches=self.generation_batches, ppo_epochs=self.ppo_epochs,
+                       num_train_epochs=self.num_train_epochs,
+                       gradient_accumulation_steps=self.gradient_accumulation_steps,
+                       print_answers_interval=self.print_answers_interval)
+        if self.per_device_generation_batch_size % self.per_device_training_batch_size:
+            raise ConfigError(
+                "per_device_generation_batch_size: "
+                f"{self.per_device_generation_batch_size} is not divisible by "
+                f"per_device_training_batch_size={self.per_device_training_batch_size}; "
+                "each generation batch is split into training mini-batches of that size"
+            )
+        if self.num_rollout_samples is not None:
+            _check(self.num_rollout_samples >= 1, "num_rollout_samples",
+                   self.num_rollout_samples, "must be >= 1 or null")
+        if self.max_iterations is not None:
+            _check(self.max_iterations >= 1, "max_iterations", self.max_iterations,
+                   "must be >= 1 or null")
+        _check(self.unsup_coef >= 0, "unsup_coef", self.unsup_coef, "must be >= 0")
+        _check(0 < self.ema_beta < 1, "ema_beta", self.ema_beta, "must be in (0, 1)")
+        _check(self.min_answer_tokens >= 0, "min_answer_tokens", self.min_answer_tokens,
+               "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TorchEngineConfig:
+    """DeepSpeed settings (torch backend)."""
+
+    # ZeRO stage of the SFT and reward-model steps (DS-Chat --zero_stage).
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    # ZeRO stages of the PPO actor and critic (DS-Chat --actor_zero_stage, --critic_zero_stage).
+    actor_zero_stage: Literal[0, 1, 2, 3] = 0
+    # ZeRO stage of the PPO critic (DS-Chat --critic_zero_stage).
+    critic_zero_stage: Literal[0, 1, 2, 3] = 0
+    # Offload optimizer state (and parameters under ZeRO-3) to CPU (DS-Chat --offload).
+    offload: bool = False
+    # auto: the Hybrid Engine on CUDA where it builds, else generate through the
+    # module with ZeRO-3 parameters gathered; on: Hybrid Engine or a loud error;
+    # off: never (DS-Chat --enable_hybrid_engine).
+    hybrid_engine: Literal["auto", "on", "off"] = "auto"
+    # Hybrid Engine tensor-parallel size for generation (DS-Chat --inference_tp_size).
+    inference_tp_size: int = 1
+    # Free the generation KV cache after each rollout (DS-Chat --release_inference_cache).
+    release_inference_cache: bool = False
+    # Do not keep gathered actor parameters between generation steps
+    # (DS-Chat --unpin_actor_parameters; DeepSpeed pin_parameters = not this).
+    unpin_actor_parameters: bool = False
+    # Layers gathered at a time by the Hybrid Engine (DS-Chat --tp_gather_partition_size).
+    tp_gather_partition_size: int = 8
+    # Keep LoRA weights in fp16/bf16 (DS-Chat --enable_mixed_precision_lora).
+    enable_mixed_precision_lora: bool = False
+    # torch.distributed backend; null: nccl on CUDA, gloo on CPU.
+    dist_backend: str | None = None
+
+    def __post_init__(self):
+        _check(self.inference_tp_size >= 1, "inference_tp_size", self.inference_tp_size,
+               "must be >= 1")
+        _check(self.tp_gather_partition_size >= 1, "tp_gather_partition_size",
+               self.tp_gather_partition_size, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Device-mesh axis sizes for the JAX backend; -1 takes the remaining devices."""
+
+    # Data-parallel axis size (batch sharded, parameters replicated).
+    data: int = -1
+    # Fully-sharded axis size (batch and parameters sharded, ZeRO-3 style).
+    fsdp: int = 1
+    # Tensor-parallel axis size (matmul dimensions sharded).
+    tensor: int = 1
+
+    def __post_init__(self):
+        sizes = {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
+        for name, size in sizes.items():
+            _check(size == -1 or size >= 1, name, size, "must be >= 1, or -1 for the rest")
+        if sum(1 for s in sizes.values() if s == -1) > 1:
+            raise ConfigError(f"at most one mesh axis may be -1, got {sizes}")
+
+
+@dataclass(frozen=True)
+class JaxEngineConfig:
+    """jax.jit / mesh settings (jax backend)."""
+
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    # Matmul/activation dtype; parameters and optimizer state stay float32.
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    # Write orbax checkpoints in a background thread.
+    async_checkpointing: bool = True
+    # Multi-host: coordinator "host:port"; null with SLURM variables present uses
+    # them, otherwise runs single-process.
+    coordinator_address: str | None = None
+    # Number of JAX processes (hosts); null: from SLURM or 1.
+    num_processes: int | None = None
+    # This process's index; null: from SLURM or 0.
+    process_id: int | None = None
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    torch: TorchEngineConfig = field(default_factory=TorchEngineConfig)
+    jax: JaxEngineConfig = field(default_factory=JaxEngineConfig)
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Metrics, TensorBoard, progress bars and checkpoints."""
+
+    # Write TensorBoard events under <run>/tensorboard (DS-Chat --enable_tensorboard).
+    enable_tensorboard: bool = True
+    # Log metrics every N optimiser steps / PPO iterations.
+    log_interval: int = 1
+    # Write a resumable checkpoint every N steps; 0: only at the end of a step.
+    save_interval: int = 0
+    # Resumable checkpoints kept per step (older ones deleted).
+    keep_checkpoints: int = 2
+    # Show tqdm progress bars with ETA on the main process.
+    progress_bar: bool = True
+    # TensorBoard directory; null: <run>/tensorboard (DS-Chat --tensorboard_path).
+    tensorboard_path: str | None = None
+
+    def __post_init__(self):
+        _check(self.log_interval >= 1, "log_interval", self.log_interval, "must be >= 1")
+        _check(self.save_interval >= 0, "save_interval", self.save_interval, "must be >= 0")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints,
+               "must be >= 1")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Held-out evaluation run after each step (DS-Chat prompt_eval, the demo metric)."""
+
+    # none, or arithmetic_accuracy: answers to held-out prompts checked exactly.
+    metric: Literal["none", "arithmetic_accuracy"] = "none"
+    # JSONL of {"prompt", "answer"}; null: the eval split of the prompt data.
+    dataset: str | None = None
+    # Evaluate on at most this many prompts.
+    max_prompts: int = 256
+    # Answers sampled per prompt for the metric (sampling params from ppo.sampling).
+    samples_per_prompt: int = 1
+    # Also report greedy-decoding accuracy.
+    greedy: bool = True
+
+    def __post_init__(self):
+        _check(self.max_prompts >= 1, "max_prompts", self.max_prompts, "must be >= 1")
+        _check(self.samples_per_prompt >= 1, "samples_per_prompt", self.samples_per_prompt,
+               "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RLHFConfig:
+    """The whole run: the three steps, both backends' engines, logging and eval."""
+
+    # Seeds every RNG: model init, data order, sampling (DS-Chat --seed).
+    seed: int = 1234
+    # Run directory root; each run writes <output_dir>/<run_name>/.
+    output_dir: str = "runs"
+    # null: derived from the config file name and a timestamp.
+    run_name: str | None = None
+    # Which backend `rlhf` uses when --backend is not given.
+    backend: Literal["torch", "jax"] = "torch"
+    # Steps `rlhf pipeline` runs, in order.
+    pipeline_steps: tuple[Literal["sft", "reward", "ppo"], ...] = ("sft", "reward", "ppo")
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(
+        actor_model_name_or_path="facebook/opt-1.3b",
+        critic_model_name_or_path="facebook/opt-350m"))
+    data: DataConfig = field(default_factory=DataConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if not self.pipeline_steps:
+            raise ConfigError("pipeline_steps: must name at least one of sft, reward, ppo")
+        tp = self.engine.torch
+        if tp.hybrid_engine == "on" and tp.inference_tp_size > 1 and tp.actor_zero_stage != 3:
+            raise ConfigError(
+                f"engine.torch.inference_tp_size: {tp.inference_tp_size} needs "
+                f"engine.torch.actor_zero_stage: 3 (got {tp.actor_zero_stage})"
+            )
+
+    def replace(self, **changes: Any) -> RLHFConfig:
+        return dataclasses.replace(self, **changes)
