@@ -224,3 +224,11 @@ def test_every_schema_field_is_documented():
 
     undocumented = [key for key, doc in walk(RLHFConfig) if not doc]
     assert undocumented == []
+
+
+def test_presets_table_in_docs_is_current():
+    from shared.config.reference import BEGIN_PRESETS, END_PRESETS, render_presets
+
+    text = (REPO / "docs" / "conventions.md").read_text()
+    table = text.split(BEGIN_PRESETS + "\n", 1)[1].split(END_PRESETS, 1)[0]
+    assert table == render_presets(), "regenerate: python -m shared.config.reference presets"
