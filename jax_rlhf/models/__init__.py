@@ -1,0 +1,17 @@
+"""Flax NNX decoder-only models (Llama/Qwen2, OPT, GPT-2) and their Hugging Face converter."""
+
+from jax_rlhf.models.causal_lm import FAMILY_SPECS as FAMILY_SPECS
+from jax_rlhf.models.causal_lm import CausalLM as CausalLM
+from jax_rlhf.models.causal_lm import ValueHeadModel as ValueHeadModel
+from jax_rlhf.models.causal_lm import build_backbone as build_backbone
+from jax_rlhf.models.config import ModelConfig as ModelConfig
+from jax_rlhf.models.convert import CheckpointMismatchError as CheckpointMismatchError
+from jax_rlhf.models.convert import from_state_dict as from_state_dict
+from jax_rlhf.models.convert import load_causal_lm as load_causal_lm
+from jax_rlhf.models.convert import load_value_head_model as load_value_head_model
+from jax_rlhf.models.convert import read_config as read_config
+from jax_rlhf.models.convert import read_hf_state_dict as read_hf_state_dict
+from jax_rlhf.models.convert import save_hf as save_hf
+from jax_rlhf.models.convert import to_state_dict as to_state_dict
+from jax_rlhf.models.kv_cache import KVCache as KVCache
+from jax_rlhf.models.kv_cache import positions_from_mask as positions_from_mask

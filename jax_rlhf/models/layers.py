@@ -1,0 +1,201 @@
+"""Building blocks shared by the Llama, OPT and GPT-2 modules, numerically matched to HF torch.
+
+Every projection is an `nnx.Linear` with a flat `[in, out]` kernel (HF stores `[out, in]`; the
+converter transposes), so LoRA wrappers and path-based sharding rules apply to all families alike.
+Normalisation statistics and the attention softmax are computed in float32 as in HF.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jax_rlhf.models.config import ModelConfig
+from jax_rlhf.models.kv_cache import AttentionContext, write_layer
+
+ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    # HF "gelu_new" (GPT-2) and "gelu_pytorch_tanh" are both the tanh approximation.
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+INIT_STDDEV = 0.02  # HF `initializer_range` default, used for fresh (non-converted) weights
+
+
+def dense(
+    cfg: ModelConfig, in_features: int, out_features: int, *, use_bias: bool, rngs: nnx.Rngs
+) -> nnx.Linear:
+    """`nnx.Linear` with the config's dtypes and HF-style normal(0.02) init."""
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=nnx.initializers.normal(INIT_STDDEV),
+        rngs=rngs,
+    )
+
+
+def embedding(cfg: ModelConfig, num_embeddings: int, features: int, *, rngs: nnx.Rngs) -> nnx.Embed:
+    """`nnx.Embed` (`embedding` param `[num_embeddings, features]`) with the config's dtypes."""
+    return nnx.Embed(
+        num_embeddings,
+        features,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        embedding_init=nnx.initializers.normal(INIT_STDDEV),
+        rngs=rngs,
+    )
+
+
+def _feature_vector(param: nnx.Param, ndim: int) -> jax.Array:
+    """A `[D]` parameter reshaped to `[1, ..., 1, D]` (rank promotion stays explicit)."""
+    return param[...].reshape((1,) * (ndim - 1) + (-1,))
+
+
+class RMSNorm(nnx.Module):
+    """`scale * x / sqrt(mean(x^2) + eps)`, as `LlamaRMSNorm` (float32 statistics)."""
+
+    def __init__(self, cfg: ModelConfig, dim: int):
+        self.eps = cfg.norm_eps
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        variance = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+        normed = (x32 * jax.lax.rsqrt(variance + self.eps)).astype(x.dtype)
+        return (_feature_vector(self.scale, x.ndim) * normed).astype(self.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """`(x - mean) / sqrt(var + eps) * scale + bias`, as `torch.nn.LayerNorm`."""
+
+    def __init__(self, cfg: ModelConfig, dim: int):
+        self.eps = cfg.norm_eps
+        self.dtype = jnp.dtype(cfg.dtype)
+        self.scale = nnx.Param(jnp.ones((dim,), jnp.dtype(cfg.param_dtype)))
+        self.bias = nnx.Param(jnp.zeros((dim,), jnp.dtype(cfg.param_dtype)))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        centered = x32 - mean
+        variance = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
+        normed = centered * jax.lax.rsqrt(variance + self.eps)
+        scale, bias = _feature_vector(self.scale, x.ndim), _feature_vector(self.bias, x.ndim)
+        return (normed * scale + bias).astype(self.dtype)
+
+
+def rope_cos_sin(
+    positions: jax.Array, *, head_dim: int, theta: float, dtype: jnp.dtype
+) -> tuple[jax.Array, jax.Array]:
+    """RoPE tables as `LlamaRotaryEmbedding`: `inv_freq` and angles in float32, cast at the end.
+
+    Args:
+      positions: `[B, T]` integer position ids.
+    Returns:
+      cos, sin: `[B, T, head_dim]`, the two halves repeated (HF `cat((freqs, freqs))`).
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # [B, T, D/2]
+    angles = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    """`[x1, x2] -> [-x2, x1]` on the last axis (HF's half-split convention, not interleaved)."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """`x * cos + rotate_half(x) * sin`; `cos`/`sin` must already broadcast to `x`'s rank."""
+    return x * cos + rotate_half(x) * sin
+
+
+class Attention(nnx.Module):
+    """Causal multi-head attention with grouped-query heads, optional RoPE and a KV cache.
+
+    Query head `h` reads key/value head `h // (num_heads // num_kv_heads)` (HF `repeat_kv`).
+    """
+
+    def __init__(self, cfg: ModelConfig, *, use_rope: bool, rngs: nnx.Rngs):
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.rope_theta = cfg.rope_theta if use_rope else None
+        hidden = cfg.hidden_size
+        q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = dense(cfg, hidden, q_dim, use_bias=cfg.attention_bias, rngs=rngs)
+        self.k_proj = dense(cfg, hidden, kv_dim, use_bias=cfg.attention_bias, rngs=rngs)
+        self.v_proj = dense(cfg, hidden, kv_dim, use_bias=cfg.attention_bias, rngs=rngs)
+        self.o_proj = dense(cfg, q_dim, hidden, use_bias=cfg.attention_out_bias, rngs=rngs)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        ctx: AttentionContext,
+        layer_cache: tuple[jax.Array, jax.Array] | None = None,
+    ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """Attends `[B, T, H]` inputs; returns `[B, T, H]` and this layer's (new) keys/values."""
+        batch, length, _ = x.shape
+        kv_heads, head_dim = self.num_kv_heads, self.head_dim
+        groups = self.num_heads // kv_heads
+        q = self.q_proj(x).reshape(batch, length, kv_heads, groups, head_dim)  # [B, T, K, G, D]
+        k = self.k_proj(x).reshape(batch, length, kv_heads, head_dim)  # [B, T, K, D]
+        v = self.v_proj(x).reshape(batch, length, kv_heads, head_dim)  # [B, T, K, D]
+        if self.rope_theta is not None:
+            cos, sin = rope_cos_sin(
+                ctx.positions, head_dim=head_dim, theta=self.rope_theta, dtype=x.dtype
+            )  # [B, T, D]
+            q = apply_rope(q, cos[:, :, None, None, :], sin[:, :, None, None, :])
+            k = apply_rope(k, cos[:, :, None, :], sin[:, :, None, :])
+        if layer_cache is not None:
+            k, v = write_layer(layer_cache, k, v, ctx.index)  # [B, S, K, D]
+
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * head_dim**-0.5  # [B, K, G, T, S]
+        scores = jnp.where(
+            ctx.allowed[:, None, None, :, :],
+            scores.astype(jnp.float32),
+            jnp.finfo(jnp.float32).min,  # finite: fully padded query rows stay NaN-free
+        )
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, K, G, D]
+        out = out.reshape(batch, length, self.num_heads * head_dim)  # [B, T, N*D]
+        return self.o_proj(out), (k, v)
+
+
+class GatedMLP(nnx.Module):
+    """`down(act(gate(x)) * up(x))`: Llama's SwiGLU when the activation is SiLU."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        hidden, inner = cfg.hidden_size, cfg.intermediate_size
+        self.activation = cfg.activation
+        self.gate_proj = dense(cfg, hidden, inner, use_bias=cfg.mlp_bias, rngs=rngs)
+        self.up_proj = dense(cfg, hidden, inner, use_bias=cfg.mlp_bias, rngs=rngs)
+        self.down_proj = dense(cfg, inner, hidden, use_bias=cfg.mlp_bias, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = ACTIVATION_FNS[self.activation]
+        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class MLP(nnx.Module):
+    """`down(act(up(x)))`: OPT's ReLU `fc1/fc2` and GPT-2's GELU `c_fc/c_proj`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        hidden, inner = cfg.hidden_size, cfg.intermediate_size
+        self.activation = cfg.activation
+        self.up_proj = dense(cfg, hidden, inner, use_bias=cfg.mlp_bias, rngs=rngs)
+        self.down_proj = dense(cfg, inner, hidden, use_bias=cfg.mlp_bias, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(ACTIVATION_FNS[self.activation](self.up_proj(x)))
