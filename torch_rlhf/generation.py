@@ -1,0 +1,370 @@
+"""Rollout generation: the parity sampler, and the choice between it and the Hybrid Engine.
+
+:func:`generate` decodes token by token with the Hugging Face model's KV cache and picks
+each token with ``shared.sampling.sample_token`` driven by caller-supplied uniforms, so
+the JAX backend, fed the same uniforms, picks the same tokens. It records the
+log-probability of each sampled token under the raw (temperature-1, unfiltered) logits:
+what the training forward recomputes, so the two differ only by numerics.
+
+DeepSpeed's Hybrid Engine (DS-Chat ``--enable_hybrid_engine``) swaps in CUDA inference
+kernels for ``generate``. :func:`select_rollout_path` decides whether to use it, and
+:func:`generate_rollout` runs the decision, falling back to :func:`generate` under
+``auto``. What happens on CPU (DeepSpeed 0.19.8, transformers 5.x), measured:
+
+- Llama, GPT-2: ``deepspeed.initialize`` with the Hybrid Engine enabled raises
+  ``ValueError: This op had not been implemented on CPU backend.`` while building the
+  inference containers (their attention op has no CPU build).
+- OPT: DeepSpeed skips its OPT policy for transformers' Cache-based decoder layer, so
+  the engine initialises with no inference containers, never sets ``_generate``, and
+  ``engine.generate`` raises ``AttributeError: ... no attribute '_generate'``. (This is
+  device-independent; DS-Chat calls ``engine.module.generate``, which then silently is
+  plain Hugging Face ``generate``.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shared.sampling import sample_token
+from torch_rlhf.deepspeed_config import HybridEngineUnavailable
+from torch_rlhf.models import gather_params_for, position_ids_from_mask, unwrap_model
+
+__all__ = [
+    "GenerationOutput",
+    "generate",
+    "generate_rollout",
+    "generation_output_from_hf",
+    "select_rollout_path",
+    "try_hybrid_engine_generate",
+]
+
+logger = logging.getLogger(__name__)
+
+_HYBRID_ENGINE_MODES = ("auto", "on", "off")
+_CPU_FAILURES = {
+    "opt": "DeepSpeed has no Hybrid Engine policy for transformers' Cache-based OPT decoder "
+           "layer, so the engine builds no inference containers and engine.generate raises "
+           "AttributeError: 'DeepSpeedHybridEngine' object has no attribute '_generate'",
+}
+_CPU_FAILURE_DEFAULT = (
+    "building its inference containers raises 'ValueError: This op had not been "
+    "implemented on CPU backend.' (DeepSpeed's inference ops have no CPU build)"
+)
+
+
+@dataclass(frozen=True)
+class GenerationOutput:
+    """One batch of rollouts; static shapes B x (P + N).
+
+    Attributes:
+      sequences: [B, P + N] prompt (as given, left-padded) then response.
+      response: [B, N] generated tokens; ``pad_token_id`` after a row's EOS.
+      response_mask: [B, N] 1 up to and including the EOS, 0 after.
+      logprobs: [B, N] float32 log-softmax of the raw logits at the chosen token; 0 where
+        ``response_mask`` is 0.
+      attention_mask: [B, P + N] the prompt mask then ``response_mask``.
+    """
+
+    sequences: torch.Tensor
+    response: torch.Tensor
+    response_mask: torch.Tensor
+    logprobs: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def _check_prompts(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                   max_new_tokens: int) -> None:
+    if prompt_ids.ndim != 2 or tuple(prompt_mask.shape) != tuple(prompt_ids.shape):
+        raise ValueError(f"prompt_ids and prompt_mask must both be [B, P], got "
+                         f"{tuple(prompt_ids.shape)} and {tuple(prompt_mask.shape)}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+
+
+def _finish(prompt_ids, prompt_mask, tokens, logprobs, *, eos_token_id, pad_token_id):
+    # tokens, logprobs: [B, N] as decoded. Everything after a row's first EOS is
+    # padding, whatever the decoder emitted there.
+    if eos_token_id is None:
+        alive = torch.ones_like(tokens, dtype=torch.bool)
+    else:
+        is_eos = (tokens == eos_token_id).long()
+        alive = (is_eos.cumsum(-1) - is_eos) == 0  # no EOS strictly before t
+    response = torch.where(alive, tokens, torch.full_like(tokens, pad_token_id))
+    response_mask = alive.long()
+    logprobs = torch.where(alive, logprobs, torch.zeros_like(logprobs))
+    return GenerationOutput(
+        sequences=torch.cat([prompt_ids, response], dim=1),
+        response=response,
+        response_mask=response_mask,
+        logprobs=logprobs,
+        attention_mask=torch.cat([prompt_mask.long(), response_mask], dim=1),
+    )
+
+
+def _chosen_logprob(logits: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    return torch.log_softmax(logits, dim=-1).gather(-1, token[:, None])[:, 0]
+
+
+def generate(
+    model: nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    uniforms: np.ndarray | torch.Tensor | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    gather_zero3_params: bool = True,
+) -> GenerationOutput:
+    """Decode ``max_new_tokens`` tokens for every prompt with the parity sampler.
+
+    Always runs N = ``max_new_tokens`` steps (static shapes; finished rows keep emitting
+    pad). Positions are cumsum(attention_mask) - 1 as in Hugging Face ``generate`` for
+    left padding; the attention mask grows by one 1 per step. Runs under ``no_grad`` with
+    the model in eval mode (its mode is restored after).
+
+    Under ZeRO-3 (``gather_zero3_params``) the full parameters are gathered once for the
+    whole decode: the entire model is materialised on every rank for its duration (as
+    the Hybrid Engine does), instead of one all-gather per layer per token. With False,
+    ZeRO-3's hooks fetch each layer as it runs: less memory, N x layers all-gathers.
+
+    Args:
+      model: a causal LM or a DeepSpeed engine around one.
+      prompt_ids: [B, P] left-padded prompts.
+      prompt_mask: [B, P] 1 on prompt tokens.
+      max_new_tokens: N.
+      eos_token_id: ends a row (included in its response); None: rows never end.
+      pad_token_id: emitted after a row's EOS.
+      uniforms: [B, N] numbers in [0, 1) (numpy or torch), one per row and step; required
+        when ``do_sample``.
+      do_sample: inverse-CDF sampling (else greedy argmax).
+      temperature, top_k, top_p: filters of ``shared.sampling.filter_logits``.
+
+    Returns:
+      GenerationOutput with logprobs of the raw logits (not the filtered ones).
+    """
+    module = unwrap_model(model)
+    _check_prompts(prompt_ids, prompt_mask, max_new_tokens)
+    device = next(module.parameters()).device
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device).long()
+    batch = prompt_ids.shape[0]
+    if do_sample:
+        if uniforms is None:
+            raise ValueError("do_sample=True needs uniforms [B, max_new_tokens]")
+        uniforms = torch.as_tensor(uniforms).to(device)
+        if tuple(uniforms.shape) != (batch, max_new_tokens):
+            raise ValueError(f"uniforms must be [B, N] = {(batch, max_new_tokens)}, "
+                             f"got {tuple(uniforms.shape)}")
+    else:
+        uniforms = torch.zeros(batch, max_new_tokens, device=device)  # ignored by argmax
+    gather = gather_params_for(module) if gather_zero3_params else contextlib.nullcontext()
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), gather:
+            tokens, logprobs = _decode(
+                module, prompt_ids, prompt_mask, uniforms, max_new_tokens=max_new_tokens,
+                eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample,
+                temperature=temperature, top_k=top_k, top_p=top_p)
+    finally:
+        module.train(was_training)
+    return _finish(prompt_ids, prompt_mask, tokens, logprobs, eos_token_id=eos_token_id,
+                   pad_token_id=pad_token_id)
+
+
+def _decode(module, prompt_ids, prompt_mask, uniforms, *, max_new_tokens, eos_token_id,
+            pad_token_id, do_sample, temperature, top_k, top_p):
+    batch = prompt_ids.shape[0]
+    attention_mask = prompt_mask
+    positions = position_ids_from_mask(prompt_mask)  # [B, P]
+    out = module(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions,
+                 use_cache=True)
+    next_position = positions[:, -1:] + 1  # [B, 1]
+    finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
+    pad = torch.full_like(finished, pad_token_id, dtype=torch.long)
+    tokens, logprobs = [], []
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1].float()  # [B, V]
+        token = sample_token(logits, uniforms[:, step], do_sample=do_sample,
+                             temperature=temperature, top_k=top_k, top_p=top_p)
+        logprobs.append(_chosen_logprob(logits, token))
+        token = torch.where(finished, pad, token)
+        tokens.append(token)
+        if eos_token_id is not None:
+            finished = finished | (token == eos_token_id)
+        if step + 1 == max_new_tokens:
+            break
+        attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
+        out = module(input_ids=token[:, None], attention_mask=attention_mask,
+                     position_ids=next_position, past_key_values=out.past_key_values,
+                     use_cache=True)
+        next_position = next_position + 1
+    return torch.stack(tokens, 1), torch.stack(logprobs, 1)  # [B, N] each
+
+
+def generation_output_from_hf(sequences: torch.Tensor, step_logits: Sequence[torch.Tensor],
+                              prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *,
+                              max_new_tokens: int, eos_token_id: int | None,
+                              pad_token_id: int) -> GenerationOutput:
+    """A :class:`GenerationOutput` from Hugging Face ``generate`` results.
+
+    ``generate(..., return_dict_in_generate=True, output_logits=True)`` gives
+    ``sequences`` [B, P + n] (n <= N: it stops once every row has ended) and one raw
+    logits tensor [B, V] per step; the response is padded to N and masked after EOS.
+    """
+    prompt_length = prompt_ids.shape[1]
+    response = sequences[:, prompt_length:]  # [B, n]
+    steps = response.shape[1]
+    logits = torch.stack(tuple(step_logits), 1).float()  # [B, n, V]
+    logprobs = torch.log_softmax(logits, -1).gather(-1, response[..., None])[..., 0]
+    missing = max_new_tokens - steps
+    if missing > 0:  # every row ended before step N
+        response = torch.cat([response, response.new_full((response.shape[0], missing),
+                                                          pad_token_id)], 1)
+        logprobs = torch.cat([logprobs, logprobs.new_zeros(logprobs.shape[0], missing)], 1)
+    return _finish(prompt_ids, prompt_mask, response, logprobs, eos_token_id=eos_token_id,
+                   pad_token_id=pad_token_id)
+
+
+def select_rollout_path(hybrid_engine: str, *, device_type: str,
+                        model_type: str) -> tuple[str, str]:
+    """Which generator produces rollouts: ("hybrid_engine" | "module", reason).
+
+    ``auto`` picks the Hybrid Engine on CUDA only; ``on`` demands it and raises
+    RuntimeError where it cannot run (any non-CUDA device); ``off`` never uses it.
+    """
+    if hybrid_engine not in _HYBRID_ENGINE_MODES:
+        raise ValueError(f"hybrid_engine: {hybrid_engine!r} is invalid; allowed: "
+                         f"{', '.join(_HYBRID_ENGINE_MODES)}")
+    if hybrid_engine == "off":
+        return "module", "engine.torch.hybrid_engine is off"
+    if device_type != "cuda":
+        why = _CPU_FAILURES.get(model_type, _CPU_FAILURE_DEFAULT)
+        device = device_type.upper()
+        if hybrid_engine == "on":
+            raise RuntimeError(
+                f"the DeepSpeed Hybrid Engine cannot run on {device}: for {model_type} "
+                f"{why}; set engine.torch.hybrid_engine: auto or off")
+        return "module", (f"the DeepSpeed Hybrid Engine cannot run on {device} (for "
+                          f"{model_type} {why}); generating through the module")
+    return "hybrid_engine", f"hybrid_engine: {hybrid_engine} on CUDA"
+
+
+def _is_hybrid_engine(engine: Any) -> bool:
+    return type(engine).__name__ == "DeepSpeedHybridEngine"
+
+
+def try_hybrid_engine_generate(
+    engine: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> GenerationOutput:
+    """Generate with ``engine.generate`` of a DeepSpeed Hybrid Engine.
+
+    Sampling here is Hugging Face's with torch's RNG, not the parity sampler: no
+    uniforms. The known failures are re-raised as :class:`HybridEngineUnavailable`.
+    """
+    _check_prompts(prompt_ids, prompt_mask, max_new_tokens)
+    if not _is_hybrid_engine(engine):
+        raise HybridEngineUnavailable(
+            f"{type(engine).__name__} is not a DeepSpeed Hybrid Engine; initialise it with "
+            "make_ds_config(enable_hybrid_engine=True)")
+    module = unwrap_model(engine)
+    zero3 = any(hasattr(p, "ds_id") for p in module.parameters())
+    kwargs: dict[str, Any] = dict(
+        attention_mask=prompt_mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+        eos_token_id=eos_token_id, pad_token_id=pad_token_id, synced_gpus=zero3,
+        return_dict_in_generate=True, output_logits=True)
+    if do_sample:
+        kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
+    model_type = module.config.model_type
+    # The Hybrid Engine swaps in its inference forwards while generating and swaps the
+    # training ones back only in train(): DS-Chat's eval() -> generate -> train() cycle.
+    was_training = engine.training
+    engine.eval()
+    try:
+        with torch.no_grad():
+            out = engine.generate(prompt_ids, **kwargs)
+    except AttributeError as err:
+        if "_generate" not in str(err):
+            raise
+        raise HybridEngineUnavailable(
+            f"the DeepSpeed Hybrid Engine built no inference containers for {model_type} "
+            f"(no policy matches its decoder layers), so engine.generate raised "
+            f"AttributeError: {err}") from err
+    except (ValueError, RuntimeError) as err:
+        if "not been implemented on CPU" not in str(err):
+            raise
+        raise HybridEngineUnavailable(
+            f"the DeepSpeed Hybrid Engine cannot run on CPU: engine.generate for "
+            f"{model_type} raised {type(err).__name__}: {err}") from err
+    finally:
+        engine.train(was_training)
+    return generation_output_from_hf(out.sequences, out.logits, prompt_ids, prompt_mask,
+                                     max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                     pad_token_id=pad_token_id)
+
+
+def generate_rollout(
+    engine: Any,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    hybrid_engine: str = "auto",
+    max_new_tokens: int,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    uniforms: np.ndarray | torch.Tensor | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> tuple[GenerationOutput, str]:
+    """Generate rollouts along the path :func:`select_rollout_path` picks; log it.
+
+    Returns the output and the path taken ("hybrid_engine" or "module"). Under ``auto``
+    an engine that is not a Hybrid Engine, or a Hybrid Engine that reports
+    :class:`HybridEngineUnavailable`, falls back to :func:`generate` with a warning;
+    under ``on`` both are errors. ``uniforms`` drive only the module path.
+    """
+    module = unwrap_model(engine)
+    device_type = next(module.parameters()).device.type
+    path, reason = select_rollout_path(hybrid_engine, device_type=device_type,
+                                       model_type=module.config.model_type)
+    sampling = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                    pad_token_id=pad_token_id, do_sample=do_sample, temperature=temperature,
+                    top_k=top_k, top_p=top_p)
+    if path == "hybrid_engine":
+        try:
+            output = try_hybrid_engine_generate(engine, prompt_ids, prompt_mask, **sampling)
+        except HybridEngineUnavailable as err:
+            if hybrid_engine == "on":
+                raise
+            path, reason = "module", f"falling back from the Hybrid Engine: {err}"
+            logger.warning("rollout path: module (%s)", reason)
+        else:
+            logger.info("rollout path: hybrid_engine (%s)", reason)
+            return output, path
+    else:
+        logger.info("rollout path: module (%s)", reason)
+    return generate(engine, prompt_ids, prompt_mask, uniforms=uniforms, **sampling), path
