@@ -23,7 +23,15 @@ __all__ = ["field_docs", "render", "render_presets"]
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Field name -> the comment above it or the string literal below it."""
+    """Field name -> the comment above it or the string literal below it (base classes too)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            docs.update({k: v for k, v in _own_field_docs(klass).items() if v or k not in docs})
+    return docs
+
+
+def _own_field_docs(cls: type) -> dict[str, str]:
     source = textwrap.dedent(inspect.getsource(cls))
     lines = source.splitlines()
     body = ast.parse(source).body[0].body

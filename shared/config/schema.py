@@ -171,8 +171,8 @@ def _check_batches(prefix: str, **sizes: int) -> None:
 
 
 @dataclass(frozen=True)
-class SFTConfig:
-    """Step 1: supervised fine-tuning on demonstrations."""
+class _StepConfig:
+    """Fields common to the SFT and reward-model steps."""
 
     # Sequences (SFT) or comparison pairs (reward) per device per micro-step.
     per_device_train_batch_size: int = 16
@@ -185,46 +185,8 @@ class SFTConfig:
     # Micro-batches accumulated per optimiser step; the loss is normalised by the global token
     # count, so this never changes the gradient.
     gradient_accumulation_steps: int = 1
-    optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(learning_rate=1e-3))
+    optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     model: ModuleConfig = field(default_factory=ModuleConfig)
-    # How per-token losses become one number (shared.aggregation modes).
-    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = (
-        "token-mean"
-    )
-    # Evaluate (perplexity) every N optimiser steps; 0: only at the end.
-    eval_interval: int = 0
-
-    def __post_init__(self):
-        _check_batches("", per_device_train_batch_size=self.per_device_train_batch_size,
-                       per_device_eval_batch_size=self.per_device_eval_batch_size,
-                       num_train_epochs=self.num_train_epochs,
-                       gradient_accumulation_steps=self.gradient_accumulation_steps)
-        if self.max_steps is not None:
-            _check(self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1 or null")
-
-
-@dataclass(frozen=True)
-class RewardConfig:
-    """Step 2: reward-model training on comparisons."""
-
-    # Sequences (SFT) or comparison pairs (reward) per device per micro-step.
-    per_device_train_batch_size: int = 16
-    # Batch size per device for evaluation.
-    per_device_eval_batch_size: int = 16
-    # Passes over the training data.
-    num_train_epochs: int = 1
-    # Stop after this many optimiser steps (null: run all epochs).
-    max_steps: int | None = None
-    # Micro-batches accumulated per optimiser step; the loss is normalised by the global token
-    # count, so this never changes the gradient.
-    gradient_accumulation_steps: int = 1
-    optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(learning_rate=5e-4))
-    model: ModuleConfig = field(default_factory=ModuleConfig)
-    # bradley_terry: -log sigmoid(s_chosen - s_rejected - margin) on end scores;
-    # dschat: DeepSpeed-Chat's token-span variant; kway: InstructGPT K-way ranking.
-    loss: Literal["bradley_terry", "dschat", "kway"] = "bradley_terry"
-    # Optional margin for bradley_terry (Llama-2 style); null: none.
-    margin: float | None = None
     # Evaluate every N optimiser steps; 0: only at the end.
     eval_interval: int = 0
 
@@ -235,6 +197,33 @@ class RewardConfig:
                        gradient_accumulation_steps=self.gradient_accumulation_steps)
         if self.max_steps is not None:
             _check(self.max_steps >= 1, "max_steps", self.max_steps, "must be >= 1 or null")
+        _check(self.eval_interval >= 0, "eval_interval", self.eval_interval, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class SFTConfig(_StepConfig):
+    """Step 1: supervised fine-tuning on demonstrations."""
+
+    optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(learning_rate=1e-3))
+    # How per-token losses become one number (shared.aggregation modes).
+    loss_agg_mode: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum"] = (
+        "token-mean"
+    )
+
+
+@dataclass(frozen=True)
+class RewardConfig(_StepConfig):
+    """Step 2: reward-model training on comparisons."""
+
+    optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(learning_rate=5e-4))
+    # bradley_terry: -log sigmoid(s_chosen - s_rejected - margin) on end scores;
+    # dschat: DeepSpeed-Chat's token-span variant; kway: InstructGPT K-way ranking.
+    loss: Literal["bradley_terry", "dschat", "kway"] = "bradley_terry"
+    # Optional margin for bradley_terry (Llama-2 style); null: none.
+    margin: float | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.margin is not None and self.loss != "bradley_terry":
             raise ConfigError(f"margin: only used with loss bradley_terry, not {self.loss!r}")
 
