@@ -97,7 +97,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_parity(config, args: argparse.Namespace) -> int:
+    """`rlhf parity` needs both backends, so it is not dispatched to either one."""
+    try:
+        from parity_tests.run import main as parity_main
+    except ModuleNotFoundError as err:
+        logger.error("rlhf parity needs both backends; %r is not installed: install with "
+                     "`pip install -e .[torch,jax]` (or `make install`)", err.name)
+        return 2
+    return int(parity_main(config, args) or 0)
+
+
 def _run_backend(command: str, config, args: argparse.Namespace) -> int:
+    if command == "parity":
+        return _run_parity(config, args)
     backend = args.backend
     module_name = f"{backend}_rlhf.cli"
     try:

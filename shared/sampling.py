@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import array_api_compat
 
+from shared._array import index_dtype
+
 __all__ = ["filter_logits", "sample_token"]
 
 
@@ -64,15 +66,15 @@ def sample_token(logits, uniforms, *, do_sample: bool = True, temperature: float
     """Pick one token per row of ``logits`` [B, V] using ``uniforms`` [B] in [0, 1).
 
     Greedy (``do_sample=False``) takes the argmax and ignores ``uniforms``.
-    Returns int tokens [B].
+    Returns tokens [B] in the namespace's index dtype (int64 torch/numpy, int32 JAX x32).
     """
     xp = array_api_compat.array_namespace(logits, uniforms)
     if not do_sample:
-        return xp.argmax(logits, axis=-1)
+        return xp.astype(xp.argmax(logits, axis=-1), index_dtype(xp))
     filtered = filter_logits(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     shifted = filtered - xp.max(filtered, axis=-1, keepdims=True)
     probs = xp.exp(shifted)  # -inf -> 0
     cdf = xp.cumulative_sum(probs, axis=-1)  # [B, V]
     target = xp.astype(uniforms, cdf.dtype)[..., None] * cdf[..., -1:]
-    index = xp.sum(xp.astype(cdf <= target, xp.int64), axis=-1)
+    index = xp.sum(xp.astype(cdf <= target, index_dtype(xp)), axis=-1)
     return xp.clip(index, 0, logits.shape[-1] - 1)

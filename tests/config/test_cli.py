@@ -88,3 +88,17 @@ def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "shared.cli", "pipeline", "--help"],
                          capture_output=True, text=True, check=True).stdout
     assert "pipeline" in out
+
+
+def test_parity_runs_both_backends_not_one(monkeypatch):
+    seen = {}
+    fake = types.ModuleType("parity_tests.run")
+
+    def main(config, args):
+        seen.update(model=args.model, backend=args.backend)
+        return 1
+
+    fake.main = main
+    monkeypatch.setitem(sys.modules, "parity_tests.run", fake)
+    assert cli.main(["parity", "--model", "some/dir"]) == 1
+    assert seen == {"model": "some/dir", "backend": "torch"}

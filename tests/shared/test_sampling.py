@@ -15,7 +15,6 @@ def _backends():
     import jax.numpy as jnp
     import torch
 
-    jax.config.update("jax_enable_x64", True)
     return {
         "numpy": (np.asarray, lambda f: f),
         "torch": (torch.as_tensor, lambda f: f),
@@ -55,7 +54,7 @@ def test_temperature_sharpens():
     dict(), dict(temperature=0.7), dict(top_k=5), dict(top_p=0.8),
     dict(temperature=1.3, top_k=7, top_p=0.9), dict(do_sample=False),
 ], ids=["plain", "temperature", "top_k", "top_p", "all", "greedy"])
-def test_same_tokens_on_every_backend(kwargs):
+def test_same_tokens_on_every_backend(kwargs, jax_x64):
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(16, 23)) * 2
     uniforms = rng.random(16)
