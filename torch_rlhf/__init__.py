@@ -1,12 +1,19 @@
-"""PyTorch + DeepSpeed backend: Hugging Face models, DeepSpeed configs, rollouts.
+"""PyTorch + DeepSpeed backend: the three RLHF steps on Hugging Face models (docs/torch.md).
 
 Importing the package is cheap: each public name below is re-exported lazily, so torch,
-transformers and DeepSpeed load on first use (``from torch_rlhf import generate``).
+transformers and DeepSpeed load on first use (``from torch_rlhf import PPOTrainer``).
 
-- ``torch_rlhf.models``: tokenizers, causal LMs, value models, LoRA, saving, ZeRO-3 gathers.
+- ``torch_rlhf.models``: tokenizers, causal LMs, value models (reward model / critic).
+- ``torch_rlhf.lora``, ``torch_rlhf.saving``: peft LoRA; ZeRO-3 gathers and HF saving.
 - ``torch_rlhf.deepspeed_config``: DeepSpeed JSON configs, distributed set-up, engines.
 - ``torch_rlhf.generation``: the parity sampler and the rollout-path choice (Hybrid Engine
   or module).
+- ``torch_rlhf.optim``: AdamW groups, the shared LR schedules, split-invariant steps.
+- ``torch_rlhf.sft``, ``torch_rlhf.reward``, ``torch_rlhf.ppo``: the trainers of steps 1-3;
+  ``torch_rlhf.engine``: the four PPO models (DS-Chat's DeepSpeedRLHFEngine).
+- ``torch_rlhf.checkpoint``: resumable checkpoints and their export;
+  ``torch_rlhf.evaluation``: the held-out metric; ``torch_rlhf.pipeline`` and
+  ``torch_rlhf.cli``: ``rlhf`` on this backend.
 """
 
 from __future__ import annotations
@@ -17,19 +24,31 @@ from typing import Any
 _EXPORTS = {
     # models
     "ValueModel": "models",
-    "apply_lora": "models",
     "build_causal_lm": "models",
     "build_value_model": "models",
     "causal_lm_logits": "models",
     "check_reward_tokenizer": "models",
     "gather_end_values": "models",
-    "gather_params_for": "models",
     "load_tokenizer": "models",
-    "lora_target_names": "models",
     "position_ids_from_mask": "models",
-    "save_hf": "models",
     "torch_dtype": "models",
     "unwrap_model": "models",
+    # lora, saving
+    "apply_lora": "lora",
+    "lora_target_names": "lora",
+    "gather_params_for": "saving",
+    "save_hf": "saving",
+    # trainers
+    "SFTTrainer": "sft",
+    "RewardTrainer": "reward",
+    "PPOTrainer": "ppo",
+    "Experience": "ppo",
+    "Rollout": "ppo",
+    "RLHFEngine": "engine",
+    "run_pipeline": "pipeline",
+    "heldout_metrics": "evaluation",
+    "CheckpointManager": "checkpoint",
+    "export_checkpoint": "checkpoint",
     # deepspeed_config
     "HybridEngineUnavailable": "deepspeed_config",
     "init_distributed": "deepspeed_config",

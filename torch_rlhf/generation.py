@@ -35,7 +35,8 @@ from torch import nn
 
 from shared.sampling import sample_token
 from torch_rlhf.deepspeed_config import HybridEngineUnavailable
-from torch_rlhf.models import gather_params_for, position_ids_from_mask, unwrap_model
+from torch_rlhf.models import position_ids_from_mask, unwrap_model
+from torch_rlhf.saving import gather_params_for
 
 __all__ = [
     "GenerationOutput",

@@ -1,4 +1,4 @@
-"""Hugging Face models for the torch backend: tokenizers, policies, value models, LoRA, saving.
+"""Hugging Face models for the torch backend: tokenizers, policies, value models.
 
 Every model is an ordinary ``transformers`` model so that what we save is an ordinary
 Hugging Face directory:
@@ -13,6 +13,8 @@ Hugging Face directory:
 Positions follow Hugging Face ``generate`` for left padding everywhere (training
 forwards, value forwards and the sampler): ``position_ids = cumsum(attention_mask) - 1``
 clamped at 0, so a sequence's numbers never depend on how much padding precedes it.
+
+LoRA lives in ``torch_rlhf.lora``; ZeRO-3 gathering and saving in ``torch_rlhf.saving``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import contextlib
 import logging
 import re
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -30,17 +32,14 @@ from torch import nn
 
 __all__ = [
     "ValueModel",
-    "apply_lora",
     "build_causal_lm",
     "build_value_model",
     "causal_lm_logits",
     "check_reward_tokenizer",
+    "enable_checkpointing",
     "gather_end_values",
-    "gather_params_for",
     "load_tokenizer",
-    "lora_target_names",
     "position_ids_from_mask",
-    "save_hf",
     "torch_dtype",
     "unwrap_model",
 ]
@@ -210,7 +209,7 @@ def _build_hf(auto_cls, name_or_path: str | None, *, config_dict: Mapping[str, A
             if isinstance(module, nn.Dropout):
                 module.p = p
     if gradient_checkpointing:
-        _enable_checkpointing(model)
+        enable_checkpointing(model)
     return model
 
 
@@ -231,7 +230,8 @@ def _zero3_init(ds_config: Mapping[str, Any] | None) -> Iterator[None]:
         unset_hf_deepspeed_config()
 
 
-def _enable_checkpointing(model: transformers.PreTrainedModel) -> None:
+def enable_checkpointing(model: transformers.PreTrainedModel) -> None:
+    """Non-reentrant activation checkpointing on a Hugging Face model."""
     # Non-reentrant: works when no input requires grad (LoRA-only training).
     kwargs = {"use_reentrant": False}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
@@ -333,7 +333,7 @@ class ValueModel(nn.Module):
         return self.model.config
 
     def gradient_checkpointing_enable(self) -> None:
-        _enable_checkpointing(self.model)
+        enable_checkpointing(self.model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, *,
                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -382,167 +382,3 @@ def build_value_model(
         attn_implementation=attn_implementation, ds_config=ds_config, num_labels=1,
     )
     return ValueModel(model)
-
-
-# --------------------------------------------------------------------------- LoRA
-
-
-def _adaptable_types() -> tuple[type, ...]:
-    from transformers.pytorch_utils import Conv1D  # GPT-2's transposed Linear
-
-    return (nn.Linear, Conv1D)
-
-
-def _output_heads(model: nn.Module) -> list[nn.Module]:
-    hf = model.model if isinstance(model, ValueModel) else model
-    heads = [getattr(hf, "score", None), getattr(hf, "lm_head", None)]
-    if hasattr(hf, "get_output_embeddings"):
-        heads.append(hf.get_output_embeddings())
-    return [h for h in heads if h is not None]
-
-
-def lora_target_names(model: nn.Module, module_name: str) -> list[str]:
-    """Qualified names of the Linear (and GPT-2 Conv1D) modules containing ``module_name``.
-
-    The substring rule of DS-Chat's ``convert_linear_layer_to_lora``; output heads
-    (``lm_head``, the value ``score``) are never adapted.
-    """
-    heads = {id(h) for h in _output_heads(model)}
-    return [name for name, module in model.named_modules()
-            if module_name in name and isinstance(module, _adaptable_types())
-            and id(module) not in heads]
-
-
-def apply_lora(model: nn.Module, *, dim: int, alpha: float = 1.0,
-               module_name: str = "decoder.layers.", target_modules: Sequence[str] = (),
-               only_optimize: bool = False) -> nn.Module:
-    """Inject peft LoRA adapters in place and set which parameters train.
-
-    The update of an adapted weight is ``(alpha / dim) * B @ A`` (A Kaiming-uniform, B
-    zero, so the model is unchanged at first). As in DeepSpeed-Chat, adapted weights are
-    frozen while their biases and all other parameters keep training, unless
-    ``only_optimize``, which freezes everything but the adapters and a ValueModel's score
-    head (the critic's head must learn).
-
-    Args:
-      model: a causal LM or a :class:`ValueModel` (not yet inside a DeepSpeed engine).
-      dim: the rank, > 0.
-      alpha: peft ``lora_alpha``.
-      module_name: substring selecting modules by qualified name (DS-Chat's
-        ``--actor_lora_module_name``, e.g. "decoder.layers." for OPT, "layers." for Llama).
-      target_modules: explicit module-name suffixes (peft matching); override module_name.
-      only_optimize: train only the adapters (DS-Chat ``--only_optimize_lora``).
-
-    Returns:
-      the same ``model`` object.
-    """
-    from peft import LoraConfig, inject_adapter_in_model
-
-    if dim <= 0:
-        raise ValueError(f"dim must be > 0 to apply LoRA, got {dim}")
-    targets = list(target_modules) or lora_target_names(model, module_name)
-    if not targets:
-        raise ValueError(f"no Linear module of {type(model).__name__} has {module_name!r} in its "
-                         "name; set lora.module_name (e.g. 'layers.') or lora.target_modules")
-    matched = [m for n, m in model.named_modules()
-               if any(n == t or n.endswith("." + t) for t in targets)]
-    fan_in_fan_out = any(type(m).__name__ == "Conv1D" for m in matched)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    value_head = (set(map(id, model.model.score.parameters()))
-                  if isinstance(model, ValueModel) else set())
-    config = LoraConfig(r=dim, lora_alpha=alpha, lora_dropout=0.0, bias="none",
-                        target_modules=targets, fan_in_fan_out=fan_in_fan_out)
-    inject_adapter_in_model(config, model)
-    for name, param in model.named_parameters():
-        if ".lora_" in name:
-            param.requires_grad_(True)
-        elif only_optimize:
-            param.requires_grad_(id(param) in value_head)
-        else:
-            adapted = name.endswith(".base_layer.weight")
-            param.requires_grad_(not adapted and name.replace(".base_layer.", ".") in trainable)
-    if only_optimize and hasattr(model, "enable_input_require_grads"):
-        # Reentrant checkpointing needs an input that requires grad (DS-Chat
-        # make_model_gradient_checkpointing_compatible).
-        model.enable_input_require_grads()
-    return model
-
-
-def _merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every LoRA adapter merged into its base weight.
-
-    Nothing in ``model`` changes (merging in place and unmerging later would drift in
-    bf16); the result has the keys of the model without adapters.
-    """
-    state = model.state_dict()
-    try:
-        from peft.tuners.lora import LoraLayer
-    except ImportError:
-        return state
-    merged = {k: v for k, v in state.items() if ".lora_" not in k}
-    for name, module in model.named_modules():
-        if not isinstance(module, LoraLayer):
-            continue
-        key = f"{name}.base_layer.weight"
-        weight = merged[key]
-        for adapter in module.active_adapters:
-            if adapter in module.lora_A:
-                weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
-        merged[key] = weight
-    return {k.replace(".base_layer.", "."): v for k, v in merged.items()}
-
-
-# --------------------------------------------------------------------------- ZeRO-3, saving
-
-
-def _params_to_gather(model: nn.Module, *, for_update: bool) -> list[nn.Parameter]:
-    # ZeRO-3 marks each parameter with ds_id / ds_status / ds_persist. Reading needs only
-    # the ones not materialised now. An update must also go through the ones that are
-    # materialised but not persistent (e.g. kept after a forward): releasing them later
-    # would drop the change, while GatheredParameters' exit writes it into the shards.
-    # Persistent (small) parameters are full on every rank and are updated in place.
-    if for_update:
-        return [p for p in model.parameters()
-                if hasattr(p, "ds_id") and not getattr(p, "ds_persist", False)]
-    return [p for p in model.parameters()
-            if hasattr(p, "ds_id") and getattr(p.ds_status, "name", "") == "NOT_AVAILABLE"]
-
-
-@contextlib.contextmanager
-def gather_params_for(model: nn.Module, *, modifier_rank: int | None = None) -> Iterator[None]:
-    """Materialise the full parameters of a ZeRO-3 model inside the block; no-op otherwise.
-
-    Every rank must enter it (it all-gathers). ``modifier_rank``: the rank whose in-place
-    changes are kept, broadcast and re-partitioned on exit (e.g. 0 for an EMA update);
-    None for read-only use. Holds the whole model on every rank for the duration.
-    """
-    params = _params_to_gather(unwrap_model(model), for_update=modifier_rank is not None)
-    if not params:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
-        yield
-
-
-def _is_rank0() -> bool:
-    dist = torch.distributed
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def save_hf(model: nn.Module, tokenizer, out_dir: str) -> None:
-    """Write ``model`` (and ``tokenizer``) as a Hugging Face directory of safetensors.
-
-    Accepts a causal LM, a :class:`ValueModel` (saved as its sequence-classification
-    model) or a DeepSpeed engine around either. LoRA adapters are merged into the saved
-    weights without touching the live model. Under ZeRO-3 every rank must call this (the
-    parameters are all-gathered); rank 0 writes.
-    """
-    module = unwrap_model(model)
-    hf = module.model if isinstance(module, ValueModel) else module
-    with gather_params_for(module):
-        if _is_rank0():
-            hf.save_pretrained(out_dir, state_dict=_merged_state_dict(hf))
-            if tokenizer is not None:
-                tokenizer.save_pretrained(out_dir)

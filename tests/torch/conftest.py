@@ -12,6 +12,10 @@ import pytest
 import torch
 from tiny_hf import FAMILIES, build_tokenizer
 
+# One intra-op thread, as torchrun / the deepspeed launcher give each worker: the models
+# are tiny and the machine is shared, where extra threads only spin.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
@@ -54,3 +58,9 @@ def distributed():
 
     init_distributed()
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    """A tokenised-data cache shared by every trainer test (``data.cache_dir``)."""
+    return str(tmp_path_factory.mktemp("data_cache"))

@@ -16,14 +16,9 @@ from torch_rlhf.deepspeed_config import (
     reference_zero_stage,
 )
 from torch_rlhf.generation import generate
-from torch_rlhf.models import (
-    apply_lora,
-    build_causal_lm,
-    build_value_model,
-    causal_lm_logits,
-    gather_params_for,
-    save_hf,
-)
+from torch_rlhf.lora import apply_lora
+from torch_rlhf.models import build_causal_lm, build_value_model, causal_lm_logits
+from torch_rlhf.saving import gather_params_for, save_hf
 
 # DeepSpeed 0.19.8's own calls into torch 2.13 APIs it has not migrated yet.
 pytestmark = [

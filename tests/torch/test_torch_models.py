@@ -9,20 +9,18 @@ import torch
 import transformers
 from tiny_hf import EOS, FAMILIES, LORA_MODULE_NAME, PAD, VOCAB, left_padded_prompts
 
+from torch_rlhf.lora import apply_lora, lora_target_names
 from torch_rlhf.models import (
     ValueModel,
-    apply_lora,
     build_causal_lm,
     build_value_model,
     causal_lm_logits,
     check_reward_tokenizer,
     gather_end_values,
-    gather_params_for,
     load_tokenizer,
-    lora_target_names,
     position_ids_from_mask,
-    save_hf,
 )
+from torch_rlhf.saving import gather_params_for, save_hf
 
 ALL = sorted(FAMILIES)
 

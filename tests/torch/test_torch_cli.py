@@ -1,0 +1,99 @@
+"""torch_rlhf.cli.run: training commands, export of (ZeRO-3, LoRA) checkpoints, eval, chat."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+
+import pytest
+import torch
+from rlhf_configs import family_models, merge, write_config
+from safetensors.torch import load_file
+from tiny_hf import LORA_MODULE_NAME
+
+import torch_rlhf.deepspeed_config as ds_config_module
+from torch_rlhf.checkpoint import export_checkpoint
+from torch_rlhf.cli import chat, run
+from torch_rlhf.models import build_causal_lm
+from torch_rlhf.runtime import resolve_tokenizer
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:`torch.distributed.*is deprecated:FutureWarning"),
+]
+
+
+def _args(**kwargs) -> argparse.Namespace:
+    defaults = dict(config=None, resume=False, run_dir=None, actor=None, critic=None,
+                    model=None, checkpoint=None, out=None)
+    return argparse.Namespace(**{**defaults, **kwargs})
+
+
+def _same_weights(one, other) -> None:
+    a, b = load_file(one / "model.safetensors"), load_file(other / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+@pytest.mark.parametrize("setting", ["zero3", "lora"])
+def test_sft_command_and_export(setting, tmp_path, distributed, model_dirs, data_cache,
+                                monkeypatch):
+    overrides = merge(family_models(model_dirs("gpt2")), {"data": {"cache_dir": data_cache}})
+    if setting == "zero3":
+        monkeypatch.setattr(ds_config_module, "_PERSISTENCE_THRESHOLD", 0)
+        overrides["engine"] = {"torch": {"zero_stage": 3}}
+    else:
+        overrides["sft"] = {"model": {"lora": {"dim": 4, "module_name": LORA_MODULE_NAME["gpt2"]}}}
+    path, config = write_config(tmp_path, overrides)
+    run_dir = tmp_path / "run"
+    assert run("sft", config, _args(config=path, run_dir=run_dir)) == 0
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "summary.json").is_file()
+    (checkpoint,) = (run_dir / "sft" / "checkpoints").iterdir()
+    assert checkpoint.name == "step-00000002"
+    (written,) = export_checkpoint(checkpoint, tmp_path / "exported")
+    _same_weights(written, run_dir / "sft" / "final")
+    # The command takes a step directory too (its latest checkpoint).
+    assert run("export", config, _args(checkpoint=run_dir / "sft", out=tmp_path / "e2")) == 0
+    _same_weights(tmp_path / "e2", run_dir / "sft" / "final")
+
+
+def test_ppo_checkpoint_exports_actor_and_critic(tmp_path, distributed, model_dirs, data_cache):
+    overrides = merge(family_models(model_dirs("llama_gqa_tied")),
+                      {"data": {"cache_dir": data_cache}, "ppo": {"unsup_coef": 0.0}})
+    path, config = write_config(tmp_path, overrides)
+    run_dir = tmp_path / "run"
+    assert run("ppo", config, _args(config=path, run_dir=run_dir)) == 0
+    written = export_checkpoint(next((run_dir / "ppo" / "checkpoints").iterdir()),
+                                tmp_path / "exported")
+    assert [p.name for p in written] == ["actor", "critic"]
+    _same_weights(tmp_path / "exported" / "actor", run_dir / "ppo" / "final")
+    _same_weights(tmp_path / "exported" / "critic", run_dir / "ppo" / "critic")
+
+
+def test_eval_and_chat(tmp_path, distributed, model_dirs, data_cache, capsys):
+    overrides = merge(family_models(model_dirs("llama_gqa_untied")),
+                      {"data": {"cache_dir": data_cache}})
+    _, config = write_config(tmp_path, overrides)
+    assert run("eval", config, _args(model=model_dirs("llama_gqa_untied"))) == 0
+    printed = capsys.readouterr().out
+    metrics = json.loads(printed[printed.index("{"):])
+    assert set(metrics) == {"arithmetic_accuracy", "arithmetic_accuracy_greedy"}
+    assert "+" in printed.splitlines()[0] and "->" in printed.splitlines()[0]
+
+    tokenizer = resolve_tokenizer(config)
+    model = build_causal_lm(model_dirs("llama_gqa_untied")).eval()
+    out = io.StringIO()
+    chat(model, tokenizer, config, stdin=io.StringIO("1+2=\nclear\n3+4=\nquit\n5+5=\n"),
+         stdout=out)
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("chat:") and lines[2] == "(conversation cleared)"
+    assert len(lines) == 4  # prompt, answer, cleared, answer; nothing after quit
+
+
+@pytest.mark.parametrize("command", ["parity", "bench"])
+def test_unbuilt_commands_say_so(command, tmp_path):
+    _, config = write_config(tmp_path)
+    with pytest.raises(NotImplementedError, match=command):
+        run(command, config, _args())

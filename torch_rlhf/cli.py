@@ -1,0 +1,200 @@
+"""``rlhf COMMAND --backend torch``: what each subcommand does on this backend.
+
+``shared.cli`` parses the command line and the config, then calls :func:`run`. Launch
+with ``deepspeed`` or ``torchrun`` for several processes (docs/torch.md); a plain
+``python -m shared.cli ...`` runs as a world of one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+
+from shared.config import RLHFConfig
+from shared.evaluation import decode_answers
+from shared.runlog import prepare_run_dir
+
+__all__ = ["chat", "run"]
+
+logger = logging.getLogger("rlhf.torch")
+
+_TRAIN_COMMANDS = ("sft", "rm", "ppo", "pipeline")
+
+
+def _cpu_threads() -> None:
+    # torchrun and the deepspeed launcher give each worker OMP_NUM_THREADS=1; a plain
+    # CPU process would otherwise use one intra-op thread per core, which for small
+    # models on a shared machine is several times slower (threads spin on busy cores).
+    if not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(1)
+        logger.info("CPU run: torch uses 1 intra-op thread (set OMP_NUM_THREADS to change)")
+
+
+def _quiet_libraries() -> None:
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    # DeepSpeed 0.19's own calls into torch APIs it has not migrated yet.
+    warnings.filterwarnings("ignore", message=r"`torch\.jit\.script_method` is deprecated")
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed.*is deprecated")
+
+
+def run(command: str, config: RLHFConfig, args: Any) -> int:
+    """Run ``command`` (pipeline, sft, rm, ppo, eval, chat, export) on ``config``.
+
+    ``args`` is ``shared.cli``'s namespace: ``.config`` (the file), ``.resume``,
+    ``.run_dir``, ``.actor`` / ``.critic`` (ppo), ``.model`` (eval, chat),
+    ``.checkpoint`` / ``.out`` (export). Returns the exit status.
+    """
+    _quiet_libraries()
+    _cpu_threads()
+    if command == "parity":
+        raise NotImplementedError("rlhf parity is not run by the torch backend's CLI; run "
+                                  "`pytest parity_tests` (docs/torch.md)")
+    if command == "bench":
+        raise NotImplementedError("rlhf bench is not built for the torch backend yet")
+    if command == "export":
+        return _export(args)
+    from torch_rlhf.deepspeed_config import init_distributed
+
+    init_distributed(config.engine.torch.dist_backend)
+    from torch_rlhf.distributed import is_main
+
+    if not is_main():  # rank 0 speaks for the run, as DS-Chat's print_rank_0
+        logging.getLogger().setLevel(logging.WARNING)
+    if command in _TRAIN_COMMANDS:
+        return _train(command, config, args)
+    if command == "eval":
+        return _eval(config, args)
+    if command == "chat":
+        model, tokenizer = _load_policy(config, getattr(args, "model", None))
+        chat(model, tokenizer, config)
+        return 0
+    raise ValueError(f"unknown command {command!r}")
+
+
+def _train(command: str, config: RLHFConfig, args: Any) -> int:
+    from torch_rlhf import pipeline
+    from torch_rlhf.distributed import broadcast_object, is_main
+
+    run_dir = None
+    if is_main():
+        run_dir = prepare_run_dir(config, config_path=getattr(args, "config", None),
+                                  run_dir=getattr(args, "run_dir", None),
+                                  resume=bool(getattr(args, "resume", False)))
+    run_dir = Path(broadcast_object(str(run_dir) if run_dir else None))
+    resume = bool(getattr(args, "resume", False))
+    logger.info("rlhf %s (torch): run directory %s", command, run_dir)
+    if command == "pipeline":
+        summary = pipeline.run_pipeline(config, run_dir, resume=resume)
+    elif command == "sft":
+        summary = pipeline.run_sft(config, run_dir, resume=resume)
+    elif command == "rm":
+        summary = pipeline.run_reward(config, run_dir, resume=resume)
+    else:
+        summary = pipeline.run_ppo(config, run_dir, actor=getattr(args, "actor", None),
+                                   critic=getattr(args, "critic", None), resume=resume)
+    if is_main():
+        logger.info("summary (%s): %s", run_dir / "summary.json", json.dumps(summary))
+    return 0
+
+
+def _load_policy(config: RLHFConfig, model_dir: str | None):
+    from torch_rlhf.models import build_causal_lm
+    from torch_rlhf.runtime import resolve_tokenizer
+
+    model_dir = model_dir or config.model.actor_model_name_or_path
+    if model_dir is None:
+        raise ValueError("pass --model DIR (a Hugging Face model directory, e.g. "
+                         "<run>/ppo/final): the config builds its actor from scratch")
+    tokenizer = resolve_tokenizer(config, model_dir)
+    model = build_causal_lm(model_dir, dtype=config.model.dtype,
+                            trust_remote_code=config.model.trust_remote_code)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    return model.to(device).eval(), tokenizer
+
+
+def _eval(config: RLHFConfig, args: Any) -> int:
+    from torch_rlhf.distributed import is_main
+    from torch_rlhf.evaluation import generate_answers, heldout_metrics, load_eval_prompts
+
+    model, tokenizer = _load_policy(config, getattr(args, "model", None))
+    prompts = load_eval_prompts(config, tokenizer)
+    if prompts is None:
+        raise ValueError("eval.metric is none: set eval.metric (e.g. arithmetic_accuracy) "
+                         "and eval.dataset")
+    metrics = heldout_metrics(model, tokenizer, config, prompts)
+    answers = generate_answers(model, prompts.take(slice(0, 8)), config, tokenizer,
+                               sample=False)
+    if is_main():
+        for prompt, answer in zip(prompts.prompt_text[:8], answers, strict=True):
+            print(f"{prompt!s} -> {answer}")
+        print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def chat(model, tokenizer, config: RLHFConfig, *, stdin: TextIO = sys.stdin,
+         stdout: TextIO = sys.stdout) -> None:
+    """A multi-turn loop: each line is a user turn; the model answers greedily.
+
+    The conversation so far (turns and answers, each answer ended by the
+    end-of-conversation token) is the prompt, truncated from the left to
+    ``data.max_prompt_seq_len`` tokens. ``clear`` starts over, ``quit`` (or end of input)
+    exits. Type turns as the model's prompts look (for the demo: ``12+7=``).
+    """
+    from torch_rlhf.evaluation import eos_token_id
+    from torch_rlhf.generation import generate
+
+    eos = eos_token_id(config, tokenizer)
+    eos_text = tokenizer.decode([eos])
+    history = ""
+    device = next(model.parameters()).device
+    stdout.write("chat: type a prompt ('clear' starts over, 'quit' exits)\n")
+    stdout.flush()
+    for line in stdin:
+        text = line.rstrip("\n")
+        if text.strip() == "quit":
+            break
+        if text.strip() == "clear":
+            history = ""
+            stdout.write("(conversation cleared)\n")
+            stdout.flush()
+            continue
+        prompt = history + text
+        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        ids = ids[-config.data.max_prompt_seq_len:]
+        prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        out = generate(model, prompt_ids, torch.ones_like(prompt_ids),
+                       max_new_tokens=config.data.max_answer_seq_len, eos_token_id=eos,
+                       pad_token_id=tokenizer.pad_token_id)
+        answer = decode_answers(tokenizer, out.response.cpu().numpy(),
+                                out.response_mask.cpu().numpy())[0]
+        stdout.write(f"{answer}\n")
+        stdout.flush()
+        history = prompt + answer + eos_text
+
+
+def _export(args: Any) -> int:
+    from torch_rlhf.checkpoint import CheckpointManager, export_checkpoint
+
+    checkpoint = getattr(args, "checkpoint", None)
+    if checkpoint is None:
+        raise ValueError("rlhf export needs --checkpoint: a checkpoint directory "
+                         "(<run>/<step>/checkpoints/<tag>) or a step directory (<run>/<step>, "
+                         "its latest checkpoint)")
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "COMPLETE").is_file():
+        latest = CheckpointManager(checkpoint / "checkpoints", keep=1).latest()
+        if latest is None:
+            raise FileNotFoundError(f"no complete checkpoint at or under {checkpoint}")
+        checkpoint = latest
+    out = getattr(args, "out", None) or checkpoint.parent.parent / f"export-{checkpoint.name}"
+    written = export_checkpoint(checkpoint, out)
+    logger.info("exported %s -> %s", checkpoint, ", ".join(map(str, written)))
+    return 0
