@@ -153,6 +153,13 @@ def to_state_dict(model: CausalLM | ValueHeadModel) -> dict[str, np.ndarray]:
     }
 
 
+def hf_parameter_names(model: CausalLM | ValueHeadModel) -> dict[str, str]:
+    """Our dotted parameter path -> the HF key it is saved under (one entry per tensor we
+    own; GPT-2's fused `c_attn` maps its q, k and v kernels to the same key)."""
+    flat = _flat_params(nnx.state(model))
+    return {path: rule.hf for rule in _active_rules(model.config, flat) for path in rule.ours}
+
+
 def load_causal_lm(
     path: str | Path, *, dtype: str = "float32", param_dtype: str = "float32"
 ) -> CausalLM:

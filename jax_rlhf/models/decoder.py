@@ -56,12 +56,15 @@ class Backbone(nnx.Module):
     """Token ids to final hidden states; subclasses define `embed`, `finish` and `layers`.
 
     Subclasses must set `self.config`, `self.embed_tokens` (an `nnx.Embed`, also the tied LM
-    head) and `self.layers` (an `nnx.List` of `DecoderBlock`).
+    head) and `self.layers` (an `nnx.List` of `DecoderBlock`). Setting `remat = True` on an
+    instance (`set_remat`) recomputes each block's activations in the backward pass
+    (`nnx.remat`, gradient checkpointing) in cache-free calls, i.e. training forwards.
     """
 
     config: ModelConfig
     embed_tokens: nnx.Embed
     layers: nnx.List
+    remat: bool = False
 
     def embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
         """`[B, T]` ids and positions to `[B, T, hidden_size]` block inputs."""
@@ -92,8 +95,11 @@ class Backbone(nnx.Module):
         x = self.embed(input_ids, ctx.positions)  # [B, T, H]
         new_keys, new_values = [], []
         for i, layer in enumerate(self.layers):
-            layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
-            x, (k, v) = layer(x, ctx, layer_cache)
+            if cache is None and self.remat:
+                x, (k, v) = nnx.remat(_block_forward)(layer, x, ctx)
+            else:
+                layer_cache = None if cache is None else (cache.keys[i], cache.values[i])
+                x, (k, v) = layer(x, ctx, layer_cache)
             new_keys.append(k)
             new_values.append(v)
         if cache is not None:
@@ -104,3 +110,16 @@ class Backbone(nnx.Module):
                 index=cache.index + input_ids.shape[1],
             )
         return self.finish(x), cache  # [B, T, E]
+
+
+def _block_forward(
+    layer: DecoderBlock, x: jax.Array, ctx: AttentionContext
+) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    return layer(x, ctx)
+
+
+def set_remat(model: nnx.Module, enabled: bool = True) -> None:
+    """Turns gradient checkpointing on (or off) for every backbone inside `model`."""
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, Backbone):
+            module.remat = enabled

@@ -75,7 +75,12 @@ class AttentionContext(NamedTuple):
 def positions_from_mask(
     attention_mask: jax.Array, past_tokens: jax.Array | None = None
 ) -> jax.Array:
-    """Position ids as HF `generate` derives them: `cumsum(mask) - 1`, and 0 at padding.
+    """Position ids `cumsum(mask) - 1` clipped at 0, as docs/architecture.md fixes them for
+    both backends: left padding gets 0, right padding the last real token's position.
+
+    Real tokens get the positions HF `generate` gives them; padding positions only matter for
+    outputs read at padding (DeepSpeed-Chat's pairwise reward loss does), where they now agree
+    with the torch backend.
 
     Args:
       attention_mask: `[B, T]`, 1 for real tokens, 0 for padding (left or right).
@@ -87,7 +92,7 @@ def positions_from_mask(
     positions = jnp.cumsum(mask, axis=-1, dtype=jnp.int32) - 1  # [B, T]
     if past_tokens is not None:
         positions = positions + past_tokens[:, None].astype(jnp.int32)
-    return jnp.where(mask, positions, 0)
+    return jnp.maximum(positions, 0)
 
 
 def attention_context(

@@ -55,6 +55,16 @@ def embedding(cfg: ModelConfig, num_embeddings: int, features: int, *, rngs: nnx
     )
 
 
+def lookup_tokens(embed: nnx.Embed, input_ids: jax.Array, padding_idx: int | None) -> jax.Array:
+    """`embed(input_ids)`, except that lookups of `padding_idx` send no gradient back to the
+    table, as `torch.nn.Embedding(padding_idx=...)` in HF Llama, Qwen2 and OPT."""
+    x = embed(input_ids)  # [B, T, D]
+    if padding_idx is None:
+        return x
+    is_pad = (input_ids == padding_idx)[..., None]
+    return jnp.where(is_pad, jax.lax.stop_gradient(x), x)
+
+
 def _feature_vector(param: nnx.Param, ndim: int) -> jax.Array:
     """A `[D]` parameter reshaped to `[1, ..., 1, D]` (rank promotion stays explicit)."""
     return param[...].reshape((1,) * (ndim - 1) + (-1,))

@@ -12,7 +12,7 @@ from flax import nnx
 from jax_rlhf.models.config import ModelConfig
 from jax_rlhf.models.decoder import Backbone, DecoderBlock
 from jax_rlhf.models.key_map import FamilySpec, embed, linear, norm
-from jax_rlhf.models.layers import GatedMLP, RMSNorm, embedding
+from jax_rlhf.models.layers import GatedMLP, RMSNorm, embedding, lookup_tokens
 
 
 class LlamaModel(Backbone):
@@ -33,7 +33,7 @@ class LlamaModel(Backbone):
 
     def embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
         del positions  # RoPE is applied inside attention
-        return self.embed_tokens(input_ids)  # [B, T, H]
+        return lookup_tokens(self.embed_tokens, input_ids, self.config.pad_token_id)  # [B, T, H]
 
     def finish(self, x: jax.Array) -> jax.Array:
         return self.final_norm(x)

@@ -13,7 +13,7 @@ from flax import nnx
 from jax_rlhf.models.config import ModelConfig
 from jax_rlhf.models.decoder import Backbone, DecoderBlock
 from jax_rlhf.models.key_map import TRANSPOSE, FamilySpec, Rule, embed, linear, norm
-from jax_rlhf.models.layers import MLP, LayerNorm, dense, embedding
+from jax_rlhf.models.layers import MLP, LayerNorm, dense, embedding, lookup_tokens
 
 POSITION_OFFSET = 2
 """OPT's position table has two extra leading rows (fairseq's padding convention)."""
@@ -52,7 +52,7 @@ class OPTModel(Backbone):
         self.final_norm = LayerNorm(cfg, hidden) if cfg.do_layer_norm_before else None
 
     def embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
-        x = self.embed_tokens(input_ids)  # [B, T, E]
+        x = lookup_tokens(self.embed_tokens, input_ids, self.config.pad_token_id)  # [B, T, E]
         if self.project_in is not None:
             x = self.project_in(x)  # [B, T, H]
         return x + self.embed_positions(positions + POSITION_OFFSET)

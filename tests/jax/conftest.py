@@ -188,3 +188,21 @@ def _hf_forward(ckpt: HFCheckpoint, ids: np.ndarray, mask: np.ndarray) -> np.nda
             return ckpt.model(**kwargs).logits.numpy()
         hidden = ckpt.model.base_model(**kwargs).last_hidden_state  # [B, T, E]
         return ckpt.model.score(hidden)[..., 0].numpy()
+
+
+# -- tiny end-to-end runs on the demo data --------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tmp_path_factory):
+    """`tiny_config(**sections) -> Path` of a YAML file: `jax_tiny_runs.TINY_RUN` deep-merged
+    with `sections`."""
+    import yaml
+    from jax_tiny_runs import tiny_run
+
+    def make(**sections) -> Path:
+        path = tmp_path_factory.mktemp("config") / "tiny.yaml"
+        path.write_text(yaml.safe_dump(tiny_run(**sections)))
+        return path
+
+    return make

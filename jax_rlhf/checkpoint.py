@@ -1,0 +1,112 @@
+"""Resumable checkpoints with orbax-checkpoint's `CheckpointManager`.
+
+A checkpoint of a step (`<run>/<step>/checkpoints/<n>/`) holds two items:
+
+- `state`: a pytree of arrays (train states: parameters, optimiser state and step counter;
+  the EMA weights), saved with `StandardSave` (sharded arrays are written by every process
+  for its own shards, OCDBT);
+- `meta`: JSON with everything else an uninterrupted run still holds in memory: the data
+  iterators' `state_dict()`, the KL controller state, iteration counters, the models'
+  configs (so `rlhf export` can rebuild them), and the JAX RNG key data.
+
+Saves are asynchronous when `engine.jax.async_checkpointing` is on (orbax copies the arrays to
+host memory before `save` returns, then writes in a background thread); `keep_checkpoints`
+bounds how many are kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+logger = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    """Periodic checkpoints of one training step."""
+
+    def __init__(self, directory: str | Path, *, keep: int = 2, async_save: bool = True):
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
+        """Writes checkpoint `step` (skipped when it already exists)."""
+        if step in self._manager.all_steps():
+            return
+        self._manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
+        )
+        logger.info("checkpoint %d -> %s", step, self.directory)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
+        """`(state, meta)` of checkpoint `step` (default: the latest), restored into the
+        shapes, dtypes and shardings of `abstract_state` (`jax.ShapeDtypeStruct` leaves)."""
+        step = self._manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+            ),
+        )
+        logger.info("restored checkpoint %d from %s", step, self.directory)
+        return restored.state, restored.meta
+
+    def wait(self) -> None:
+        """Blocks until background writes have finished."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.wait_until_finished()
+        self._manager.close()
+
+
+def read_checkpoint(directory: str | Path, step: int | None = None) -> tuple[Any, dict, int]:
+    """`(state as nested dicts of arrays, meta, step)` without a target structure (for export);
+    `directory` is a step's `checkpoints/` folder or one numbered checkpoint inside it."""
+    directory = Path(directory).absolute()
+    if directory.name.isdigit() and (directory / "meta").exists():
+        step, directory = int(directory.name), directory.parent
+    manager = ocp.CheckpointManager(
+        directory,
+        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+        item_names=("state", "meta"),
+    )
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
+    )
+    manager.close()
+    return restored.state, restored.meta, step
+
+
+def key_data(key: jax.Array) -> list[int]:
+    """A JAX PRNG key as JSON-serialisable integers (`jax.random.key_data`)."""
+    return [int(x) for x in jax.random.key_data(key).ravel()]
+
+
+def key_from_data(data: list[int]) -> jax.Array:
+    import numpy as np
+
+    return jax.random.wrap_key_data(np.asarray(data, np.uint32))

@@ -1,0 +1,106 @@
+"""Step 1: supervised fine-tuning of the actor on demonstrations.
+
+Loss: `shared.sft_loss` on `logits[:, :-1]` against `input_ids[:, 1:]`, weighted by the batch's
+`loss_mask[:, 1:]` (response tokens, or every real token with `data.train_on_prompt`, as the
+data layer builds it), aggregated by `sft.loss_agg_mode` with the global count of the whole
+optimiser batch. Eval: token-mean loss over the eval split and its perplexity. The step ends
+with the model exported to `<run>/sft/final/` and the held-out metric.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+
+import shared
+from jax_rlhf.train.common import (
+    RunContext,
+    build_model,
+    compute_dtype,
+    export_hf,
+    heldout_metrics,
+    load_eval_prompts,
+    perplexity,
+)
+from jax_rlhf.train.supervised import SupervisedTrainer
+
+
+def _labels_mask(batch: dict) -> jnp.ndarray:
+    return (batch["loss_mask"][..., 1:] * batch["attention_mask"][..., 1:]).astype(jnp.float32)
+
+
+class SFTTrainer(SupervisedTrainer):
+    step_name = "sft"
+
+    def __init__(self, ctx: RunContext, *, init_path: str | Path | None = None):
+        """`init_path`: an HF causal-LM directory (default `model.actor_model_name_or_path`;
+        null builds `model.actor_config` from scratch with the run's seed)."""
+        cfg = ctx.config
+        path = init_path or cfg.model.actor_model_name_or_path
+        model = build_model(
+            "causal_lm",
+            path=path,
+            hf_config=cfg.model.actor_config,
+            seed=cfg.seed,
+            dtype=compute_dtype(cfg),
+        )
+        super().__init__(ctx, model, section=cfg.sft, options=cfg.sft.loss_agg_mode)
+
+    def batch_arrays(self, batch) -> dict[str, np.ndarray]:
+        return {
+            "input_ids": batch.input_ids,
+            "attention_mask": batch.attention_mask,
+            "loss_mask": batch.loss_mask,
+        }
+
+    @staticmethod
+    def normalizer(spec, batch):
+        mask = _labels_mask(batch)
+        return shared.loss_normalizer(mask.reshape(-1, mask.shape[-1]), mode=spec.options)
+
+    @staticmethod
+    def loss(spec, model, micro_batch, normalizer):
+        logits, _ = model(micro_batch["input_ids"], micro_batch["attention_mask"])  # [M, L, V]
+        mask = _labels_mask(micro_batch)
+        loss = shared.sft_loss(
+            logits[:, :-1].astype(jnp.float32),
+            micro_batch["input_ids"][:, 1:],
+            mask,
+            agg_mode=spec.options,
+            normalizer=normalizer,
+        )
+        return loss, {"loss": loss, "tokens": jnp.sum(mask)}
+
+    @staticmethod
+    def eval_sums(spec, model, batch):
+        logits, _ = model(batch["input_ids"], batch["attention_mask"])
+        mask = _labels_mask(batch) * batch["row_valid"][:, None]
+        nll = -shared.token_logprobs(logits[:, :-1].astype(jnp.float32), batch["input_ids"][:, 1:])
+        return {"nll": shared.masked_sum(nll, mask), "tokens": jnp.sum(mask)}
+
+    def eval_metrics(self, sums):
+        loss = sums["nll"] / max(sums["tokens"], 1.0)
+        return {"eval_loss": loss, "eval_perplexity": perplexity(loss)}
+
+    def run(self, *, resume: bool = False) -> dict:
+        """Trains, evaluates, exports `<run>/sft/final/` and returns the summary entry."""
+        ctx = self.ctx
+        start = time.perf_counter()
+        eval_metrics = self.fit(resume=resume)
+        final_dir = export_hf(
+            self.mdef, self.state.params, self.state.frozen,
+            ctx.step_dir("sft") / "final", ctx.tokenizer,
+        )
+        heldout = heldout_metrics(
+            ctx, self.mdef, self.state.params, self.state.frozen, load_eval_prompts(ctx)
+        )
+        return {
+            **eval_metrics,
+            "heldout": heldout,
+            "steps": self.step,
+            "final_model": str(final_dir),
+            "timings": {"train": self.train_time, "total": time.perf_counter() - start},
+        }
