@@ -1,0 +1,326 @@
+"""`rlhf parity`: both backends on the user's model and a few rows of the user's data.
+
+    from parity_tests.run import run_parity, main
+    rows = run_parity(config)                       # the config's models (built if from scratch)
+    rows = run_parity(config, model_dir="out/sft")  # a saved HF directory instead
+    exit_code = main(config, args)                  # args.model: optional directory
+
+`shared.cli` dispatches `rlhf parity --config FILE [--model DIR]` to `main`. The run prints a
+table (level, quantity, max abs diff, max rel diff, tolerance, pass/fail) and `main` returns 1
+when any row fails, so `rlhf parity` can gate a CI job. See docs/parity.md.
+
+What runs (fp32 on CPU, whatever the config's dtype):
+  level 1  every public `shared` function, numpy vs torch vs jitted JAX;
+  level 2  forward of the actor (logits, token log-probs, entropy) and of the critic (values,
+           end scores) on the SFT rows (right-padded) and the PPO prompts (left-padded);
+  level 3  SFT loss, the configured reward loss, PPO actor and critic losses under the
+           config's conventions, entropy, ptx: losses, statistics and parameter gradients;
+  level 5  greedy and sampled decoding with the config's sampling settings.
+A level or step the config cannot feed (no reward data, no JAX sampler yet) is listed as
+skipped with its reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from parity_tests import batches as B
+from parity_tests import levels
+from parity_tests.decoding import LevelUnavailable, sampler_rows
+from parity_tests.harness import (
+    ModelPair,
+    Row,
+    build_checkpoint,
+    checkpoint_kind,
+    format_table,
+    load_pair,
+)
+
+__all__ = ["DEFAULT_LEVELS", "main", "run_parity"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LEVELS = (1, 2, 3, 5)
+"""Levels 4 (optimiser steps) and 6 (whole PPO iterations) come with the trainers."""
+
+
+def _is_local(path: str | None) -> bool:
+    return path is not None and (Path(path) / "config.json").is_file()
+
+
+def _materialise(name_or_path: str, out: Path, *, kind: str, seed: int) -> Path:
+    """A local HF directory of `kind` for `name_or_path` (a local dir or a hub name).
+
+    A local directory of the right kind is used as it is. Otherwise the torch backend loads it
+    (hub download, or a causal LM read as a value model: fresh score head seeded by `seed`, as
+    reward-model training starts) and saves it under `out`, and both backends read that copy.
+    """
+    import torch
+
+    from torch_rlhf.models import build_causal_lm, build_value_model
+
+    if _is_local(name_or_path) and checkpoint_kind(name_or_path) == kind:
+        return Path(name_or_path)
+    torch.manual_seed(seed)
+    if kind == "lm":
+        model = build_causal_lm(name_or_path, dtype="fp32")
+    else:
+        model = build_value_model(name_or_path, dtype="fp32").model
+    model.save_pretrained(out)
+    return out
+
+
+def _model_dirs(config, model_dir: str | None, tmp: Path) -> tuple[Path | None, Path | None]:
+    """(actor directory, critic directory) as HF directories; None when there is none."""
+    m, seed = config.model, config.seed
+    if model_dir is not None:
+        if checkpoint_kind(model_dir) == "value":
+            return None, Path(model_dir)
+        return Path(model_dir), _materialise(model_dir, tmp / "critic", kind="value", seed=seed)
+    if m.actor_model_name_or_path is not None:
+        actor = _materialise(m.actor_model_name_or_path, tmp / "actor", kind="lm", seed=seed)
+    else:
+        actor = build_checkpoint(m.actor_config, tmp / "actor", kind="lm", seed=seed)
+    if m.critic_model_name_or_path is not None:
+        critic = _materialise(m.critic_model_name_or_path, tmp / "critic", kind="value",
+                              seed=seed)
+    elif m.critic_config is not None:
+        critic = build_checkpoint(m.critic_config, tmp / "critic", kind="value", seed=seed + 1)
+    else:
+        critic = _materialise(str(actor), tmp / "critic", kind="value", seed=seed)
+    return actor, critic
+
+
+def _tokenizer(config, model_dir: str | None, actor: Path | None, critic: Path | None):
+    from transformers import AutoTokenizer
+
+    candidates = [model_dir] if model_dir is not None else []
+    candidates += [config.model.tokenizer_name_or_path, actor, critic]
+    for candidate in candidates:
+        if candidate is None:
+            continue
+        local = Path(candidate)
+        if local.is_dir() and not (local / "tokenizer_config.json").is_file():
+            continue
+        return AutoTokenizer.from_pretrained(str(candidate))
+    raise ValueError("no tokenizer: set model.tokenizer_name_or_path or save one with the model")
+
+
+def _step_data(config, tokenizer, step: str, skipped: list[str]):
+    from shared.data import DataError, build_step_data
+
+    try:
+        return build_step_data(config.data, tokenizer, step).train
+    except (DataError, ValueError) as err:
+        skipped.append(f"{step} data: {err}")
+        return None
+
+
+def _answer_ids(tokenizer, vocab_size: int) -> np.ndarray:
+    special = set(tokenizer.all_special_ids)
+    ids = [i for i in range(min(len(tokenizer), vocab_size)) if i not in special]
+    return np.asarray(ids or [0])
+
+
+def _synthetic_answers(tokenizer, vocab_size: int, batch: int, length: int, seed: int):
+    """Answers of different lengths drawn from the tokenizer's ordinary tokens, ending with
+    EOS (when the tokenizer has one), padded with its pad id."""
+    answers, mask = B.synthetic_answers(vocab_size, batch, length, seed=seed)
+    pool = _answer_ids(tokenizer, vocab_size)
+    answers = pool[answers % len(pool)]
+    ends = mask.sum(-1)
+    for row, n in enumerate(ends):
+        if n < length and tokenizer.eos_token_id is not None:
+            answers[row, n - 1] = tokenizer.eos_token_id
+    return np.where(mask == 1, answers, tokenizer.pad_token_id), mask
+
+
+def _check_vocab(pair: ModelPair, arrays: dict[str, np.ndarray], what: str) -> None:
+    for key, value in arrays.items():
+        if "ids" in key and value.size and int(value.max()) >= pair.vocab_size:
+            raise ValueError(f"{what}: token id {int(value.max())} in {key} is outside the "
+                             f"model's vocabulary of {pair.vocab_size}; use the model's tokenizer")
+
+
+@contextlib.contextmanager
+def _float32_on_cpu() -> Iterator[None]:
+    """JAX on the CPU in float32 for the duration (torch is on the CPU already): the
+    tolerances are CPU float32 ones, and a GPU's TF32 matmuls or an x64 switch left on by the
+    caller would change the JAX side only."""
+    import jax
+
+    previous = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    try:
+        with jax.default_device(jax.devices("cpu")[0]):
+            yield
+    finally:
+        jax.config.update("jax_enable_x64", previous)
+
+
+def run_parity(
+    config: Any,
+    *,
+    model_dir: str | None = None,
+    levels_to_run: Sequence[int] = DEFAULT_LEVELS,
+    num_rows: int = 4,
+    print_table: bool = True,
+) -> list[Row]:
+    """Run the available parity levels on the config's (or `model_dir`'s) model and data.
+
+    Args:
+      config: a validated `shared.config.RLHFConfig`.
+      model_dir: a saved HF directory (causal LM, or sequence-classification value model) to
+        check instead of the config's models. A causal LM also serves as the critic's backbone
+        (with a fresh score head, seeded by `config.seed`).
+      levels_to_run: which of levels 1, 2, 3, 5.
+      num_rows: examples taken from the start of each step's training data.
+      print_table: print the table and the skipped items to stdout.
+
+    Returns:
+      The rows; a level or step that cannot run is reported as skipped, not as a row.
+    """
+    unknown = set(levels_to_run) - set(DEFAULT_LEVELS)
+    if unknown:
+        raise ValueError(f"levels {sorted(unknown)} do not exist (yet); available: "
+                         f"{list(DEFAULT_LEVELS)}")
+    rows: list[Row] = []
+    skipped: list[str] = []
+    with _float32_on_cpu():
+        _run_levels(config, model_dir, levels_to_run, num_rows, rows, skipped)
+    if print_table:
+        print(format_table(rows))
+        for item in skipped:
+            print(f"skipped: {item}")
+    return rows
+
+
+def _run_levels(config, model_dir, levels_to_run, num_rows, rows, skipped) -> None:
+    if 1 in levels_to_run:
+        from parity_tests.shared_cases import CASES, case_rows
+
+        for padding in B.PADDINGS:
+            for case in CASES:
+                rows += case_rows(case, padding)
+    if set(levels_to_run) & {2, 3, 5}:
+        with tempfile.TemporaryDirectory(prefix="rlhf-parity-") as tmp:
+            rows += _model_levels(config, model_dir, Path(tmp), levels_to_run, num_rows,
+                                  skipped)
+
+
+def _model_levels(config, model_dir, tmp, levels_to_run, num_rows, skipped) -> list[Row]:
+    actor_dir, critic_dir = _model_dirs(config, model_dir, tmp)
+    actor = load_pair(actor_dir, kind="lm") if actor_dir is not None else None
+    critic = load_pair(critic_dir, kind="value") if critic_dir is not None else None
+    if actor is None:
+        skipped.append(f"actor levels: {model_dir} is a value model, not a causal LM")
+    tokenizer = _tokenizer(config, model_dir, actor_dir, critic_dir)
+    sft = _step_data(config, tokenizer, "sft", skipped)
+    reward = _step_data(config, tokenizer, "reward", skipped)
+    prompts = _step_data(config, tokenizer, "ppo", skipped)
+    rows: list[Row] = []
+    sft_rows = B.rows_of(sft, num_rows) if sft is not None else None
+    prompt_rows = B.rows_of(prompts, num_rows) if prompts is not None else None
+    for pair in (actor, critic):
+        for what, arrays in (("sft data", sft_rows), ("ppo prompts", prompt_rows)):
+            if pair is not None and arrays is not None:
+                _check_vocab(pair, arrays, what)
+
+    if 2 in levels_to_run:
+        if sft_rows is not None:
+            rows += levels.forward_rows("sft data, right-padded", sft_rows["input_ids"],
+                                        sft_rows["attention_mask"], lm=actor, value=critic)
+        if prompt_rows is not None:
+            # Left-padded prompts end on a real token: any prompt_length past the padding
+            # reads the last one. (width itself, an empty answer part, makes torch's
+            # gather_end_values call argmax on an empty axis.)
+            width = prompt_rows["prompt_input_ids"].shape[1]
+            rows += levels.forward_rows("ppo prompts, left-padded",
+                                        prompt_rows["prompt_input_ids"],
+                                        prompt_rows["prompt_attention_mask"], lm=actor,
+                                        value=critic, prompt_length=width - 1)
+    if 3 in levels_to_run:
+        rows += _level3(config, tokenizer, actor, critic, sft_rows, reward, prompt_rows,
+                        num_rows, skipped)
+    if 5 in levels_to_run:
+        if actor is None or prompt_rows is None:
+            skipped.append("level 5: needs a causal LM and PPO prompts")
+        else:
+            sampling = config.ppo.sampling
+            try:
+                rows += sampler_rows(
+                    actor, prompt_rows["prompt_input_ids"], prompt_rows["prompt_attention_mask"],
+                    max_new_tokens=config.data.max_answer_seq_len,
+                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                    seed=config.seed, temperature=sampling.temperature, top_k=sampling.top_k,
+                    top_p=sampling.top_p)
+            except LevelUnavailable as err:
+                skipped.append(f"level 5: {err}")
+    return rows
+
+
+def _level3(config, tokenizer, actor, critic, sft_rows, reward, prompt_rows, num_rows,
+            skipped) -> list[Row]:
+    from shared.data import PairwiseBatch
+
+    rows: list[Row] = []
+    if actor is not None and sft_rows is not None:
+        rows += levels.sft_rows(actor, sft_rows, "sft data")
+    if critic is not None and reward is not None:
+        arrays = B.rows_of(reward, num_rows)
+        loss = config.reward.loss
+        # The configured loss only: the one the user's reward step trains with.
+        name = {"bradley_terry": "bradley_terry", "dschat": "dschat_pairwise"}.get(loss, loss)
+        data = {"pairwise": arrays} if isinstance(reward, PairwiseBatch) else {"ranking": arrays}
+        reward_rows = levels.reward_rows(critic, "reward data", losses=(name,),
+                                         pad_token_id=tokenizer.pad_token_id, **data)
+        if not reward_rows:
+            skipped.append(f"reward loss {loss!r}: no {type(reward).__name__} it applies to")
+        rows += reward_rows
+    if actor is None or critic is None or prompt_rows is None:
+        skipped.append("level 3 PPO: needs an actor, a critic and PPO prompts")
+        return rows
+    prompt_ids = prompt_rows["prompt_input_ids"]
+    answers, mask = _synthetic_answers(tokenizer, actor.vocab_size, prompt_ids.shape[0],
+                                       config.data.max_answer_seq_len, config.seed)
+    conventions = config.ppo.conventions
+    rollout = levels.rollout_for(actor, critic, prompt_ids, prompt_rows["prompt_attention_mask"],
+                                 answers, mask, conventions=conventions, seed=config.seed)
+    ptx = _ptx_rows(config, tokenizer, num_rows, skipped) or sft_rows
+    ptx = {k: ptx[k] for k in ("input_ids", "attention_mask")} if ptx is not None else None
+    unsup_coef = config.ppo.unsup_coef or 1.0  # a zero coefficient would hide the gradient
+    rows += levels.ppo_rows(actor, critic, rollout, conventions=conventions, ptx=ptx,
+                            unsup_coef=unsup_coef, label="ppo prompts + answers")
+    return rows
+
+
+def _ptx_rows(config, tokenizer, num_rows, skipped) -> dict[str, np.ndarray] | None:
+    from shared.data import DataError, build_ptx_data
+
+    try:
+        data = build_ptx_data(config.data, tokenizer)
+    except (DataError, ValueError) as err:
+        skipped.append(f"ptx data: {err}; the SFT rows stand in")
+        return None
+    return None if data is None else B.rows_of(data.train, num_rows)
+
+
+def main(config: Any, args: argparse.Namespace) -> int:
+    """Entry point of `rlhf parity`: 0 when every row passes, 1 otherwise."""
+    rows = run_parity(config, model_dir=getattr(args, "model", None))
+    failed = [r for r in rows if not r.passed]
+    if not rows:
+        logger.error("rlhf parity: nothing was compared")
+        return 1
+    if failed:
+        logger.error("rlhf parity: %d of %d comparisons failed", len(failed), len(rows))
+        return 1
+    return 0
