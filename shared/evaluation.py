@@ -13,13 +13,30 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from shared.data.demo import arithmetic_accuracy
+from shared.rollout import sampling_uniforms
 
-__all__ = ["METRICS", "decode_answers", "score_answers"]
+__all__ = ["HELDOUT_ITERATION", "METRICS", "decode_answers", "heldout_uniforms", "score_answers"]
+
+HELDOUT_ITERATION = 2**32 - 1
+"""The ``iteration`` key of ``shared.sampling_uniforms`` for held-out evaluation: no PPO
+iteration reaches it, so evaluation randomness never repeats a rollout's."""
 
 # name -> fn(prompts, completions) -> float; "none" is handled by the caller.
 METRICS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {
     "arithmetic_accuracy": arithmetic_accuracy,
 }
+
+
+def heldout_uniforms(seed: int, *, rows: int, max_new_tokens: int) -> np.ndarray:
+    """The sampling uniforms of held-out evaluation, ``[rows, max_new_tokens]`` float32.
+
+    Rows are prompt-major: row ``i * samples_per_prompt + s`` drives sample s of prompt i.
+    Both backends take their rows from this one array (torch: its rank's rows; JAX: rows
+    ``start:start + chunk`` per generation chunk), so the figure does not depend on the
+    number of ranks, the chunk size or when the evaluation runs. The first r rows do not
+    depend on ``rows`` (numbers are drawn row-major), so padding rows may be asked for.
+    """
+    return sampling_uniforms(seed, HELDOUT_ITERATION, 0, shape=(rows, max_new_tokens))
 
 
 def decode_answers(tokenizer, response_ids: np.ndarray, response_mask: np.ndarray) -> list[str]:

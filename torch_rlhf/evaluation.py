@@ -3,9 +3,10 @@
 Greedy answers and ``eval.samples_per_prompt`` sampled answers per prompt (sampling
 parameters from ``ppo.sampling``) are decoded and scored by ``shared.evaluation``, the same
 code the JAX backend uses. Sampling is driven by
-``shared.sampling_uniforms(seed, EVAL_SAMPLING_ITERATION, 0, shape=[rows, N])`` with rows
-prompt-major (row ``i * samples + s`` is sample s of prompt i), so the figure does not
-depend on the number of ranks or on when the evaluation runs.
+``shared.evaluation.heldout_uniforms(seed, rows=rows, max_new_tokens=N)`` (the same array
+the JAX backend slices) with rows prompt-major (row ``i * samples + s`` is sample s of
+prompt i), so the figure does not depend on the number of ranks or on when the evaluation
+runs.
 """
 
 from __future__ import annotations
@@ -20,8 +21,7 @@ import torch
 from shared.config import RLHFConfig
 from shared.data import DataReport, DatasetSpec, PromptBatch, build_step_data, read_dataset
 from shared.data.tokenize import encode_prompts, end_of_conversation_ids
-from shared.evaluation import decode_answers, score_answers
-from shared.rollout import sampling_uniforms
+from shared.evaluation import HELDOUT_ITERATION, decode_answers, heldout_uniforms, score_answers
 from torch_rlhf.distributed import all_gather_rows, rank_rows, world_size
 from torch_rlhf.generation import generate
 
@@ -35,8 +35,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# The `iteration` key of the held-out sampling uniforms: no PPO iteration uses it.
-EVAL_SAMPLING_ITERATION = 2**32 - 1
+# The `iteration` key of the held-out sampling uniforms (shared.evaluation).
+EVAL_SAMPLING_ITERATION = HELDOUT_ITERATION
 _ROWS_PER_CALL = 256  # generation chunk per rank
 
 
@@ -78,8 +78,7 @@ def generate_answers(model, prompts: PromptBatch, config: RLHFConfig, tokenizer,
     rows, answer_len = ids.shape[0], config.data.max_answer_seq_len
     padded = -(-rows // world_size()) * world_size()
     order = np.minimum(np.arange(padded), rows - 1)  # repeat the last row as filler
-    uniforms = sampling_uniforms(config.seed, EVAL_SAMPLING_ITERATION, 0,
-                                 shape=(padded, answer_len))
+    uniforms = heldout_uniforms(config.seed, rows=padded, max_new_tokens=answer_len)
     local = order[rank_rows(padded)]
     sampling = config.ppo.sampling
     do_sample = sample and sampling.do_sample

@@ -12,12 +12,14 @@ One iteration is the algorithm of docs/architecture.md:
    rollout); counted as ``short_answers``;
 4. scoring at the rollout weights: actor log-probs (training forward), reference
    log-probs, critic values V(x, y_<t), reward end scores; ``rollout_logprob_gap``;
-5. ``shared.compute_advantages`` on the global batch (KL coefficient from the controller);
+5. ``shared.compute_advantages`` on the whole buffer of ``generation_batches`` batches (KL
+   coefficient from the controller; whitening over every rollout row of the iteration);
 6. ``ppo_epochs`` passes over the buffer of ``generation_batches`` batches in the
    mini-batches of ``shared.minibatch_schedule``; ``shared.ppo_losses`` with the global
    token count of the optimiser step as normaliser, plus ``unsup_coef * ptx_loss``
    (``ppo.ptx_mode``: joint, in the same step; separate, DeepSpeed-Chat's extra step);
-7. KL-controller update, EMA update, metrics.
+   the EMA is updated after every actor optimiser step (DeepSpeed-Chat's moving_average);
+7. KL-controller update, metrics.
 
 Shapes: B rollout rows, P = ``max_prompt_seq_len``, N = ``max_answer_seq_len``; every
 ``[B, N]`` array is response-aligned (index t is answer token t).
@@ -390,14 +392,24 @@ class PPOTrainer:
         original = rollout.response_mask.float()
         gap = float(((rollout.logprobs - logprobs).abs() * original).max())
         response_mask = response_mask.float().to(self.device)
-        out = compute_advantages(scores, logprobs, ref_logprobs, values, response_mask,
-                                 conventions=self.conventions, kl_coef=self.kl_state.kl_coef)
-        return Experience(
+        experience = Experience(
             sequences=sequences, attention_mask=attention_mask, response=rollout.response,
             response_mask=response_mask, logprobs=logprobs, ref_logprobs=ref_logprobs,
-            values=values, scores=scores, advantages=out["advantages"], returns=out["returns"],
-            kl=out["kl"], token_rewards=out["token_rewards"], is_short=is_short.bool(),
-            response_length=original.sum(1), logprob_gap=gap)
+            values=values, scores=scores, advantages=None, returns=None, kl=None,
+            token_rewards=None, is_short=is_short.bool(), response_length=original.sum(1),
+            logprob_gap=gap)
+        return self.with_advantages(experience)
+
+    def with_advantages(self, experience: Experience) -> Experience:
+        """Step 5: ``shared.compute_advantages`` on every row of ``experience`` (whitening,
+        when the conventions whiten, over all of them) with the controller's coefficient."""
+        out = compute_advantages(experience.scores, experience.logprobs,
+                                 experience.ref_logprobs, experience.values,
+                                 experience.response_mask, conventions=self.conventions,
+                                 kl_coef=self.kl_state.kl_coef)
+        return dataclasses.replace(experience, advantages=out["advantages"],
+                                   returns=out["returns"], kl=out["kl"],
+                                   token_rewards=out["token_rewards"])
 
     # ------------------------------------------------------------ steps 6-7: training
 
@@ -462,7 +474,11 @@ class PPOTrainer:
         """Steps 6-7: ``ppo_epochs`` passes over the buffer, then the KL controller, the EMA
         and the iteration's metrics. Every rank must call this with the same buffer."""
         ppo, c = self.config.ppo, self.conventions
+        # Advantages over the whole buffer (all generation batches), as the JAX backend:
+        # whitening statistics are those of every rollout row of the iteration.
         experience = Experience.cat(buffer)
+        if len(buffer) > 1:
+            experience = self.with_advantages(experience)
         rows = len(experience)
         ptx = self._ptx_buffer(rows)
         schedule = minibatch_schedule(rows, self.minibatch_size, ppo_epochs=ppo.ppo_epochs,
@@ -493,11 +509,13 @@ class PPOTrainer:
                 if ptx is not None and ppo.ptx_mode == "separate":
                     for rows_of_mb in group:
                         self._ptx_step(ptx.take(rows_of_mb[mine]), ptx_normalizer, sums)
+                # EMA after every actor optimiser step (with ptx_mode separate: after the ptx
+                # step of the same mini-batch), as DeepSpeed-Chat's moving_average.
+                self.engine.update_ema()
         keys = sorted(sums)
         totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys]), strict=True))
         metrics = self._metrics(experience, totals, len(groups), kl_coef, actor_lr, critic_lr)
         self._update_kl_controller(experience)
-        self.engine.update_ema()
         return metrics
 
     def _update_kl_controller(self, experience: Experience) -> None:

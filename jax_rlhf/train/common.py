@@ -33,9 +33,9 @@ from shared.data import PromptBatch
 
 logger = logging.getLogger(__name__)
 
-EVAL_ITERATION = 2**31 - 1
-"""The `iteration` key of `shared.sampling_uniforms` for held-out evaluation (no PPO
-iteration ever reaches it, so eval randomness never repeats a rollout's)."""
+EVAL_ITERATION = None
+"""`generate_rows(iteration=EVAL_ITERATION)`: held-out evaluation, whose uniforms are the rows
+of `shared.evaluation.heldout_uniforms` (the same array the torch backend uses)."""
 
 
 @dataclasses.dataclass
@@ -224,20 +224,33 @@ def generate_rows(
     prompt_mask: np.ndarray,
     sp: SamplingParams,
     *,
-    iteration: int,
+    iteration: int | None,
     chunk: int,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Answers for any number of prompt rows, `chunk` rows per jitted call (the last chunk
-    padded), with `shared.sampling_uniforms(seed, iteration, chunk_index)`."""
+    padded). Uniforms: with `iteration=None` (held-out evaluation, `EVAL_ITERATION`) rows
+    `start:start + chunk` of `shared.evaluation.heldout_uniforms` (prompt-major, as torch
+    slices it), the last chunk padded; else `shared.sampling_uniforms(seed, iteration,
+    chunk_index)`."""
+    from shared.evaluation import heldout_uniforms
+
+    total = len(prompt_ids)
+    if iteration is None:
+        padded = -(-total // chunk) * chunk
+        all_uniforms = heldout_uniforms(ctx.config.seed, rows=padded,
+                                        max_new_tokens=sp.max_new_tokens)
     tokens, masks = [], []
-    for index, start in enumerate(range(0, len(prompt_ids), chunk)):
+    for index, start in enumerate(range(0, total, chunk)):
         rows, valid = pad_rows(
             {"ids": prompt_ids[start : start + chunk], "mask": prompt_mask[start : start + chunk]},
             chunk,
         )
-        uniforms = shared.sampling_uniforms(
-            ctx.config.seed, iteration, index, shape=(chunk, sp.max_new_tokens)
-        )
+        if iteration is None:
+            uniforms = all_uniforms[start : start + chunk]
+        else:
+            uniforms = shared.sampling_uniforms(
+                ctx.config.seed, iteration, index, shape=(chunk, sp.max_new_tokens)
+            )
         batch = sharding.shard_batch(
             {"ids": rows["ids"], "mask": rows["mask"], "u": uniforms}, ctx.mesh
         )

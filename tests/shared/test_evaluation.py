@@ -26,3 +26,15 @@ def test_score_answers_arithmetic():
     assert score_answers("arithmetic_accuracy", ["1+2=", "3+4="], ["3", "8"]) == 0.5
     with pytest.raises(ValueError, match="eval.metric"):
         score_answers("bleu", ["1+2="], ["3"])
+
+
+def test_heldout_uniforms_rows_are_a_prefix_and_prompt_major():
+    from shared.evaluation import HELDOUT_ITERATION, heldout_uniforms
+    from shared.rollout import sampling_uniforms
+
+    u = heldout_uniforms(3, rows=6, max_new_tokens=5)
+    assert u.shape == (6, 5) and u.dtype == np.float32
+    np.testing.assert_array_equal(u, sampling_uniforms(3, HELDOUT_ITERATION, 0, shape=(6, 5)))
+    # padding rows (torch's world-size filler, JAX's last chunk) leave the real rows unchanged
+    np.testing.assert_array_equal(heldout_uniforms(3, rows=8, max_new_tokens=5)[:6], u)
+    assert not np.array_equal(heldout_uniforms(4, rows=6, max_new_tokens=5), u)

@@ -85,11 +85,19 @@ def test_zero3_ppo_with_offloaded_reference_and_ema(tmp_path, distributed, model
     experience = trainer.generate_experience(trainer.prompt_iterator.next_batch(), iteration=0,
                                              batch_index=0)
     torch.testing.assert_close(experience.ref_logprobs, experience.logprobs, rtol=0, atol=1e-5)
+    seen = []  # the actor's weights at each EMA update
+    update_ema = engine.update_ema
+    engine.update_ema = lambda: (seen.append(engine.actor_weights()), update_ema())
     trainer.train_on_experience([experience], iteration=0)
+    # 8 rows in mini-batches of 4, one epoch: two actor steps, an EMA update after each
+    assert len(seen) == 2
+    expected = {k: 0.75 * (0.75 * v + 0.25 * seen[0][k]) + 0.25 * seen[1][k]
+                for k, v in initial.items()}
     actor = engine.actor_weights()
     for key, value in engine.ema_state.ema.items():
-        torch.testing.assert_close(value, 0.75 * initial[key] + 0.25 * actor[key])
-    assert any(not torch.equal(initial[k], actor[k]) for k in initial)
+        torch.testing.assert_close(value, expected[key])
+        torch.testing.assert_close(seen[1][key], actor[key])
+    assert any(not torch.equal(seen[0][k], actor[k]) for k in initial)
     trainer.iteration = 1
     entry = trainer._finish(0.0)
     assert "heldout_ema" in entry
