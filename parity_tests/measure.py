@@ -1,15 +1,17 @@
-"""Measure the largest differences per level and family: the numbers docs/parity.md reports.
+"""Measure the largest differences per level and family: the numbers docs/parity.md reports
+(levels 1-5 per family, level 6 on its own tiny Llama).
 
     python -m parity_tests.measure            # markdown table on stdout (a few minutes on CPU)
 
 Runs every level on every family of `harness.FAMILIES`, on right- and left-padded batches, the
 way the tests do, and prints per (level, family) the largest absolute difference and the
-largest norm-wise relative difference, split by tolerance class. Known discrepancies (the
-DeepSpeed-Chat pairwise loss, see docs/parity.md) are measured separately and listed apart.
+largest norm-wise relative difference, split by tolerance class. Level 6's known
+discrepancies (docs/parity.md) are measured and listed apart.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import tempfile
 from collections import defaultdict
 from pathlib import Path
@@ -51,15 +53,33 @@ def family_rows(family: str, tmp: Path) -> list[Row]:
                              max_new_tokens=6, eos_token_id=B.EOS, pad_token_id=B.PAD, seed=11)
     except LevelUnavailable:
         pass
+    from parity_tests.optimiser import optimiser_rows
+
+    batches = [B.sft_batch(vocab, padding, seed=seed)
+               for seed, padding in enumerate(("right", "left", "right"))]
+    rows += optimiser_rows(tmp / f"{family}-lm", batches, label=family)
     return rows
+
+
+def level6_rows(tmp: Path) -> list[Row]:
+    """Level 6 (whole runs, adaptive KL, no LoRA) on its tiny Llama, known differences
+    included (they land in the summary under their own class)."""
+    from parity_tests import iterations as it
+
+    dirs = it.build_level6_models(tmp / "level6")
+    config = it.level6_config(tmp, dirs, kl="adaptive")
+    t, j = it.run_level6(config, tmp / "level6-runs")
+    rows = it.level6_rows(t, j)
+    known = [dataclasses.replace(r, tolerance=r.tolerance._replace(
+        name="known discrepancy: " + r.quantity.split()[-1]))
+        for r in it.known_different_rows(t, j)]
+    return rows + known
 
 
 def _summary(rows: list[Row]) -> dict[tuple[str, str], tuple[float, float]]:
     out: dict[tuple[str, str], tuple[float, float]] = defaultdict(lambda: (0.0, 0.0))
     for r in rows:
-        kind = "grad" if r.tolerance.name == "grad" else r.tolerance.name
-        if r.level == "3" and "dschat_pairwise" in r.quantity:
-            kind = "dschat (known discrepancy)"
+        kind = r.tolerance.name
         abs_, rel = out[r.level, kind]
         out[r.level, kind] = (max(abs_, r.max_abs_diff), max(rel, r.max_rel_diff))
     return out
@@ -71,6 +91,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for family in FAMILIES:
             summaries[family] = _summary(family_rows(family, Path(tmp)))
+        summaries["level-6 llama"] = _summary(level6_rows(Path(tmp)))
     keys = sorted({key for s in summaries.values() for key in s})
     print("| level | quantity class | " + " | ".join(summaries) + " |")
     print("| --- | --- |" + " --- |" * len(summaries))

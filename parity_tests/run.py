@@ -15,7 +15,13 @@ What runs (fp32 on CPU, whatever the config's dtype):
            end scores) on the SFT rows (right-padded) and the PPO prompts (left-padded);
   level 3  SFT loss, the configured reward loss, PPO actor and critic losses under the
            config's conventions, entropy, ptx: losses, statistics and parameter gradients;
-  level 5  greedy and sampled decoding with the config's sampling settings.
+  level 4  3 AdamW steps of the actor with the config's `sft.optim` (schedule, decay,
+           clipping) on the SFT rows, each backend's own optimiser: losses, lr, grad norms,
+           parameters;
+  level 5  greedy and sampled decoding with the config's sampling settings;
+  level 6  (on request, not by default: ~30 s) whole SFT / reward / PPO runs through both
+           backends' trainers on the built-in tiny Llama of `parity_tests.iterations` (it
+           checks the trainers, not your model).
 A level or step the config cannot feed (no reward data, no JAX sampler yet) is listed as
 skipped with its reason.
 """
@@ -44,12 +50,15 @@ from parity_tests.harness import (
     load_pair,
 )
 
-__all__ = ["DEFAULT_LEVELS", "main", "run_parity"]
+__all__ = ["AVAILABLE_LEVELS", "DEFAULT_LEVELS", "main", "run_parity"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_LEVELS = (1, 2, 3, 5)
-"""Levels 4 (optimiser steps) and 6 (whole PPO iterations) come with the trainers."""
+DEFAULT_LEVELS = (1, 2, 3, 4, 5)
+"""What `rlhf parity` runs."""
+
+AVAILABLE_LEVELS = (1, 2, 3, 4, 5, 6)
+"""Level 6 (whole runs of the trainers, on a built-in tiny model) runs only when asked for."""
 
 
 def _is_local(path: str | None) -> bool:
@@ -181,17 +190,17 @@ def run_parity(
       model_dir: a saved HF directory (causal LM, or sequence-classification value model) to
         check instead of the config's models. A causal LM also serves as the critic's backbone
         (with a fresh score head, seeded by `config.seed`).
-      levels_to_run: which of levels 1, 2, 3, 5.
+      levels_to_run: which of levels 1 to 6 (default 1-5).
       num_rows: examples taken from the start of each step's training data.
       print_table: print the table and the skipped items to stdout.
 
     Returns:
       The rows; a level or step that cannot run is reported as skipped, not as a row.
     """
-    unknown = set(levels_to_run) - set(DEFAULT_LEVELS)
+    unknown = set(levels_to_run) - set(AVAILABLE_LEVELS)
     if unknown:
-        raise ValueError(f"levels {sorted(unknown)} do not exist (yet); available: "
-                         f"{list(DEFAULT_LEVELS)}")
+        raise ValueError(f"levels {sorted(unknown)} do not exist; available: "
+                         f"{list(AVAILABLE_LEVELS)}")
     rows: list[Row] = []
     skipped: list[str] = []
     with _float32_on_cpu():
@@ -210,10 +219,20 @@ def _run_levels(config, model_dir, levels_to_run, num_rows, rows, skipped) -> No
         for padding in B.PADDINGS:
             for case in CASES:
                 rows += case_rows(case, padding)
-    if set(levels_to_run) & {2, 3, 5}:
+    if set(levels_to_run) & {2, 3, 4, 5}:
         with tempfile.TemporaryDirectory(prefix="rlhf-parity-") as tmp:
             rows += _model_levels(config, model_dir, Path(tmp), levels_to_run, num_rows,
                                   skipped)
+    if 6 in levels_to_run:
+        from parity_tests import iterations
+
+        with tempfile.TemporaryDirectory(prefix="rlhf-parity-6-") as tmp:
+            dirs = iterations.build_level6_models(tmp)
+            level6 = iterations.level6_config(tmp, dirs, kl="adaptive")
+            rows += iterations.level6_rows(*iterations.run_level6(level6, tmp),
+                                           label="built-in tiny llama")
+        skipped.append("level 6: PPO metrics " + ", ".join(iterations.KNOWN_DIFFERENT)
+                       + " are aggregated differently by the backends (docs/parity.md)")
 
 
 def _model_levels(config, model_dir, tmp, levels_to_run, num_rows, skipped) -> list[Row]:
@@ -250,6 +269,8 @@ def _model_levels(config, model_dir, tmp, levels_to_run, num_rows, skipped) -> l
     if 3 in levels_to_run:
         rows += _level3(config, tokenizer, actor, critic, sft_rows, reward, prompt_rows,
                         num_rows, skipped)
+    if 4 in levels_to_run:
+        rows += _level4(config, actor, actor_dir, sft, num_rows, skipped)
     if 5 in levels_to_run:
         if actor is None or prompt_rows is None:
             skipped.append("level 5: needs a causal LM and PPO prompts")
@@ -300,6 +321,21 @@ def _level3(config, tokenizer, actor, critic, sft_rows, reward, prompt_rows, num
     rows += levels.ppo_rows(actor, critic, rollout, conventions=conventions, ptx=ptx,
                             unsup_coef=unsup_coef, label="ppo prompts + answers")
     return rows
+
+
+def _level4(config, actor, actor_dir, sft, num_rows, skipped) -> list[Row]:
+    from parity_tests.optimiser import optimiser_rows
+
+    if actor is None or sft is None:
+        skipped.append("level 4: needs a causal LM and SFT data")
+        return []
+    steps = 3
+    rows = B.rows_of(sft, num_rows * steps)
+    count = len(rows["input_ids"])
+    batches = [{k: v[np.arange(i * num_rows, (i + 1) * num_rows) % count]
+                for k, v in rows.items()} for i in range(steps)]
+    return optimiser_rows(actor_dir, batches, optim=config.sft.optim, label="sft data",
+                          total_steps=max(steps, config.sft.optim.num_warmup_steps + steps))
 
 
 def _ptx_rows(config, tokenizer, num_rows, skipped) -> dict[str, np.ndarray] | None:

@@ -95,8 +95,15 @@ def test_main_exit_code(demo_config, saved_model, monkeypatch):
 
 
 def test_unknown_level_is_an_error(demo_config):
-    with pytest.raises(ValueError, match=r"levels \[4\]"):
-        run_parity(demo_config, levels_to_run=(4,))
+    with pytest.raises(ValueError, match=r"levels \[7\]"):
+        run_parity(demo_config, levels_to_run=(7,))
+
+
+def test_level4_through_run_parity(demo_config):
+    rows = run_parity(demo_config, levels_to_run=(4,), print_table=False)
+    assert _levels(rows) == ["4"]
+    assert any("params after 3 steps" in r.quantity for r in rows)
+    assert_passed(rows)
 
 
 def test_out_of_vocabulary_data_is_an_error(demo_config, tmp_path):

@@ -94,6 +94,42 @@ TOLERANCES: dict[str, tuple[float, float, str]] = {
         "over cached keys instead of one full forward); the same rounding as level 2; "
         "measured <= 2.4e-6 absolute.",
     ),
+    "optimiser_params": (
+        1e-5,
+        1e-5,
+        "Level 4, parameters after N AdamW steps (clip, decoupled decay, shared schedule) from "
+        "the same weights on the same batches, per HF tensor: Adam divides each gradient "
+        "entry by its running RMS, so a step moves every weight by ~lr whatever the "
+        "gradient's size and the level-3 gradient differences enter relative to each entry; "
+        "measured <= 1.1e-6 absolute, 7.4e-7 of the tensor's max-norm (3 steps, lr 1e-2, "
+        "every family) on weights of O(1).",
+    ),
+    "optimiser_zero_grad": (
+        5e-3,
+        0.0,
+        "Level 4, attention key biases (OPT k_proj.bias, the key third of GPT-2's c_attn.bias) "
+        "after the AdamW steps: their exact gradient is 0 (softmax is invariant to q . b_k), "
+        "each backend's is rounding noise of ~1e-9 that Adam normalises to an update of up "
+        "to ~lr per step in a noise-given direction. Bound: the summed learning rates of the "
+        "steps (1.2e-2 for LEVEL4_OPTIM, 3 steps) halved; measured 2.2e-3 (OPT), 1.6e-3 "
+        "(GPT-2). Every other parameter is held to `optimiser_params`.",
+    ),
+    "iteration_metrics": (
+        2e-5,
+        5e-5,
+        "Level 6, per-step metrics of whole runs (3 SFT steps, 3 reward-model steps, 3 PPO "
+        "iterations of 2 x 2 actor and critic steps): the level-2/3 rounding carried through "
+        "every optimiser step of the run (level 4) and into the next rollout's scores; the "
+        "sampled tokens stay identical, so nothing is amplified by a different sample; "
+        "measured <= 4.3e-6 absolute (grad norms of O(10)), 7.4e-6 relative (sequence KL).",
+    ),
+    "iteration_params": (
+        1e-5,
+        1e-5,
+        "Level 6, final parameters of the SFT model, reward model, PPO actor, critic and EMA "
+        "per HF tensor: as `optimiser_params`, over 3 to 12 optimiser steps; measured <= "
+        "1.6e-6 absolute, 9.6e-7 of the tensor's max-norm.",
+    ),
 }
 """name -> (atol, rtol, reason)."""
 
