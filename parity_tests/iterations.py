@@ -52,24 +52,27 @@ LEVEL6_LLAMA = dict(
 
 SFT_STEPS = REWARD_STEPS = 3
 
+MIN_ANSWER_TOKENS = 4
+"""Answers shorter than this (of at most `max_answer_seq_len` 4) are short: masked, and left out
+of reward_score, kl and the KL controller's input."""
+
 SFT_METRICS = ("loss", "lr", "grad_norm")
 REWARD_METRICS = ("loss", "lr", "accuracy", "chosen_score", "rejected_score")
 PPO_METRICS = ("actor_loss", "critic_loss", "pg_loss", "reward_score", "kl", "kl_coef",
                "rollout_logprob_gap", "advantages_mean", "returns_mean", "response_length",
                "clip_fraction", "approx_kl", "value_clip_fraction", "entropy", "actor_lr",
-               "critic_lr")
+               "critic_lr", "ptx_loss", "short_answers")
 
 TOKEN_WEIGHTED = ("clip_fraction", "approx_kl", "value_clip_fraction", "entropy")
-"""PPO metrics the backends aggregate differently over an iteration's optimiser steps: torch
-weights every micro-batch by its tokens over the whole iteration (sum(stat * tokens) / all
-tokens); JAX takes each step's token-weighted mean, then the plain mean over steps. They agree
-only when every optimiser step has the same number of tokens (docs/parity.md)."""
+"""PPO token statistics: in both backends each optimiser step's token-weighted value over its
+micro-batches, then the plain mean over the iteration's steps (docs/architecture.md)."""
 
 LR_METRICS = ("actor_lr", "critic_lr")
-"""torch reports the learning rate of the iteration's first optimiser step, JAX the mean over
-the iteration's steps (docs/parity.md)."""
+"""In both backends the learning rate of the iteration's last optimiser step (with ptx_mode
+separate, the actor's last step is the ptx step)."""
 
-KNOWN_DIFFERENT = TOKEN_WEIGHTED + LR_METRICS
+KNOWN_DIFFERENT: tuple[str, ...] = ()
+"""PPO metrics whose definitions still differ between the backends: none."""
 
 
 def build_level6_models(tmp: str | Path) -> dict[str, Path]:
@@ -87,9 +90,12 @@ def build_level6_models(tmp: str | Path) -> dict[str, Path]:
 
 
 def level6_config(tmp: str | Path, dirs: dict[str, Path], *, kl: str = "adaptive",
-                  lora: bool = False, ppo_iterations: int = 3, name: str = "level6.yaml"):
+                  lora: bool = False, ppo_iterations: int = 3, name: str = "level6.yaml",
+                  ptx_mode: str = "joint", unsup_coef: float = 0.5,
+                  min_answer_tokens: int = MIN_ANSWER_TOKENS):
     """The demo config on the level-6 models: small batches, binding schedules, decay and
-    clipping, ppo_epochs 2 over 2 mini-batches of a 2-batch rollout buffer, EMA on."""
+    clipping, ppo_epochs 2 over 2 mini-batches of a 2-batch rollout buffer, EMA on, the demo
+    ptx data (one ptx batch per actor step) and a short-answer threshold that masks some rows."""
     from shared.config import load_config
 
     optim = dict(learning_rate=5e-3, weight_decay=0.1, lr_scheduler_type="cosine",
@@ -112,8 +118,8 @@ def level6_config(tmp: str | Path, dirs: dict[str, Path], *, kl: str = "adaptive
         "ppo": {"per_device_generation_batch_size": 4, "generation_batches": 2,
                 "per_device_training_batch_size": 4, "ppo_epochs": 2,
                 "max_iterations": ppo_iterations, "num_train_epochs": 1,
-                "enable_ema": True, "ema_beta": 0.9, "unsup_coef": 0.0,
-                "min_answer_tokens": 0,
+                "enable_ema": True, "ema_beta": 0.9, "unsup_coef": unsup_coef,
+                "ptx_mode": ptx_mode, "min_answer_tokens": min_answer_tokens,
                 "actor_optim": {**optim, "learning_rate": 2e-3},
                 "critic_optim": {**optim, "learning_rate": 5e-3},
                 "conventions": {"kl_controller": kl, "kl_coef": 0.1, "kl_target": 0.05,
@@ -172,7 +178,7 @@ def run_torch(config: Any, tmp: Path) -> Level6Result:
     out["weights"]["actor"] = torch_state_dict(ppo.engine.actor)
     out["weights"]["critic"] = torch_state_dict(ppo.engine.critic)
     with torch.no_grad():
-        out["weights"]["ema"] = {k: to_numpy(v) for k, v in ppo.engine.ema_state.ema.items()}
+        out["weights"]["ema"] = {k: to_numpy(v) for k, v in ppo.engine.ema_weights().items()}
     return Level6Result(**out)
 
 
@@ -282,8 +288,8 @@ def level6_rows(torch_result: Level6Result, jax_result: Level6Result, *,
 
 def known_different_rows(torch_result: Level6Result, jax_result: Level6Result, *,
                          keys: tuple[str, ...] = KNOWN_DIFFERENT, label: str = "") -> list[Row]:
-    """The PPO metrics whose definitions differ between the backends (`TOKEN_WEIGHTED`,
-    `LR_METRICS`), held to the same tolerance: the tests mark them xfail(strict=True)."""
+    """Rows of the PPO metrics `keys` alone (by default `KNOWN_DIFFERENT`, now empty), held to
+    the `iteration_metrics` tolerance."""
     sfx = f" [{label}]" if label else ""
     return _metric_rows(f"ppo{sfx}", torch_result.ppo, jax_result.ppo, "iteration_metrics",
                         keys)

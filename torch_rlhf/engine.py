@@ -11,7 +11,9 @@
 - reward: the frozen reward model, an inference engine (ZeRO-3 when the critic is).
 
 With ``ppo.enable_ema`` the engine also keeps an exponential moving average of the
-actor's (LoRA-merged) weights with ``shared.ema``: the full weights are gathered under
+actor's weights with ``shared.ema`` (with LoRA, of the base weights and the A and B
+matrices apart, merged on export, as DeepSpeed-Chat's moving_average over the parameters
+of its LoRA EMA model and the JAX backend): the full weights are gathered under
 ZeRO-3 (every rank takes part) and the average is kept in fp32 host memory on rank 0,
 which checkpoints and saves it (``ppo/ema/``).
 """
@@ -219,15 +221,23 @@ class RLHFEngine:
     # ----------------------------------------------------------------- EMA
 
     def actor_weights(self) -> dict[str, torch.Tensor] | None:
-        """The actor's LoRA-merged floating-point weights as fp32 CPU copies, on rank 0
-        (None elsewhere). Every rank must call this under ZeRO-3."""
+        """The actor's floating-point weights (``state_dict`` names: with LoRA, the base
+        weights and the adapters apart) as fp32 CPU copies, on rank 0 (None elsewhere).
+        Every rank must call this under ZeRO-3."""
         module = unwrap_model(self.actor)
         with gather_params_for(module):
             if not is_main():
                 return None
-            state = merged_state_dict(module)
+            state = module.state_dict()
             return {k: v.detach().float().cpu().clone() for k, v in state.items()
                     if v.is_floating_point()}
+
+    def ema_weights(self) -> dict[str, torch.Tensor]:
+        """The EMA weights under HF names, LoRA merged (W + scaling * EMA(B) @ EMA(A)); empty
+        off rank 0 or without EMA."""
+        if self.ema_state is None:
+            return {}
+        return merged_state_dict(unwrap_model(self.actor), dict(self.ema_state.ema))
 
     def update_ema(self) -> None:
         """``ema <- beta * ema + (1 - beta) * actor`` (shared.ema); no-op without EMA."""
@@ -241,7 +251,7 @@ class RLHFEngine:
         """Write the EMA weights as a Hugging Face directory (every rank must call this)."""
         if self.ema is None:
             return
-        state = self.ema_state.ema if self.ema_state is not None else {}
+        state = self.ema_weights()
         save_hf_state_dict(self.actor, state, self.tokenizer, out_dir,
                            dtype=torch_dtype(self.config.model.dtype))
 

@@ -45,11 +45,12 @@ def lora_target_names(model: nn.Module, module_name: str) -> list[str]:
 
 def apply_lora(model: nn.Module, *, dim: int, alpha: float = 1.0,
                module_name: str = "decoder.layers.", target_modules: Sequence[str] = (),
-               only_optimize: bool = False) -> nn.Module:
+               only_optimize: bool = False, seed: int = 0) -> nn.Module:
     """Inject peft LoRA adapters in place and set which parameters train.
 
-    The update of an adapted weight is ``(alpha / dim) * B @ A`` (A Kaiming-uniform, B
-    zero, so the model is unchanged at first). As in DeepSpeed-Chat, adapted weights are
+    The update of an adapted weight is ``(alpha / dim) * B @ A`` (A Kaiming-uniform from
+    ``shared.lora_init.lora_a_init`` keyed by ``seed`` and the module name, as in the JAX
+    backend; B zero, so the model is unchanged at first). As in DeepSpeed-Chat, adapted weights are
     frozen while their biases and all other parameters keep training, unless
     ``only_optimize``, which freezes everything but the adapters and a ValueModel's score
     head (the critic's head must learn).
@@ -62,6 +63,7 @@ def apply_lora(model: nn.Module, *, dim: int, alpha: float = 1.0,
         ``--actor_lora_module_name``, e.g. "decoder.layers." for OPT, "layers." for Llama).
       target_modules: explicit module-name suffixes (peft matching); override module_name.
       only_optimize: train only the adapters (DS-Chat ``--only_optimize_lora``).
+      seed: keys the adapters' A matrices (the run's ``seed``).
 
     Returns:
       the same ``model`` object.
@@ -83,6 +85,7 @@ def apply_lora(model: nn.Module, *, dim: int, alpha: float = 1.0,
     config = LoraConfig(r=dim, lora_alpha=alpha, lora_dropout=0.0, bias="none",
                         target_modules=targets, fan_in_fan_out=fan_in_fan_out)
     inject_adapter_in_model(config, model)
+    _init_adapters(model, seed)
     for name, param in model.named_parameters():
         if ".lora_" in name:
             param.requires_grad_(True)
@@ -98,13 +101,35 @@ def apply_lora(model: nn.Module, *, dim: int, alpha: float = 1.0,
     return model
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """``model.state_dict()`` with every LoRA adapter merged into its base weight.
+def _init_adapters(model: nn.Module, seed: int) -> None:
+    """Every adapter's A from ``shared.lora_init.lora_a_init`` keyed by (seed, kind, HF module
+    name), as the JAX backend draws it; B stays zero (peft)."""
+    from peft.tuners.lora import LoraLayer
+
+    from shared.lora_init import lora_a_init
+
+    kind = "value" if isinstance(model, ValueModel) else "causal_lm"
+    prefix = "model." if isinstance(model, ValueModel) else ""
+    for name, module in model.named_modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for linear in module.lora_A.values():
+            rank, in_features = linear.weight.shape
+            a = lora_a_init(seed, kind, name.removeprefix(prefix), rank, in_features)
+            with torch.no_grad():
+                linear.weight.copy_(torch.from_numpy(a).to(linear.weight.dtype))
+
+
+def merged_state_dict(model: nn.Module,
+                      state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` (or ``state``, a dict with the same keys, e.g. an EMA of
+    them) with every LoRA adapter merged into its base weight.
 
     Nothing in ``model`` changes (merging in place and unmerging later would drift in
     bf16); the result has the keys of the model without adapters.
     """
-    state = model.state_dict()
+    own = state is None
+    state = model.state_dict() if own else state
     try:
         from peft.tuners.lora import LoraLayer
     except ImportError:
@@ -116,7 +141,14 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         key = f"{name}.base_layer.weight"
         weight = merged[key]
         for adapter in module.active_adapters:
-            if adapter in module.lora_A:
-                weight = weight + module.get_delta_weight(adapter).to(weight.dtype)
+            if adapter not in module.lora_A:
+                continue
+            if own:
+                delta = module.get_delta_weight(adapter)
+            else:  # peft's get_delta_weight on the given A and B
+                delta = (state[f"{name}.lora_B.{adapter}.weight"]
+                         @ state[f"{name}.lora_A.{adapter}.weight"]) * module.scaling[adapter]
+                delta = delta.T if module.fan_in_fan_out else delta
+            weight = weight + delta.to(weight.dtype)
         merged[key] = weight
     return {k.replace(".base_layer.", "."): v for k, v in merged.items()}

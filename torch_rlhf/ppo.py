@@ -248,9 +248,12 @@ class PPOTrainer:
         self.ptx_enabled = ppo.unsup_coef > 0 and self.ptx_data is not None
         self.ptx_iterator = None
         if self.ptx_enabled:
+            # One ptx batch per actor optimiser step (DeepSpeed-Chat zips an unsupervised
+            # batch with every experience mini-batch), as the JAX backend.
+            ptx_rows = self.minibatch_size * ppo.gradient_accumulation_steps
             self.ptx_iterator = BatchIterator(
-                self.ptx_data.train, self.generation_batch_size * self.generation_batches,
-                seed=config.seed, shuffle=True, drop_last=True, name="ppo ptx")
+                self.ptx_data.train, ptx_rows, seed=config.seed, shuffle=True,
+                drop_last=len(self.ptx_data.train) >= ptx_rows, name="ppo ptx")
         separate = self.ptx_enabled and ppo.ptx_mode == "separate"
         actor_steps = counts.total_optimizer_steps * (2 if separate else 1)
         self.engine = engine or RLHFEngine(
@@ -413,11 +416,14 @@ class PPOTrainer:
 
     # ------------------------------------------------------------ steps 6-7: training
 
-    def _ptx_buffer(self, rows: int) -> TextBatch | None:
+    def _ptx_batch(self, rows: int) -> TextBatch | None:
+        """The next ptx batch of one optimiser step, its rows cycled to exactly ``rows`` (only
+        when the whole ptx set is smaller than one batch)."""
         if not self.ptx_enabled:
             return None
         batch = self.ptx_iterator.next_batch()
-        assert len(batch) == rows, (len(batch), rows)
+        if len(batch) != rows:
+            batch = batch.take(np.arange(rows) % len(batch))
         return batch
 
     def _ptx_loss(self, batch: TextBatch, normalizer: float) -> torch.Tensor:
@@ -480,41 +486,52 @@ class PPOTrainer:
         if len(buffer) > 1:
             experience = self.with_advantages(experience)
         rows = len(experience)
-        ptx = self._ptx_buffer(rows)
         schedule = minibatch_schedule(rows, self.minibatch_size, ppo_epochs=ppo.ppo_epochs,
                                       shuffle=ppo.shuffle_minibatches, seed=self.config.seed,
                                       iteration=iteration)
         minibatches = [mb for epoch in schedule for mb in epoch]
         accumulation = ppo.gradient_accumulation_steps
         groups = [minibatches[i:i + accumulation] for i in range(0, len(minibatches), accumulation)]
-        actor_lr, critic_lr = current_lr(self.engine.actor), current_lr(self.engine.critic)
+        actor_lr = critic_lr = 0.0
         kl_coef = float(self.kl_state.kl_coef)
-        sums: Counter = Counter()
+        step_sums: list[Counter] = []
         mine = rank_rows(self.minibatch_size)
         response_mask = experience.response_mask.cpu().numpy()
         with self.timer.phase("training"):
             self.engine.train()
             for group in groups:
+                sums: Counter = Counter()
                 group_rows = np.concatenate(group)
                 normalizer = float(loss_normalizer(response_mask[group_rows],
                                                    mode=c.loss_agg_mode))
+                # One ptx batch per optimiser step; micro-batch a reads its rows a*M ...
+                ptx = self._ptx_batch(len(group_rows))
                 ptx_normalizer = 0.0
                 if ptx is not None:
-                    ptx_normalizer = float(ptx.attention_mask[group_rows][:, 1:].sum())
-                for rows_of_mb in group:
-                    local = rows_of_mb[mine]
-                    self._ppo_micro_step(experience.take(local), normalizer,
-                                         None if ptx is None else ptx.take(local),
+                    ptx_normalizer = float(ptx.attention_mask[:, 1:].sum())
+                size = self.minibatch_size
+                ptx_micro = [None if ptx is None else ptx.take(slice(a * size, (a + 1) * size))
+                             for a in range(len(group))]
+                # The learning rates this optimiser step uses (the schedulers step at the
+                # accumulation boundary); the metrics report the iteration's last step's.
+                actor_lr, critic_lr = current_lr(self.engine.actor), current_lr(self.engine.critic)
+                for rows_of_mb, ptx_mb in zip(group, ptx_micro, strict=True):
+                    self._ppo_micro_step(experience.take(rows_of_mb[mine]), normalizer,
+                                         None if ptx_mb is None else ptx_mb.take(mine),
                                          ptx_normalizer, sums)
                 if ptx is not None and ppo.ptx_mode == "separate":
-                    for rows_of_mb in group:
-                        self._ptx_step(ptx.take(rows_of_mb[mine]), ptx_normalizer, sums)
+                    actor_lr = current_lr(self.engine.actor)
+                    for ptx_mb in ptx_micro:
+                        self._ptx_step(ptx_mb.take(mine), ptx_normalizer, sums)
                 # EMA after every actor optimiser step (with ptx_mode separate: after the ptx
                 # step of the same mini-batch), as DeepSpeed-Chat's moving_average.
                 self.engine.update_ema()
-        keys = sorted(sums)
-        totals = dict(zip(keys, all_reduce_sum([sums[k] for k in keys]), strict=True))
-        metrics = self._metrics(experience, totals, len(groups), kl_coef, actor_lr, critic_lr)
+                step_sums.append(sums)
+        keys = sorted(set().union(*step_sums))
+        flat = all_reduce_sum([s[k] for s in step_sums for k in keys])
+        totals = [dict(zip(keys, flat[i * len(keys):(i + 1) * len(keys)], strict=True))
+                  for i in range(len(step_sums))]
+        metrics = self._metrics(experience, totals, kl_coef, actor_lr, critic_lr)
         self._update_kl_controller(experience)
         return metrics
 
@@ -526,20 +543,27 @@ class PPOTrainer:
         self.kl_state = self.kl_controller.update(self.kl_state, current_kl=current,
                                                   n_steps=rows)
 
-    def _metrics(self, experience: Experience, totals, steps: int, kl_coef: float,
+    def _metrics(self, experience: Experience, steps: list[dict[str, float]], kl_coef: float,
                  actor_lr: float, critic_lr: float) -> dict[str, Any]:
-        tokens = max(totals["tokens"], 1.0)
+        # Training statistics: each optimiser step's value (losses summed over its
+        # micro-batches, token statistics weighted by the step's tokens), then the mean over
+        # the iteration's steps, as the JAX backend.
+        def step_mean(key: str, per_token: bool = False) -> float:
+            values = [s.get(key, 0.0) / (max(s.get("tokens", 0.0), 1.0) if per_token else 1.0)
+                      for s in steps]
+            return float(np.mean(values)) if values else 0.0
+
         valid = ~experience.is_short
         mask = experience.response_mask
         sequence_kl = (experience.kl * mask).sum(1)
         metrics = {
-            "actor_loss": totals["actor_loss"] / steps,
-            "critic_loss": totals["critic_loss"] / steps,
-            "pg_loss": totals["pg_loss"] / steps,
-            "clip_fraction": totals["clip_fraction"] / tokens,
-            "approx_kl": totals["approx_kl"] / tokens,
-            "value_clip_fraction": totals["value_clip_fraction"] / tokens,
-            "entropy": totals["entropy"] / tokens,
+            "actor_loss": step_mean("actor_loss"),
+            "critic_loss": step_mean("critic_loss"),
+            "pg_loss": step_mean("pg_loss"),
+            "clip_fraction": step_mean("clip_fraction", per_token=True),
+            "approx_kl": step_mean("approx_kl", per_token=True),
+            "value_clip_fraction": step_mean("value_clip_fraction", per_token=True),
+            "entropy": step_mean("entropy", per_token=True),
             "reward_score": float(experience.scores[valid].mean()) if valid.any() else 0.0,
             "kl": float(sequence_kl[valid].mean()) if valid.any() else 0.0,
             "kl_coef": kl_coef,
@@ -548,7 +572,7 @@ class PPOTrainer:
             "response_length": float(experience.response_length.mean()),
             "short_answers": experience.short_answers,
             "rollout_logprob_gap": experience.logprob_gap,
-            "ptx_loss": totals.get("ptx_loss", 0.0) / steps,
+            "ptx_loss": step_mean("ptx_loss"),
             "actor_lr": actor_lr,
             "critic_lr": critic_lr,
         }

@@ -78,7 +78,8 @@ def build_model(kind: str, config: RLHFConfig, tokenizer, *, name_or_path: str |
         ds_config=None if lora is not None and lora.dim else ds_config)
     if lora is not None and lora.dim:
         apply_lora(model, dim=lora.dim, alpha=lora.alpha, module_name=lora.module_name,
-                   target_modules=lora.target_modules, only_optimize=lora.only_optimize)
+                   target_modules=lora.target_modules, only_optimize=lora.only_optimize,
+                   seed=config.seed)
     if not trainable:
         model.requires_grad_(False)
         model.eval()

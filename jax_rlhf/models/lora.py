@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_rlhf.models.convert import hf_parameter_names
+from shared.lora_init import lora_a_init
 
 LORA_MARKER = ".lora.lora_"
 """Substring of every adapter parameter's dotted path (`...q_proj.lora.lora_a`)."""
@@ -99,8 +100,12 @@ def apply_lora(
     module_name: str,
     target_modules: tuple[str, ...] = (),
     rngs: nnx.Rngs,
+    seed: int | None = None,
 ) -> list[str]:
     """Replaces the selected Linear layers of `model` (in place) by `LoRALinear`s.
+
+    With `seed`, every A is `shared.lora_init.lora_a_init(seed, kind, HF module name)` (the
+    torch backend's adapters); without, drawn from `rngs`.
 
     Returns the adapted layers' dotted paths. Raises ValueError when nothing matches, as peft
     does, rather than silently training nothing.
@@ -114,13 +119,23 @@ def apply_lora(
             f"target_modules={list(target_modules)} (names are Hugging Face module names, e.g. "
             f"{sorted(set(k.rsplit('.', 1)[0] for k in hf_parameter_names(model).values()))[:4]})"
         )
+    hf_names = hf_parameter_names(model)
+    from jax_rlhf.models.causal_lm import ValueHeadModel
+
+    kind = "value" if isinstance(model, ValueHeadModel) else "causal_lm"
     for target in targets:
         *parent_path, name = target.split(".")
         parent = model
         for part in parent_path:
             parent = parent[int(part)] if part.isdigit() else getattr(parent, part)
         base = parent[int(name)] if name.isdigit() else getattr(parent, name)
-        setattr(parent, name, LoRALinear(base, rank=rank, alpha=alpha, rngs=rngs))
+        layer = LoRALinear(base, rank=rank, alpha=alpha, rngs=rngs)
+        if seed is not None:
+            # A as the torch backend draws it: keyed by (seed, kind, HF module name)
+            hf_module = hf_names[target + ".kernel"].rsplit(".", 1)[0]
+            a = lora_a_init(seed, kind, hf_module, rank, base.in_features)
+            layer.lora.lora_a[...] = jnp.asarray(a.T, layer.lora.lora_a[...].dtype)
+        setattr(parent, name, layer)
     return targets
 
 

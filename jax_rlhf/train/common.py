@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -111,9 +112,14 @@ def build_model(
     return cls(cfg, rngs=nnx.Rngs(seed))
 
 
-def configure_module(model: nnx.Module, module_cfg: Any, *, seed: int) -> list[str]:
+def configure_module(model: nnx.Module, module_cfg: Any, *, seed: int,
+                     lora_seed: int | None = None) -> list[str]:
     """Applies a `ModuleConfig` in place: LoRA adapters, gradient checkpointing; returns the
-    adapted layers. Dropout: our modules never apply it (DS-Chat's default disables it)."""
+    adapted layers. Dropout: our modules never apply it (DS-Chat's default disables it).
+
+    LoRA A matrices: `shared.lora_init.lora_a_init` keyed by `lora_seed` (default `seed`) and
+    the HF module name, as the torch backend draws them."""
+    lora_seed = seed if lora_seed is None else lora_seed
     if module_cfg.dropout:
         logger.warning("dropout=%s ignored: the JAX models run without dropout",
                        module_cfg.dropout)
@@ -127,6 +133,7 @@ def configure_module(model: nnx.Module, module_cfg: Any, *, seed: int) -> list[s
             module_name=lora.module_name,
             target_modules=tuple(lora.target_modules),
             rngs=nnx.Rngs(seed + 7919),
+            seed=lora_seed,
         )
         logger.info("LoRA rank %d on %d layers (%s, ...)", lora.dim, len(adapted), adapted[0])
     if module_cfg.gradient_checkpointing:
@@ -134,11 +141,14 @@ def configure_module(model: nnx.Module, module_cfg: Any, *, seed: int) -> list[s
     return adapted
 
 
-def trainable_filter(module_cfg: Any):
-    """Which parameters train: only the adapters under `lora.only_optimize`, else all."""
+def trainable_filter(module_cfg: Any, adapted: Sequence[str] = ()):
+    """Which parameters train: only the adapters under `lora.only_optimize`, else all but the
+    base kernels of the `adapted` layers (frozen, as DeepSpeed-Chat's LoRA layers and the torch
+    backend freeze them; their biases train)."""
     if module_cfg.lora.dim > 0 and module_cfg.lora.only_optimize:
         return is_lora_param
-    return lambda name: True
+    frozen = {f"{layer}.kernel" for layer in adapted}
+    return lambda name: name not in frozen
 
 
 def model_meta(mdef: ModelDef, module_cfg: Any) -> dict:

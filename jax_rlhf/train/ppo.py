@@ -67,6 +67,11 @@ logger = logging.getLogger(__name__)
 ROLLOUT_PATH = "jax_sampler"
 """`rollout_path` metric: rollouts always come from the jitted sampler of `jax_rlhf.sampler`."""
 
+LAST_STEP_METRICS = ("actor_lr", "critic_lr")
+"""Metrics reported from the iteration's last optimiser step (the learning rate it used; with
+`ptx_mode: separate` the actor's last step is the ptx step); every other training statistic
+is the mean over the iteration's optimiser steps of each step's value."""
+
 EXPERIENCE_FIELDS = (
     "prompt_ids", "prompt_mask", "response_ids", "sample_mask", "response_mask", "logprobs",
     "ref_logprobs", "values", "scores",
@@ -151,9 +156,14 @@ def _advantages(conventions, exp, kl_coef):
         exp["scores"], exp["logprobs"], exp["ref_logprobs"], exp["values"], mask,
         conventions=conventions, kl_coef=kl_coef,
     )
+    # reward_score and the sequence KL (the KL controller's input) over the valid rows only
+    # (answers not too short), 0 when there is none, as the torch backend.
+    valid = ~exp["is_short"]
+    n_valid = jnp.maximum(jnp.sum(valid), 1)
+    sequence_kl = jnp.sum(out["kl"] * mask, axis=-1)
     stats = {
-        "reward_score": jnp.mean(exp["scores"]),
-        "kl": jnp.mean(jnp.sum(out["kl"] * mask, axis=-1)),  # sequence KL, batch mean
+        "reward_score": jnp.sum(jnp.where(valid, exp["scores"], 0.0)) / n_valid,
+        "kl": jnp.sum(jnp.where(valid, sequence_kl, 0.0)) / n_valid,
         "advantages_mean": shared.masked_mean(out["advantages"], mask),
         "returns_mean": shared.masked_mean(out["returns"], mask),
     }
@@ -208,12 +218,14 @@ def _ppo_step(spec: PPOSpec, actor_state: TrainState, critic_state: TrainState, 
             "value_clip_fraction": stats["value_clip_fraction"] * share,
             "entropy": shared.masked_mean(entropy, mask) * share,
         }
+        # actor_loss is logged without the ptx term (as DeepSpeed-Chat and the torch backend
+        # log act_loss and unsuper_loss apart); the gradient is of the joint objective
+        aux.update(actor_loss=actor_loss, critic_loss=critic_loss)
         if joint_ptx:
             aux["ptx_loss"] = _ptx_loss(actor, mb, ptx_normalizer)
             actor_loss = shared.ppo_ptx_objective(
                 actor_loss, aux["ptx_loss"], unsup_coef=spec.unsup_coef
             )
-        aux.update(actor_loss=actor_loss, critic_loss=critic_loss)
         return actor_loss + critic_loss, aux
 
     grads, aux = accumulate_gradients(loss_fn, (actor_state.params, critic_state.params), batch)
@@ -236,6 +248,7 @@ def _ptx_step(spec: PPOSpec, actor_state: TrainState, batch):
         return spec.unsup_coef * ptx_loss, {"ptx_loss": ptx_loss}
 
     grads, aux = accumulate_gradients(loss_fn, actor_state.params, batch)
+    aux["actor_lr"] = actor_opt.schedule(actor_state.step)  # this step's learning rate
     actor_state, _ = apply_gradients(actor_state, grads, actor_opt.tx)
     return actor_state, aux
 
@@ -272,16 +285,17 @@ class PPOTrainer:
         actor = build_model("causal_lm", path=actor_path, hf_config=cfg.model.actor_config,
                             seed=cfg.seed, dtype=dtype)
         self.ref_mdef, ref_params, _ = ModelDef.split(actor)
-        configure_module(actor, self.ppo.actor, seed=cfg.seed)
+        adapted = configure_module(actor, self.ppo.actor, seed=cfg.seed)
         self.actor_mdef, actor_params, actor_frozen = ModelDef.split(
-            actor, trainable=trainable_filter(self.ppo.actor)
+            actor, trainable=trainable_filter(self.ppo.actor, adapted)
         )
         critic = build_model("value_head", path=critic_path, hf_config=cfg.model.critic_config,
                              seed=cfg.seed + 1, dtype=dtype)
         self.reward_mdef, reward_params, _ = ModelDef.split(critic)
-        configure_module(critic, self.ppo.critic, seed=cfg.seed + 1)
+        adapted = configure_module(critic, self.ppo.critic, seed=cfg.seed + 1,
+                                   lora_seed=cfg.seed)
         self.critic_mdef, critic_params, critic_frozen = ModelDef.split(
-            critic, trainable=trainable_filter(self.ppo.critic)
+            critic, trainable=trainable_filter(self.ppo.critic, adapted)
         )
         mesh = ctx.mesh
         # copies: the actor/critic buffers are donated to their training steps
@@ -449,7 +463,9 @@ class PPOTrainer:
             if is_short.all() and self._last_valid is not None:
                 logger.info("iteration %d: every answer too short; reusing the last rollout",
                             iteration)
-                return {**self._last_valid, "is_short": is_short}
+                # the reused rows keep their own (valid) mask; the short answers generated
+                # for this batch are still counted, as the torch backend does
+                return {**self._last_valid, "short_answers": int(is_short.sum())}
             if not is_short.all():
                 self._last_valid = exp
         return exp
@@ -458,8 +474,8 @@ class PPOTrainer:
                             iteration: int | None = None) -> dict[str, Any]:
         """Advantages over the buffer, then `ppo_epochs` passes of mini-batch updates.
 
-        Returns the iteration's metrics (rollout statistics and the mean of each training
-        statistic over its optimiser steps).
+        Returns the iteration's metrics (rollout statistics over the valid rows, the mean of
+        each training statistic over its optimiser steps, the last step's learning rates).
         """
         iteration = self.iteration if iteration is None else iteration
         if isinstance(buffer, dict):
@@ -469,14 +485,15 @@ class PPOTrainer:
         advantages, returns, stats = _advantages(
             self.conventions,
             {k: exp[k] for k in ("scores", "logprobs", "ref_logprobs", "values",
-                                 "response_mask")},
+                                 "response_mask", "is_short")},
             kl_coef,
         )
         exp["advantages"], exp["returns"] = to_host(advantages), to_host(returns)
         metrics = host_metrics(stats)
         metrics.update(
             response_length=float(exp["sample_mask"].sum(-1).mean()),
-            short_answers=int(exp["is_short"].sum()),
+            short_answers=sum(int(b.get("short_answers", np.sum(b["is_short"])))
+                              for b in buffer),
             rollout_logprob_gap=max(b["rollout_logprob_gap"] for b in buffer),
             kl_coef=float(self.kl_state.kl_coef),
         )
@@ -521,7 +538,10 @@ class PPOTrainer:
                     )
                 step_stats.append(host_metrics(aux))
         for key in step_stats[0]:
-            metrics[key] = float(np.mean([s[key] for s in step_stats]))
+            if key in LAST_STEP_METRICS:
+                metrics[key] = float(step_stats[-1][key])
+            else:
+                metrics[key] = float(np.mean([s[key] for s in step_stats]))
         metrics.setdefault("ptx_loss", 0.0)
         return metrics
 
@@ -537,7 +557,7 @@ class PPOTrainer:
             self._print_answers(prompts, buffer[-1])
         with timer.phase("training"):
             metrics = self.train_on_experience(buffer, iteration=self.iteration)
-        rows = sum(len(b["scores"]) for b in buffer)
+        rows = sum(int((~np.asarray(b["is_short"])).sum()) for b in buffer)  # valid rows
         self.kl_state = self.kl_controller.update(
             self.kl_state, current_kl=metrics["kl"], n_steps=rows
         )

@@ -97,9 +97,9 @@ class SupervisedTrainer:
         cfg = ctx.config
         self.ctx, self.section = ctx, section
         self.module_cfg = section.model
-        configure_module(model, self.module_cfg, seed=cfg.seed)
+        adapted = configure_module(model, self.module_cfg, seed=cfg.seed)
         self.mdef, params, frozen = ModelDef.split(
-            model, trainable=trainable_filter(self.module_cfg)
+            model, trainable=trainable_filter(self.module_cfg, adapted)
         )
         self.data = build_step_data(cfg.data, ctx.tokenizer, self.step_name)
         self.accum = section.gradient_accumulation_steps
