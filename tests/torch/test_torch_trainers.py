@@ -91,6 +91,26 @@ def test_sft_every_zero_stage(stage, tmp_path, distributed, model_dirs, data_cac
     assert first["grad_norm"] is not None and first["grad_norm"] > 0
 
 
+def test_zero_stage_does_not_change_the_updates(tmp_path, distributed, model_dirs, data_cache):
+    """Two SFT steps give the same losses and parameters under ZeRO 0, 2 and 3 (fp32)."""
+    results = {}
+    for stage in (0, 2, 3):
+        overrides = family_models(model_dirs("llama_gqa_untied"))
+        overrides["engine"] = {"torch": {"zero_stage": stage}}
+        overrides["eval"] = {"metric": "none"}
+        overrides["sft"] = {"optim": {"learning_rate": 1e-3, "lr_scheduler_type": "constant"}}
+        config = _config(tmp_path / f"z{stage}", data_cache, overrides)
+        trainer = SFTTrainer(config, run_dir=tmp_path / f"run{stage}")
+        losses = [trainer.train_step(trainer.iterator.next_batch())["loss"] for _ in range(2)]
+        results[stage] = (losses, _params(trainer.engine))
+    losses0, params0 = results[0]
+    for stage in (2, 3):
+        losses, params = results[stage]
+        assert losses == pytest.approx(losses0, abs=1e-6), stage
+        diff = max(float((params[n] - params0[n]).abs().max()) for n in params0)
+        assert diff <= 1e-6, (stage, diff)
+
+
 def test_lora_sft_trains_only_adapters_and_saves_merged(tmp_path, distributed, model_dirs,
                                                         data_cache):
     overrides = family_models(model_dirs("opt_350m_shape"))
