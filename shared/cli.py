@@ -91,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
                            help="checkpoint directory to export")
             p.add_argument("--out", type=Path, default=None, help="output directory")
         if name == "bench":
-            p.add_argument("--out", type=Path, default=None, help="where to write results")
+            p.add_argument("--out", type=Path, default=None,
+                           help="where to write results.json and results.md (default runs/bench)")
+            p.add_argument("--quick", action="store_true",
+                           help="smallest sizes only (a smoke run, minutes less)")
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides (dotted keys or DS-Chat/NeMo names)")
     return parser
@@ -108,9 +111,23 @@ def _run_parity(config, args: argparse.Namespace) -> int:
     return int(parity_main(config, args) or 0)
 
 
+def _run_bench(config, args: argparse.Namespace) -> int:
+    """`rlhf bench` measures both backends and the machine (see docs/performance.md)."""
+    try:
+        from bench.run import main as bench_main
+    except ModuleNotFoundError as err:
+        logger.error("rlhf bench: %r is not installed: install with `pip install -e .[torch,jax]` "
+                     "(or `make install`)", err.name)
+        return 2
+    return int(bench_main(config, argparse.Namespace(**{**vars(args),
+                                                        "backend": args.explicit_backend})) or 0)
+
+
 def _run_backend(command: str, config, args: argparse.Namespace) -> int:
     if command == "parity":
         return _run_parity(config, args)
+    if command == "bench":
+        return _run_bench(config, args)
     backend = args.backend
     module_name = f"{backend}_rlhf.cli"
     try:
@@ -148,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("invalid config %s: %s", config_path, err)
         return 2
     args.config = config_path
+    # `rlhf bench` and `rlhf parity` cover both backends unless one is named explicitly.
+    args.explicit_backend = args.backend
     args.backend = args.backend or config.backend
     if args.print_config:
         import yaml

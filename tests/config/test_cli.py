@@ -102,3 +102,13 @@ def test_parity_runs_both_backends_not_one(monkeypatch):
     monkeypatch.setitem(sys.modules, "parity_tests.run", fake)
     assert cli.main(["parity", "--model", "some/dir"]) == 1
     assert seen == {"model": "some/dir", "backend": "torch"}
+
+
+def test_bench_runs_both_backends_unless_one_is_named(monkeypatch):
+    seen = []
+    fake = types.ModuleType("bench.run")
+    fake.main = lambda config, args: seen.append((args.backend, args.quick)) or 0
+    monkeypatch.setitem(sys.modules, "bench.run", fake)
+    assert cli.main(["bench", "--quick"]) == 0
+    assert cli.main(["bench", "--backend", "jax"]) == 0
+    assert seen == [(None, True), ("jax", False)]
