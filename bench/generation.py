@@ -1,0 +1,124 @@
+"""Generation: the torch rollout path, the JAX sampler and Hugging Face ``generate``.
+
+All three load the same Hugging Face directory, sample at temperature 1 with no top-k / top-p
+filter and decode exactly ``answer_len`` tokens for every row (no EOS can stop a row: torch
+gets ``eos_token_id=None``, the JAX sampler an EOS id outside the vocabulary, Hugging Face a
+generation config without one). Throughput counts generated tokens only (``batch *
+answer_len / seconds``); the time includes the prefill of the prompts, as a rollout does.
+
+- ``torch``: ``torch_rlhf.generation.generate`` (the PPO rollout path on CPU and with the
+  Hybrid Engine off): a Python loop of KV-cache forwards, one ``shared.sample_token`` per step,
+  on the model as ``torch_rlhf.models.build_causal_lm`` builds it (eager attention on CPU).
+- ``jax``: ``jax_rlhf.sampler.generate``: prefill and the whole decode loop in one jitted
+  ``lax.while_loop``; compilation is the first call's excess (``compile_s``), not in the rate.
+- ``hf``: ``model.generate(do_sample=True, top_k=0)`` on ``AutoModelForCausalLM`` with
+  transformers' defaults (SDPA attention): the baseline.
+- ``torch_sdpa``: the ``torch`` path on a model loaded with SDPA attention instead of eager:
+  not what the backend runs, but the measured effect of the change proposed in
+  docs/performance.md (the whole gap to ``hf`` is the attention kernel).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from bench.timing import memory_snapshot, time_calls
+from bench.workspace import Shapes, prompt_batch
+
+__all__ = ["IMPLEMENTATIONS", "run_generation"]
+
+IMPLEMENTATIONS = ("hf", "torch", "torch_sdpa", "jax")
+
+
+def _uniforms(rows: int, steps: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).random((rows, steps), dtype=np.float64).astype(np.float32)
+
+
+def _torch_loader(lm_dir: str, steps: int, attn_implementation: str | None = None):
+    import torch
+
+    from torch_rlhf.generation import generate
+    from torch_rlhf.models import build_causal_lm
+
+    model = build_causal_lm(lm_dir, attn_implementation=attn_implementation)
+
+    def make(ids: np.ndarray, mask: np.ndarray, u: np.ndarray):
+        ids_t, mask_t = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
+        u_t = torch.from_numpy(u)
+        return lambda: generate(model, ids_t, mask_t, max_new_tokens=steps, eos_token_id=None,
+                                pad_token_id=0, uniforms=u_t, do_sample=True)
+
+    return make
+
+
+def _hf_loader(lm_dir: str, steps: int):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(lm_dir)
+    model.eval()
+    model.generation_config.eos_token_id = None
+
+    def make(ids: np.ndarray, mask: np.ndarray, u: np.ndarray):
+        ids_t, mask_t = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
+
+        def call():
+            with torch.no_grad():
+                return model.generate(ids_t, attention_mask=mask_t, max_new_tokens=steps,
+                                      do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                      pad_token_id=0)
+
+        return call
+
+    return make
+
+
+def _jax_loader(lm_dir: str, steps: int):
+    import jax
+    import jax.numpy as jnp
+
+    from jax_rlhf.models import load_causal_lm
+    from jax_rlhf.params import ModelDef
+    from jax_rlhf.sampler import SamplingParams, generate
+
+    model = load_causal_lm(lm_dir)
+    vocab = int(model.config.vocab_size)
+    mdef, params, frozen = ModelDef.split(model)
+    sampling = SamplingParams(max_new_tokens=steps, eos_ids=(vocab,), pad_id=0, do_sample=True)
+
+    def make(ids: np.ndarray, mask: np.ndarray, u: np.ndarray):
+        args = (jnp.asarray(ids, jnp.int32), jnp.asarray(mask, jnp.int32), jnp.asarray(u))
+        return lambda: jax.block_until_ready(generate(mdef, params, frozen, *args, sampling))
+
+    return make
+
+
+_LOADERS = {"torch": _torch_loader, "jax": _jax_loader, "hf": _hf_loader,
+            "torch_sdpa": lambda lm_dir, steps: _torch_loader(lm_dir, steps, "sdpa")}
+
+
+def run_generation(impl: str, lm_dir: str, shapes: Shapes, *, vocab_size: int, warmup: int = 1,
+                   repeats: int = 3, budget_s: float | None = None,
+                   seed: int = 0) -> list[dict[str, Any]]:
+    """One row per batch size in ``shapes.generation_batches`` (smallest first, so the
+    process's peak RSS after each row is that row's peak)."""
+    make = _LOADERS[impl](lm_dir, shapes.answer_len)
+    loaded = memory_snapshot()
+    rows = []
+    for batch in sorted(shapes.generation_batches):
+        prompts = prompt_batch(batch, shapes, vocab_size, seed=seed + batch)
+        u = _uniforms(batch, shapes.answer_len, seed + batch)
+        fn = make(prompts.prompt_input_ids, prompts.prompt_attention_mask, u)
+        timing = time_calls(fn, warmup=warmup, repeats=repeats, budget_s=budget_s,
+                            label=f"b{batch}")
+        tokens = batch * shapes.answer_len
+        rows.append({
+            "batch": batch, "prompt_len": shapes.prompt_len, "answer_len": shapes.answer_len,
+            **timing,
+            "tokens_per_s": tokens / timing["median_s"],
+            "ms_per_token": 1e3 * timing["median_s"] / shapes.answer_len,
+            **memory_snapshot(), "rss_after_load_bytes": loaded["rss_bytes"],
+        })
+    return rows

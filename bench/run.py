@@ -1,0 +1,351 @@
+"""The benchmark: ``python -m bench.run [--out DIR] [--quick] [--gpu-recipe]``.
+
+One run measures, each in a fresh process (``bench.worker``):
+
+1. the machine's limits (fp32 matmul FLOP/s in torch and JAX, bf16 where native, copy
+   bandwidth), at the start and again at the end of the run;
+2. generation with the torch rollout path, the JAX sampler and Hugging Face ``generate`` on
+   the same weights, batch 1 and 16, prompt 64 + answer 64, for each model size;
+3. the SFT step and the PPO actor + critic step of both backends (tokens/s, MFU);
+4. a PPO iteration of both backends, split into generation, scoring and training;
+5. peak memory (max RSS) of each of those processes.
+
+and writes ``<out>/results.json`` and ``<out>/results.md`` (docs/performance.md explains every
+column). ``--gpu-recipe`` runs DeepSpeed-Chat's OPT-1.3B step-3 shapes instead (needs CUDA).
+``bench.run.main(config, args)`` is the entry point ``rlhf bench`` calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.generation import IMPLEMENTATIONS
+from bench.machine import CpuMeter, git_revision, library_versions, load_average, machine_info
+from bench.workspace import Shapes
+
+__all__ = ["build_parser", "main", "plan"]
+
+_REPO = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = Path("runs/bench")
+DEFAULT_SIZES = ("tiny", "small")
+QUICK_SIZES = ("tiny",)
+BACKENDS = ("torch", "jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """A run's settings (from the command line or ``rlhf bench``'s namespace)."""
+
+    out: Path = DEFAULT_OUT
+    quick: bool = False
+    sizes: tuple[str, ...] = DEFAULT_SIZES
+    backends: tuple[str, ...] = BACKENDS
+    only: tuple[str, ...] = ()
+    threads: int = os.cpu_count() or 1
+    warmup: int | None = None
+    repeats: int | None = None
+    shapes: Shapes = Shapes()
+    gpu_recipe: bool = False
+    recipe_dry_run: bool = False
+    in_process: bool = False
+    timeout: float = 900.0
+    model_cache: Path | None = None
+    profile: bool = False
+    budget_s: float = 20.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description="Speed, cost and scale of both backends: generation, SFT and PPO "
+        "throughput, MFU, PPO phase times and peak memory (docs/performance.md).")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="output directory for results.json / results.md (default: runs/bench)")
+    p.add_argument("--quick", action="store_true",
+                   help="tiny model only, one timed repeat, short machine probe (~2 min)")
+    p.add_argument("--sizes", default=None,
+                   help="comma-separated model sizes (tiny, small, micro); default tiny,small")
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="only this backend's workloads (HF generate always runs as baseline)")
+    p.add_argument("--only", action="append", default=[], metavar="GLOB",
+                   help="only tasks whose id matches (e.g. 'ppo/small/*'); repeatable")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="intra-op threads for torch (and XLA when 1); default: every core")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed calls first (default 2 for SFT steps, 1 elsewhere)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed calls (default 3 for generation/SFT, 2 PPO iterations; 1 quick)")
+    p.add_argument("--budget", type=float, default=20.0, dest="budget_s", metavar="SECONDS",
+                   help="stop timing a workload once its timed calls add up to this (at least "
+                   "one call; default 20)")
+    p.add_argument("--prompt-len", type=int, default=Shapes.prompt_len)
+    p.add_argument("--answer-len", type=int, default=Shapes.answer_len)
+    p.add_argument("--gpu-recipe", action="store_true",
+                   help="DeepSpeed-Chat's OPT-1.3B + OPT-350m step-3 shapes on the GPU "
+                   "(torch with the Hybrid Engine on and off, JAX); skipped without CUDA")
+    p.add_argument("--recipe-dry-run", action="store_true",
+                   help="with --gpu-recipe: run its code path on tiny OPT models on any device")
+    p.add_argument("--in-process", action="store_true",
+                   help="run every measurement in this process (faster; peak memory then "
+                   "accumulates and is not per measurement)")
+    p.add_argument("--timeout", type=float, default=900.0,
+                   help="seconds before one measurement is abandoned (default 900)")
+    p.add_argument("--model-cache", type=Path, default=None,
+                   help="keep the random-weight model directories here and reuse them")
+    p.add_argument("--profile", action="store_true",
+                   help="after timing, run each workload once more under cProfile and write "
+                   "<out>/profiles/<task>/*.txt and *.pstats (figures are unaffected)")
+    return p
+
+
+def _options(args: Any) -> Options:
+    def get(name: str, default: Any = None) -> Any:
+        value = getattr(args, name, None)
+        return default if value is None else value
+
+    quick = bool(get("quick", False))
+    sizes = get("sizes")
+    sizes = tuple(s for s in sizes.split(",") if s) if isinstance(sizes, str) else sizes
+    backend = get("backend")
+    shapes = Shapes(prompt_len=get("prompt_len", Shapes.prompt_len),
+                    answer_len=get("answer_len", Shapes.answer_len))
+    return Options(
+        out=Path(get("out", DEFAULT_OUT)), quick=quick,
+        sizes=tuple(sizes or (QUICK_SIZES if quick else DEFAULT_SIZES)),
+        backends=(backend,) if backend else BACKENDS, only=tuple(get("only", ())),
+        threads=int(get("threads", os.cpu_count() or 1)), warmup=get("warmup"),
+        repeats=get("repeats"), shapes=shapes, gpu_recipe=bool(get("gpu_recipe", False)),
+        recipe_dry_run=bool(get("recipe_dry_run", False)),
+        in_process=bool(get("in_process", False)), timeout=float(get("timeout", 900.0)),
+        model_cache=get("model_cache"), profile=bool(get("profile", False)),
+        budget_s=float(get("budget_s", 20.0)))
+
+
+def _warmup(options: Options, kind: str) -> int:
+    # Two for SFT steps: the first timed step after one warm-up was measured 30-50 % slow
+    # (allocator and optimizer-state warm-up); a PPO warm-up iteration already takes two steps.
+    if options.warmup is not None:
+        return options.warmup
+    return 2 if kind == "sft" else 1
+
+
+def _repeats(options: Options, kind: str) -> int:
+    if options.repeats is not None:
+        return options.repeats
+    if options.quick:
+        return 1
+    return 2 if kind == "ppo" else 3
+
+
+def plan(options: Options, *, model_root: Path, work_root: Path) -> list[dict[str, Any]]:
+    """The run's tasks in order: prepare, machine limits, the workloads, machine again."""
+    if options.gpu_recipe:
+        from bench.gpu_recipe import recipe_tasks
+
+        return recipe_tasks(options, model_root=model_root, work_root=work_root)
+    common = {"threads": options.threads, "model_root": str(model_root),
+              "shapes": dataclasses.asdict(options.shapes), "budget_s": options.budget_s}
+    workloads = []
+    for size in options.sizes:
+        for impl in IMPLEMENTATIONS:
+            if impl == "hf" or impl.split("_")[0] in options.backends:
+                workloads.append({"id": f"generation/{size}/{impl}", "kind": "generation",
+                                  "size": size, "backend": impl})
+    for kind in ("sft", "ppo"):
+        for size in options.sizes:
+            for backend in options.backends:
+                workloads.append({"id": f"{kind}/{size}/{backend}", "kind": kind, "size": size,
+                                  "backend": backend})
+    if options.only:
+        workloads = [w for w in workloads
+                     if any(fnmatch.fnmatchcase(w["id"], pattern) for pattern in options.only)]
+    for task in workloads:
+        name = task["id"].replace("/", "-")
+        task.update(common, warmup=_warmup(options, task["kind"]),
+                    repeats=_repeats(options, task["kind"]), work_dir=str(work_root / name))
+        if options.profile:
+            task["profile_dir"] = str((options.out / "profiles" / name).resolve())
+    sizes = sorted({w["size"] for w in workloads})
+    machine = {"kind": "machine", "threads": options.threads, "quick": options.quick}
+    return [{"id": "prepare", "kind": "prepare", "sizes": sizes, "threads": options.threads,
+             "model_root": str(model_root)},
+            {"id": "machine/start", **machine}, *workloads, {"id": "machine/end", **machine}]
+
+
+def _command(options: Options, task_id: str | None = None) -> str:
+    """The command line that reproduces the run (or one task of it)."""
+    parts = ["python", "-m", "bench.run"]
+    if options.gpu_recipe:
+        parts.append("--gpu-recipe")
+        if options.recipe_dry_run:
+            parts.append("--recipe-dry-run")
+    if options.quick:
+        parts.append("--quick")
+    default_sizes = QUICK_SIZES if options.quick else DEFAULT_SIZES
+    if options.sizes != default_sizes and not options.gpu_recipe:
+        parts += ["--sizes", ",".join(options.sizes)]
+    if len(options.backends) == 1:
+        parts += ["--backend", options.backends[0]]
+    if options.threads != (os.cpu_count() or 1):
+        parts += ["--threads", str(options.threads)]
+    if options.repeats is not None:
+        parts += ["--repeats", str(options.repeats)]
+    if options.warmup is not None:
+        parts += ["--warmup", str(options.warmup)]
+    if options.budget_s != 20.0:
+        parts += ["--budget", f"{options.budget_s:g}"]
+    if options.shapes.prompt_len != Shapes.prompt_len:
+        parts += ["--prompt-len", str(options.shapes.prompt_len)]
+    if options.shapes.answer_len != Shapes.answer_len:
+        parts += ["--answer-len", str(options.shapes.answer_len)]
+    if options.in_process:
+        parts.append("--in-process")
+    if options.profile:
+        parts.append("--profile")
+    if task_id is not None:
+        parts += ["--only", task_id]
+    elif options.only:
+        for pattern in options.only:
+            parts += ["--only", pattern]
+    if options.out != DEFAULT_OUT:
+        parts += ["--out", str(options.out)]
+    return shlex.join(parts)
+
+
+def _run_subprocess(task: dict[str, Any], directory: Path, timeout: float) -> dict[str, Any]:
+    name = task["id"].replace("/", "-")
+    task_file, result_file = directory / f"{name}.task.json", directory / f"{name}.result.json"
+    log_file = directory / "logs" / f"{name}.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    task_file.write_text(json.dumps(task, indent=1))
+    result_file.unlink(missing_ok=True)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_REPO), env.get("PYTHONPATH")) if p)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    command = [sys.executable, "-m", "bench.worker", str(task_file), str(result_file)]
+    start = time.perf_counter()
+    with log_file.open("w") as log:
+        try:
+            proc = subprocess.run(command, cwd=_REPO, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, timeout=timeout, check=False)
+            returncode = proc.returncode
+        except subprocess.TimeoutExpired:
+            returncode = None
+    if result_file.exists():
+        outcome = json.loads(result_file.read_text())
+    else:
+        tail = log_file.read_text()[-4000:] if log_file.exists() else ""
+        why = (f"timed out after {timeout:.0f} s" if returncode is None
+               else f"exited with status {returncode}")
+        outcome = {"ok": False, "result": None, "error": f"worker {why}\n{tail}",
+                   "wall_s": time.perf_counter() - start, "load_average": None}
+    outcome["worker_command"] = shlex.join(command)
+    outcome["log"] = str(log_file)
+    return outcome
+
+
+def _run_in_process(task: dict[str, Any]) -> dict[str, Any]:
+    from bench.timing import PROFILE_ENV
+    from bench.worker import execute
+
+    if task.get("profile_dir"):
+        os.environ[PROFILE_ENV] = task["profile_dir"]
+    try:
+        outcome = execute(task)
+    finally:
+        os.environ.pop(PROFILE_ENV, None)
+    outcome["worker_command"] = None
+    return outcome
+
+
+def run(options: Options, *, command: str | None = None) -> dict[str, Any]:
+    """Runs every task of :func:`plan`; writes and returns the results document."""
+    from bench.report import build_document, write_outputs
+
+    out = options.out
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="bench-", dir=out))
+    model_root = options.model_cache or scratch / "models"
+    if options.in_process:
+        from bench.machine import set_threads
+
+        set_threads(options.threads, pin=False)  # never pin the caller's process
+    tasks = plan(options, model_root=model_root, work_root=scratch / "work")
+    started = time.perf_counter()
+    load_start = load_average()
+    outcomes: dict[str, dict[str, Any]] = {}
+    print(f"bench: {len(tasks)} tasks, {options.threads} threads, load average "
+          f"{load_start}, output {out}", flush=True)
+    run_meter = CpuMeter()
+    try:
+        for index, task in enumerate(tasks, 1):
+            tick, meter = time.perf_counter(), CpuMeter()
+            if options.in_process:
+                outcome = _run_in_process(task)
+            else:
+                outcome = _run_subprocess(task, scratch, options.timeout)
+            outcome["cpu"] = meter.stop()
+            outcome["command"] = _command(options, None if task["kind"] in (
+                "prepare", "machine") else task["id"])
+            outcomes[task["id"]] = outcome
+            status = "ok" if outcome["ok"] else "FAILED"
+            share = outcome["cpu"]["other_cpu_share"]
+            print(f"[{index}/{len(tasks)}] {task['id']}: {status} in "
+                  f"{time.perf_counter() - tick:.1f} s (other processes: "
+                  f"{'?' if share is None else f'{share:.0%}'} of the CPUs; load "
+                  f"{load_average()})", flush=True)
+            if not outcome["ok"]:
+                print(outcome["error"].strip().splitlines()[-1] if outcome["error"] else "",
+                      flush=True)
+    finally:
+        if not options.in_process:
+            for log in (scratch / "logs").glob("*.log"):
+                (out / "logs").mkdir(exist_ok=True)
+                shutil.copy(log, out / "logs" / log.name)
+        shutil.rmtree(scratch, ignore_errors=True)
+    document = build_document(
+        tasks, outcomes, command=command or _command(options), options=options,
+        environment={"machine": machine_info(), "versions": library_versions(),
+                     "git": git_revision(), "threads": options.threads,
+                     "load_average": {"start": load_start, "end": load_average()},
+                     "cpu": run_meter.stop(),
+                     "wall_time_s": time.perf_counter() - started,
+                     "isolated_processes": not options.in_process})
+    write_outputs(document, out)
+    return document
+
+
+def main(config: Any = None, args: Any = None) -> int:
+    """``rlhf bench``: runs the benchmark; ``args`` may carry ``out``, ``backend``, ``quick``
+    and any other option of :func:`build_parser` (missing ones take their defaults).
+    ``config`` is not used: the benchmark's models and shapes are its own, so figures from
+    different configs stay comparable. Returns 0 when every measurement ran."""
+    options = _options(args or argparse.Namespace())
+    document = run(options)
+    print(f"bench: wrote {options.out / 'results.json'} and {options.out / 'results.md'} "
+          f"in {document['environment']['wall_time_s']:.0f} s")
+    failed = [r["id"] for r in document["failures"]]
+    if failed:
+        print(f"bench: {len(failed)} measurement(s) failed: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return main(None, args)
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

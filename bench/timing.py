@@ -1,0 +1,99 @@
+"""Timing: warm-up calls, then timed calls; the median is the figure reported.
+
+Every timed function blocks until its work is done (JAX results are fetched or
+``block_until_ready``), so wall-clock time is the time of the work. The first call is reported
+on its own: for JAX it holds the compilation, for torch the allocator's warm-up.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import io
+import os
+import pstats
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.machine import current_rss_bytes, peak_rss_bytes
+
+__all__ = [
+    "PROFILE_ENV", "iterations_done", "memory_snapshot", "profile_call", "summarize", "time_calls",
+]
+
+PROFILE_ENV = "BENCH_PROFILE_DIR"
+"""When set (``--profile``), one more call of each timed function runs under cProfile and its
+statistics are written to this directory."""
+
+
+def summarize(times: list[float], first: float | None = None) -> dict[str, Any]:
+    """``median_s`` (the reported figure), ``min_s``, every time, and the first call with its
+    excess over the median (``compile_s``: compilation for JAX, warm-up for torch)."""
+    median = statistics.median(times)
+    out: dict[str, Any] = {"median_s": median, "min_s": min(times),
+                           "times_s": [round(t, 6) for t in times]}
+    if first is not None:
+        out["first_call_s"] = first
+        out["compile_s"] = max(first - median, 0.0)
+    return out
+
+
+def profile_call(fn: Callable[[], Any], label: str) -> Any:
+    """``fn()``; under ``--profile`` run inside cProfile, with ``<label>.pstats`` and the top
+    functions by own and by cumulative time (``<label>.txt``) written to the profile
+    directory."""
+    directory = os.environ.get(PROFILE_ENV)
+    if not directory:
+        return fn()
+    profiler = cProfile.Profile()
+    result = profiler.runcall(fn)
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    name = label.replace("/", "-")
+    profiler.dump_stats(str(path / f"{name}.pstats"))
+    text = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        stats = pstats.Stats(profiler, stream=text).strip_dirs().sort_stats(key)
+        text.write(f"==== {label}: top 30 by {key}\n")
+        stats.print_stats(30)
+    (path / f"{name}.txt").write_text(text.getvalue())
+    return result
+
+
+def time_calls(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3,
+               budget_s: float | None = None, label: str | None = None) -> dict[str, Any]:
+    """Runs ``fn`` ``warmup`` times, then up to ``repeats`` timed times (see :func:`summarize`),
+    stopping early once the timed calls add up to ``budget_s`` (at least one is always timed:
+    slow workloads get fewer, longer samples). With ``label`` and ``--profile``, one more call
+    runs under cProfile."""
+    first = None
+    for i in range(warmup):
+        start = time.perf_counter()
+        fn()
+        if i == 0:
+            first = time.perf_counter() - start
+    times = []
+    for _ in range(max(repeats, 1)):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+        if budget_s is not None and sum(times) >= budget_s:
+            break
+    if label is not None and os.environ.get(PROFILE_ENV):
+        profile_call(fn, label)
+    return summarize(times, first)
+
+
+def iterations_done(iterations: list[dict[str, Any]], warmup: int,
+                    budget_s: float | None) -> bool:
+    """Whether the timed iterations (those after ``warmup``, with ``total_s``) fill
+    ``budget_s``: the loop form of :func:`time_calls`' early stop."""
+    timed = iterations[warmup:]
+    return bool(budget_s is not None and timed and sum(it["total_s"] for it in timed) >= budget_s)
+
+
+def memory_snapshot() -> dict[str, int | None]:
+    """Peak RSS of this process so far and its RSS now, in bytes."""
+    return {"peak_rss_bytes": peak_rss_bytes(), "rss_bytes": current_rss_bytes()}

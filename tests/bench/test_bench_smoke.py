@@ -1,0 +1,143 @@
+"""The benchmark end to end at its smallest sizes: it runs, and its outputs have their structure.
+
+No timing is asserted anywhere: the figures depend on the machine and its load, so these tests
+only check that every measurement ran and that results.json / results.md hold what
+docs/performance.md says they hold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import run as bench_run
+
+REPO = Path(__file__).resolve().parents[2]
+MICRO = dict(sizes="micro", prompt_len=8, answer_len=8, repeats=1, threads=1)
+"""The smallest run: the 35k-parameter model, prompt 8 + answer 8, one timed call each."""
+
+RECORD_KEYS = {"id", "workload", "model", "backend", "command", "worker_command",
+               "load_average", "machine", "threads", "versions", "peak_rss_bytes"}
+
+
+def _args(out: Path, **options) -> argparse.Namespace:
+    return argparse.Namespace(out=out, backend=None, **{**MICRO, **options})
+
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    """Every workload of a full run on the micro model, in this process (fast)."""
+    out = tmp_path_factory.mktemp("bench")
+    assert bench_run.main(None, _args(out, in_process=True)) == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+def test_results_document(micro_run):
+    _, doc = micro_run
+    assert doc["schema"] == "rlhf-parity-bench/1"
+    assert doc["failures"] == []
+    assert doc["command"].startswith("python -m bench.run")
+    env = doc["environment"]
+    assert {"machine", "versions", "git", "threads", "load_average", "wall_time_s"} <= set(env)
+    assert {"torch", "jax", "transformers", "deepspeed"} <= set(env["versions"])
+    assert env["isolated_processes"] is False
+    limits = doc["limits"]
+    assert set(limits["probes"]) == {"start", "end"}
+    for key in ("fp32_peak_flops", "torch_fp32_flops", "memory_bandwidth_bytes"):
+        assert limits[key] > 0
+    assert set(doc["models"]) == {"micro"}
+    assert doc["models"]["micro"]["lm"]["total"] > doc["models"]["micro"]["lm"]["matmul"] > 0
+
+
+def test_every_workload_is_recorded(micro_run):
+    _, doc = micro_run
+    ids = {r["id"] for r in doc["results"]}
+    for impl in ("hf", "torch", "jax"):
+        assert {f"generation/micro/{impl}/b1", f"generation/micro/{impl}/b16"} <= ids
+    for kind in ("sft", "ppo"):
+        assert {f"{kind}/micro/torch", f"{kind}/micro/jax"} <= ids
+    for record in doc["results"]:
+        assert RECORD_KEYS <= set(record), RECORD_KEYS - set(record)
+        assert "--only" in record["command"] and record["peak_rss_bytes"] > 0
+
+
+def test_derived_figures(micro_run):
+    _, doc = micro_run
+    by_workload: dict[str, list[dict]] = {}
+    for record in doc["results"]:
+        by_workload.setdefault(record["workload"], []).append(record)
+    for r in by_workload["generation"]:
+        assert {"tokens_per_s", "ms_per_token", "vs_hf", "fraction_of_fp32_peak",
+                "roofline_s", "first_call_s", "compile_s", "times_s"} <= set(r)
+    for r in by_workload["sft_step"]:
+        assert {"tokens_per_s", "mfu", "plain_mfu", "overhead_fraction",
+                "step_s"} <= set(r)
+    for r in by_workload["ppo_iteration"]:
+        assert {"iteration_s", "generation_s", "scoring_s", "training_s", "other_s",
+                "ppo_step_mfu", "framework_overhead_fraction", "plain_step_s",
+                "plain_scoring_s", "rollout_path"} <= set(r)
+        assert r["rollout_path"] in ("module", "jax_sampler")
+    targets = {t["target"] for t in doc["targets"]}
+    assert "JAX sampler vs HF generate, tokens/s at batch 16" in targets
+    assert {"torch SFT step MFU", "jax PPO iteration framework overhead"} <= targets
+    for t in doc["targets"]:
+        assert set(t) >= {"value", "threshold", "direction", "met", "model"}
+
+
+def test_markdown_tables(micro_run):
+    out, _ = micro_run
+    text = (out / "results.md").read_text()
+    for heading in ("## Machine limits", "## Generation", "## Training steps",
+                    "## PPO iteration", "## Targets"):
+        assert heading in text
+
+
+def test_subprocess_worker(tmp_path):
+    """The default mode: `python -m bench.run`, each measurement in a fresh process."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "bench.run", "--sizes", "micro", "--prompt-len", "8",
+               "--answer-len", "8", "--repeats", "1", "--threads", "1",
+               "--only", "generation/micro/hf", "--out", str(out)]
+    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["environment"]["isolated_processes"] is True
+    assert [r["id"] for r in doc["results"]] == ["generation/micro/hf/b1",
+                                                 "generation/micro/hf/b16"]
+    assert all(r["worker_command"] for r in doc["results"])
+    assert (out / "logs" / "generation-micro-hf.log").exists()
+
+
+def test_gpu_recipe_without_cuda(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the recipe would really run")
+    out = tmp_path / "out"
+    assert bench_run.main(None, _args(out, gpu_recipe=True, in_process=True)) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["id"] for r in doc["recipe"]] == ["recipe/torch/hybrid-on",
+                                                "recipe/torch/hybrid-off", "recipe/jax"]
+    assert all("skipped" in r for r in doc["recipe"])
+    assert "GPU recipe" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_recipe_dry_run(tmp_path):
+    """The recipe's code path on tiny OPT models on any device; on CPU the Hybrid Engine
+    variant reports why it is unavailable instead of a time."""
+    out = tmp_path / "out"
+    assert bench_run.main(None, _args(out, gpu_recipe=True, recipe_dry_run=True,
+                                      in_process=True)) == 0
+    doc = json.loads((out / "results.json").read_text())
+    recipe = {r["id"]: r for r in doc["recipe"]}
+    assert set(recipe) == {"recipe/torch/hybrid-on", "recipe/torch/hybrid-off", "recipe/jax"}
+    for variant in ("recipe/torch/hybrid-off", "recipe/jax"):
+        assert {"iteration_s", "generation_s", "scoring_s", "training_s"} <= set(recipe[variant])
+    on = recipe["recipe/torch/hybrid-on"]
+    assert "iteration_s" in on or "unavailable" in on
