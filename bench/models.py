@@ -44,7 +44,8 @@ def param_counts(hf_config: dict[str, Any], *, value_head: bool = False) -> dict
 
     Returns ``total`` (every parameter) and ``matmul`` (the parameters that multiply an
     activation: everything but the input embedding, which is a lookup; a tied embedding
-    counts once, as the LM head). ``matmul`` is the N of the 6 * N * tokens FLOP estimate.
+    counts once, as the LM head). ``matmul`` is the N of the 6 * N * tokens FLOP estimate;
+    ``head`` is the LM head's (or value head's) share of it.
     ``value_head``: the model is a reward model / critic (a 1-wide head instead of the LM
     head).
     """

@@ -6,9 +6,11 @@ FLOP counts (docs/performance.md, "How the figures are computed"):
   but the input-embedding lookup). Attention-score FLOPs (~4 % at 128 tokens) are left out.
 - training (forward + backward): 6 N per token; PPO actor + critic step: 6 (N_actor +
   N_critic) per token; MFU = those FLOPs / step time / the run's measured fp32 matmul peak.
-- generation: 2 N per token, prompt and answer tokens. Its *roofline time* is the least time
-  the machine allows: the prefill at peak FLOP/s, plus per decode step the larger of
-  2 N B / peak (compute) and 4 N bytes / bandwidth (reading the fp32 weights once).
+- generation: 2 N per answer token, and 2 (N - N_head) per prompt token (a prefill needs the
+  LM head on the last prompt position only; every implementation measured skips the rest).
+  Its *roofline time* is the least time the machine allows: the prefill at peak FLOP/s, plus
+  per decode step the larger of 2 N B / peak (compute) and 4 N bytes / bandwidth (reading the
+  fp32 weights once).
 """
 
 from __future__ import annotations
@@ -50,17 +52,18 @@ def _limits(outcomes: dict[str, dict[str, Any]]) -> dict[str, Any]:
 
 def _generation_rows(task, outcome, limits, counts) -> list[dict[str, Any]]:
     n = counts[task["size"]]["lm"]["matmul"]
+    body = n - counts[task["size"]]["lm"]["head"]
     peak, bandwidth = limits.get("fp32_peak_flops"), limits.get("memory_bandwidth_bytes")
     rows = []
     for raw in outcome["result"]:
         batch, prompt, answer = raw["batch"], raw["prompt_len"], raw["answer_len"]
         row = {"id": f"{task['id']}/b{batch}", "workload": "generation", **raw}
         seconds = raw["median_s"]
-        flops = 2 * n * batch * (prompt + answer)
+        flops = 2 * body * batch * prompt + 2 * n * batch * answer
         row["achieved_flops"] = flops / seconds
         if peak and bandwidth:
             weight_bytes = 4 * n
-            roofline = (max(2 * n * batch * prompt / peak, weight_bytes / bandwidth)
+            roofline = (max(2 * body * batch * prompt / peak, weight_bytes / bandwidth)
                         + answer * max(2 * n * batch / peak, weight_bytes / bandwidth))
             row["fraction_of_fp32_peak"] = row["achieved_flops"] / peak
             row["roofline_s"] = roofline
@@ -80,7 +83,8 @@ def _sft_row(task, outcome, limits, counts, shapes) -> dict[str, Any]:
            "times_s": raw["framework"]["times_s"],
            "first_call_s": raw["framework"].get("first_call_s"),
            "compile_s": raw["framework"].get("compile_s"), "tokens_per_s": tokens / step,
-           "plain_step_s": plain, "overhead_fraction": (step - plain) / step,
+           "plain_step_s": plain, "plain_times_s": raw["plain"]["times_s"],
+           "overhead_fraction": (step - plain) / step,
            "peak_rss_bytes": raw["peak_rss_bytes"],
            "rss_after_load_bytes": raw.get("rss_after_load_bytes")}
     if peak:
@@ -119,6 +123,8 @@ def _ppo_row(task, outcome, limits, counts, shapes) -> dict[str, Any]:
         "ppo_step_s": step, "ppo_step_tokens": step_tokens,
         "ppo_step_tokens_per_s": step_tokens / step,
         "plain_scoring_s": plain_scoring, "plain_step_s": plain_step,
+        "plain_scoring_times_s": raw["plain"]["scoring"]["times_s"],
+        "plain_step_times_s": raw["plain"]["step"]["times_s"],
         "framework_overhead_s": overhead, "framework_overhead_fraction": overhead / total,
         "first_iteration_s": raw["warmup"][0]["total_s"] if raw.get("warmup") else None,
         "peak_rss_bytes": raw["peak_rss_bytes"],

@@ -129,7 +129,8 @@ def _options(args: Any) -> Options:
         repeats=get("repeats"), shapes=shapes, gpu_recipe=bool(get("gpu_recipe", False)),
         recipe_dry_run=bool(get("recipe_dry_run", False)),
         in_process=bool(get("in_process", False)), timeout=float(get("timeout", 900.0)),
-        model_cache=get("model_cache"), profile=bool(get("profile", False)),
+        model_cache=Path(get("model_cache")) if get("model_cache") else None,
+        profile=bool(get("profile", False)),
         budget_s=float(get("budget_s", 20.0)))
 
 

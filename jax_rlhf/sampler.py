@@ -86,7 +86,7 @@ def sample(
     if uniforms.shape != (batch, steps):
         raise ValueError(f"uniforms must be [B, N] = {(batch, steps)}, got {uniforms.shape}")
     cache = model.init_cache(batch, prompt_len + steps)
-    logits, cache = model(prompt_ids, prompt_mask, cache=cache)  # [B, P, V]
+    logits, cache = model(prompt_ids, prompt_mask, cache=cache, logits_to_keep=1)  # [B, 1, V]
     eos = jnp.asarray(params.eos_ids, jnp.int32)
 
     def cond(carry):

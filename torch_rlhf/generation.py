@@ -24,6 +24,7 @@ kernels for ``generate``. :func:`select_rollout_path` decides whether to use it,
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -185,13 +186,22 @@ def generate(
                    pad_token_id=pad_token_id)
 
 
+def _last_logits_only(module: nn.Module) -> dict[str, int]:
+    """``logits_to_keep=1`` where the model takes it (every transformers 5 causal LM; a peft
+    wrapper passes it through): the prefill then computes the LM head on the last prompt
+    position only, as Hugging Face ``generate`` does, instead of on all P of them."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    takes = "logits_to_keep" in inspect.signature(base.forward).parameters
+    return {"logits_to_keep": 1} if takes else {}
+
+
 def _decode(module, prompt_ids, prompt_mask, uniforms, *, max_new_tokens, eos_token_id,
             pad_token_id, do_sample, temperature, top_k, top_p):
     batch = prompt_ids.shape[0]
     attention_mask = prompt_mask
     positions = position_ids_from_mask(prompt_mask)  # [B, P]
     out = module(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions,
-                 use_cache=True)
+                 use_cache=True, **_last_logits_only(module))
     next_position = positions[:, -1:] + 1  # [B, 1]
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
     pad = torch.full_like(finished, pad_token_id, dtype=torch.long)
