@@ -60,7 +60,7 @@ def param_counts(hf_config: dict[str, Any], *, value_head: bool = False) -> dict
     head = d if value_head else v * d
     tied = hf_config.get("tie_word_embeddings", False) and not value_head
     total = embedding + body + (0 if tied else head)
-    return {"total": total, "matmul": body + head}
+    return {"total": total, "matmul": body + head, "head": head}
 
 
 def build_model_dirs(size: str, root: str | Path, *, seed: int = 0) -> dict[str, str]:
