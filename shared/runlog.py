@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -103,12 +104,18 @@ class RunLogger:
                     self._writer.add_scalar(f"{step}/{key}", value, index)
 
     def update_summary(self, **entries: Any) -> dict[str, Any]:
-        """Merge ``entries`` into ``summary.json`` and return the whole summary."""
+        """Merge ``entries`` into ``summary.json`` and return the whole summary.
+
+        Every rank may read the file; only the main process writes it, atomically (a
+        temporary file renamed over it), so another rank never reads a half-written one.
+        """
         path = self.run_dir / "summary.json"
         summary = json.loads(path.read_text()) if path.exists() else {}
         summary.update(_plain(entries))
         if self.is_main:
-            path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+            partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            partial.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+            os.replace(partial, path)
         return summary
 
     def close(self) -> None:
