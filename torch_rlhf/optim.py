@@ -102,6 +102,11 @@ def build_train_engine(model: nn.Module, *, ds_config: Mapping[str, Any],
                        optim: OptimizerConfig, lora: LoRAConfig, total_steps: int):
     """A DeepSpeed training engine around ``model`` with AdamW and the shared schedule.
 
+    The AdamW is torch's fused kernel (``fused=True``, CPU and CUDA): the same update as the
+    default per-parameter loop, one pass per tensor instead of a dozen (a 100M-parameter
+    step on CPU: 31 ms instead of 260 ms, docs/performance.md). DeepSpeed's ZeRO optimisers
+    call it on their flat fp32 partitions unchanged.
+
     Args:
       model: a causal LM or ValueModel, LoRA already applied (built under ``ds_config``
         for ZeRO-3, so its weights are already partitioned).
@@ -114,7 +119,7 @@ def build_train_engine(model: nn.Module, *, ds_config: Mapping[str, Any],
         param_groups(model, weight_decay=optim.weight_decay,
                      lora_learning_rate=lora.learning_rate),
         lr=optim.learning_rate, betas=tuple(optim.betas), eps=optim.eps,
-        weight_decay=optim.weight_decay)
+        weight_decay=optim.weight_decay, fused=True)
     scheduler = lr_scheduler(optimizer, optim, total_steps=total_steps)
     return initialize_engine(model, config=ds_config, optimizer=optimizer,
                              lr_scheduler=scheduler)

@@ -57,3 +57,37 @@ def test_entropy_golden(run):
 def test_entropy_rank_error(run):
     with pytest.raises(ValueError, match="logits"):
         entropy_from_logits(run.asarray(np.zeros((2, 3))))
+
+
+def test_torch_native_logsumexp_equals_generic_reference():
+    """`shared._array.logsumexp` uses torch.logsumexp under torch (a backend fast path); it
+    must give the generic array-API formula's values and gradients, -inf entries and rows
+    included."""
+    torch = pytest.importorskip("torch")
+    import array_api_compat
+
+    from shared._array import generic_logsumexp, logsumexp
+
+    xp = array_api_compat.array_namespace(torch.zeros(1))
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(3, 5, 11)) * 20
+    x[0, 1, :4] = -np.inf  # some entries masked
+    x[1, 2, :] = -np.inf  # a whole row masked
+    x[2, 0, 3] = 1e4  # one huge logit
+    for dtype in (torch.float64, torch.float32):
+        native_in = torch.tensor(x, dtype=dtype, requires_grad=True)
+        generic_in = torch.tensor(x, dtype=dtype, requires_grad=True)
+        native = logsumexp(xp, native_in, axis=-1)
+        generic = generic_logsumexp(xp, generic_in, axis=-1)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5
+        torch.testing.assert_close(native, generic, rtol=tol, atol=tol)
+        assert torch.isneginf(native[1, 2])
+        weights = torch.tensor(rng.normal(size=native.shape), dtype=dtype)
+        finite = torch.isfinite(native).detach()
+        (native[finite] * weights[finite]).sum().backward()
+        (generic[finite] * weights[finite]).sum().backward()
+        # Equal everywhere, including the NaN (0 * inf) both give a fully masked row.
+        torch.testing.assert_close(native_in.grad, generic_in.grad, rtol=tol, atol=tol,
+                                   equal_nan=True)
+        kept = logsumexp(xp, native_in, axis=1, keepdims=True)
+        assert tuple(kept.shape) == (3, 1, 11)
