@@ -4,8 +4,9 @@ Both run the framework's own trainers (``torch_rlhf.sft.SFTTrainer.train_step``,
 ``torch_rlhf.ppo.PPOTrainer.generate_experience`` / ``train_on_experience``) on DeepSpeed
 engines (ZeRO-0, fp32), on the benchmark's synthetic batches. After the trainer's figures (and
 its peak memory) are taken, the same modules run a *plain* step: the Hugging Face module's
-forward, the minimal loss, ``backward`` and ``torch.optim.AdamW`` — no DeepSpeed, no shared
-losses, no bookkeeping. The difference is the framework's overhead.
+forward, the minimal loss, ``backward`` and ``torch.optim.AdamW(fused=True)`` (the optimiser
+the trainers use) — no DeepSpeed, no shared losses, no bookkeeping. The difference is the
+framework's overhead.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def sft_step(config: Any, run_dir: Path, lm_dir: str, shapes: Shapes, *, vocab_s
     ids = torch.from_numpy(batch.input_ids).long()
     mask = torch.from_numpy(batch.attention_mask).long()
     loss_mask = torch.from_numpy(batch.loss_mask[:, 1:]).float()
-    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=1e-5, fused=True)
 
     def plain_step():
         logits = module(input_ids=ids, attention_mask=mask).logits[:, :-1]
@@ -157,8 +158,8 @@ def _plain_ppo(trainer, experience, shapes: Shapes, *, warmup: int, repeats: int
 
     rows = slice(0, shapes.ppo_minibatch)
     advantages, returns = experience.advantages[rows], experience.returns[rows]
-    actor_opt = torch.optim.AdamW(actor.parameters(), lr=1e-6)
-    critic_opt = torch.optim.AdamW(critic.parameters(), lr=1e-6)
+    actor_opt = torch.optim.AdamW(actor.parameters(), lr=1e-6, fused=True)
+    critic_opt = torch.optim.AdamW(critic.parameters(), lr=1e-6, fused=True)
 
     def step():
         logprobs = response_logprobs(actor, rows)

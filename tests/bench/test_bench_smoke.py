@@ -141,3 +141,24 @@ def test_gpu_recipe_dry_run(tmp_path):
         assert {"iteration_s", "generation_s", "scoring_s", "training_s"} <= set(recipe[variant])
     on = recipe["recipe/torch/hybrid-on"]
     assert "iteration_s" in on or "unavailable" in on
+
+
+def test_profile_generation_micro(tmp_path, capsys):
+    """`python -m bench.profile_generation` runs end to end and its figures are consistent
+    with each other (no timing threshold: only their relations)."""
+    from bench import profile_generation
+
+    out = tmp_path / "profile.json"
+    assert profile_generation.main(["--size", "micro", "--batch", "2", "--prompt-len", "8",
+                                    "--answer-len", "4", "--repeats", "1",
+                                    "--model-cache", str(tmp_path / "models"),
+                                    "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    tokens = 2 * 4
+    assert result["jax_tokens_per_s"] == pytest.approx(tokens / result["jax_generate_s"])
+    assert result["best_case_s"] == pytest.approx(
+        result["jax_prefill_s"] + 4 * result["matmul_floor_step_s"]["jax_s"])
+    assert result["best_case_vs_hf"] == pytest.approx(
+        result["hf_generate_s"] / result["best_case_s"])
+    assert result["matmul_floor_step_s"]["weight_bytes"] > 0
+    assert "| JAX decode step |" in capsys.readouterr().out
