@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine (Python 3.10+, no GPU needed):
 #   make demo   install into .venv and run `rlhf pipeline` on configs/demo.yaml
 #   make test   install into .venv and run the test suite
+#   make bench  install into .venv and run the benchmark (docs/performance.md)
 # Override TORCH_SPEC on a GPU cluster, e.g. TORCH_SPEC="torch==2.5.1" with your
 # CUDA index in PIP_EXTRA_INDEX_URL.
 
@@ -12,7 +13,7 @@ BACKEND ?= torch
 PIP := $(VENV)/bin/python -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all lint demo-data clean
+.PHONY: install demo test test-all bench lint demo-data clean
 
 install: $(STAMP)
 
@@ -34,6 +35,10 @@ test: install
 # Everything, including the tests marked slow (multi-process runs, full parity).
 test-all: install
 	$(VENV)/bin/python -m pytest -m ""
+
+# Speed, MFU, PPO phase split and peak memory of both backends: runs/bench/results.{json,md}.
+bench: install
+	$(VENV)/bin/python -m bench.run
 
 lint: install
 	$(VENV)/bin/ruff check .

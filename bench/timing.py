@@ -21,6 +21,7 @@ from bench.machine import current_rss_bytes, peak_rss_bytes
 
 __all__ = [
     "PROFILE_ENV", "iterations_done", "memory_snapshot", "profile_call", "summarize", "time_calls",
+    "time_pairs",
 ]
 
 PROFILE_ENV = "BENCH_PROFILE_DIR"
@@ -84,6 +85,27 @@ def time_calls(fn: Callable[[], Any], *, warmup: int = 1, repeats: int = 3,
     if label is not None and os.environ.get(PROFILE_ENV):
         profile_call(fn, label)
     return summarize(times, first)
+
+
+def time_pairs(fn_a: Callable[[], Any], fn_b: Callable[[], Any], *, warmup: int = 1,
+               repeats: int = 3, budget_s: float | None = None) -> dict[str, Any]:
+    """Times ``fn_a`` and ``fn_b`` alternately (a, b, a, b, ...) in this process: an A/B
+    comparison that drifts in the machine's speed and differences between processes (where
+    the weights landed in memory, which cores) affect equally. Returns both summaries and
+    ``b_over_a``, the ratio of their medians. ``budget_s`` bounds the timed pairs' total."""
+    for _ in range(warmup):
+        fn_a()
+        fn_b()
+    times_a, times_b = [], []
+    for _ in range(max(repeats, 1)):
+        for fn, times in ((fn_a, times_a), (fn_b, times_b)):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        if budget_s is not None and sum(times_a) + sum(times_b) >= budget_s:
+            break
+    a, b = summarize(times_a), summarize(times_b)
+    return {"a": a, "b": b, "b_over_a": b["median_s"] / a["median_s"]}
 
 
 def iterations_done(iterations: list[dict[str, Any]], warmup: int,

@@ -74,6 +74,12 @@ def test_derived_figures(micro_run):
     for r in by_workload["generation"]:
         assert {"tokens_per_s", "ms_per_token", "vs_hf", "fraction_of_fp32_peak",
                 "roofline_s", "first_call_s", "compile_s", "times_s"} <= set(r)
+        # The torch rollout path is also timed alternately with HF generate in its process.
+        assert ("paired_hf" in r) == (r["backend"] == "torch")
+        if r["backend"] == "torch":
+            pair = r["paired_hf"]
+            assert r["vs_hf_same_process"] == pair["vs_hf"] == pytest.approx(
+                pair["hf"]["median_s"] / pair["self"]["median_s"])
     for r in by_workload["sft_step"]:
         assert {"tokens_per_s", "mfu", "plain_mfu", "overhead_fraction",
                 "step_s"} <= set(r)
@@ -84,6 +90,9 @@ def test_derived_figures(micro_run):
         assert r["rollout_path"] in ("module", "jax_sampler")
     targets = {t["target"] for t in doc["targets"]}
     assert "JAX sampler vs HF generate, tokens/s at batch 16" in targets
+    paired = "torch rollout path vs HF generate, tokens/s at batch 1 (same process, " \
+             "alternating calls)"
+    assert paired in targets
     assert {"torch SFT step MFU", "jax PPO iteration framework overhead"} <= targets
     for t in doc["targets"]:
         assert set(t) >= {"value", "threshold", "direction", "met", "model"}
