@@ -102,7 +102,7 @@ def logsumexp(xp: Any, x: Array, axis: int = -1, keepdims: bool = False) -> Arra
     Under torch this is `torch.logsumexp` (the same formula as one fused kernel): autograd
     through the generic expression below also differentiates the max (zero in total, but a
     full pass over a [B, T, V] logits tensor, plus the shifted copy and its exp), which cost
-    ~8 % of a 100M-parameter SFT step on CPU (docs/performance.md). JAX fuses the generic
+    ~7 % of a 100M-parameter SFT step on CPU (docs/performance.md). JAX fuses the generic
     expression itself. tests/shared/test_logprobs.py checks the two agree.
     """
     if array_api_compat.is_torch_namespace(xp):

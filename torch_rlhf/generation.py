@@ -24,7 +24,6 @@ kernels for ``generate``. :func:`select_rollout_path` decides whether to use it,
 from __future__ import annotations
 
 import contextlib
-import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from torch import nn
 
 from shared.sampling import sample_token
 from torch_rlhf.deepspeed_config import HybridEngineUnavailable
-from torch_rlhf.models import position_ids_from_mask, unwrap_model
+from torch_rlhf.models import position_ids_from_mask, takes_logits_to_keep, unwrap_model
 from torch_rlhf.saving import gather_params_for
 
 __all__ = [
@@ -187,12 +186,9 @@ def generate(
 
 
 def _last_logits_only(module: nn.Module) -> dict[str, int]:
-    """``logits_to_keep=1`` where the model takes it (every transformers 5 causal LM; a peft
-    wrapper passes it through): the prefill then computes the LM head on the last prompt
-    position only, as Hugging Face ``generate`` does, instead of on all P of them."""
-    base = module.get_base_model() if hasattr(module, "get_base_model") else module
-    takes = "logits_to_keep" in inspect.signature(base.forward).parameters
-    return {"logits_to_keep": 1} if takes else {}
+    """``logits_to_keep=1`` where the model takes it: the prefill then computes the LM head
+    on the last prompt position only, as Hugging Face ``generate`` does, not on all P."""
+    return {"logits_to_keep": 1} if takes_logits_to_keep(module) else {}
 
 
 def _decode(module, prompt_ids, prompt_mask, uniforms, *, max_new_tokens, eos_token_id,

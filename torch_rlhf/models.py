@@ -20,6 +20,7 @@ LoRA lives in ``torch_rlhf.lora``; ZeRO-3 gathering and saving in ``torch_rlhf.s
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import re
 import sys
@@ -35,6 +36,7 @@ __all__ = [
     "build_causal_lm",
     "build_value_model",
     "causal_lm_logits",
+    "takes_logits_to_keep",
     "check_reward_tokenizer",
     "enable_checkpointing",
     "gather_end_values",
@@ -281,11 +283,35 @@ def build_causal_lm(
     )
 
 
-def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor) -> torch.Tensor:
-    """Logits [B, T, V] of a causal LM with left-padding-invariant positions."""
-    return model(input_ids=input_ids, attention_mask=attention_mask,
-                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).logits
+def takes_logits_to_keep(model: nn.Module) -> bool:
+    """Whether the causal LM inside ``model`` (a DeepSpeed engine, a peft wrapper or the
+    Hugging Face model) accepts ``logits_to_keep`` (every transformers 5 causal LM does)."""
+    module = unwrap_model(model)
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     *, positions: slice | None = None) -> torch.Tensor:
+    """Logits [B, T, V] of a causal LM with left-padding-invariant positions.
+
+    ``positions``: only these positions, ``[B, len(range), V]``, with the LM head applied to
+    them alone where the model supports it (Hugging Face's ``logits_to_keep``, given the
+    index tensor): PPO needs the answer's logits only, and the head is a third of a small
+    model's FLOPs and its output the largest activation of the backward.
+    """
+    kwargs = {}
+    keep = None
+    if positions is not None:
+        keep = torch.arange(input_ids.shape[1], device=input_ids.device)[positions]
+        if takes_logits_to_keep(model):
+            kwargs["logits_to_keep"] = keep
+    logits = model(input_ids=input_ids, attention_mask=attention_mask,
+                   position_ids=position_ids_from_mask(attention_mask), use_cache=False,
+                   **kwargs).logits
+    if keep is not None and "logits_to_keep" not in kwargs:
+        logits = logits[:, keep]
+    return logits
 
 
 def gather_end_values(values: torch.Tensor, attention_mask: torch.Tensor, *,

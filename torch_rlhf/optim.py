@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -131,9 +130,10 @@ def backward(engine, loss: torch.Tensor) -> None:
 
 
 def _local_grad_norm(module: nn.Module) -> float:
-    squares = [p.grad.detach().float().pow(2).sum() for p in module.parameters()
-               if p.grad is not None]
-    return math.sqrt(float(torch.stack(squares).sum())) if squares else 0.0
+    """The 2-norm of every gradient together (torch's own reduction: per-tensor norms, no
+    squared copy of each gradient)."""
+    grads = [p.grad.detach() for p in module.parameters() if p.grad is not None]
+    return float(torch.nn.utils.get_total_norm(grads, norm_type=2.0)) if grads else 0.0
 
 
 def optimizer_step(engine) -> float | None:

@@ -336,10 +336,12 @@ class PPOTrainer:
 
     def _response_logits(self, model, sequences: torch.Tensor, attention_mask: torch.Tensor,
                          prompt_length: int) -> torch.Tensor:
-        # logits[:, P - 1 + t] predicts answer token t: [B, N, V], upcast for the losses.
+        # logits[:, P - 1 + t] predicts answer token t: [B, N, V], upcast for the losses;
+        # only those N positions go through the LM head.
         device = next(iter(model.parameters())).device
-        logits = causal_lm_logits(model, sequences.to(device), attention_mask.to(device))
-        return logits[:, prompt_length - 1:-1].float().to(self.device)
+        logits = causal_lm_logits(model, sequences.to(device), attention_mask.to(device),
+                                  positions=slice(prompt_length - 1, -1))
+        return logits.float().to(self.device)
 
     def _values(self, model, sequences, attention_mask, prompt_length: int) -> torch.Tensor:
         # values[:, P - 1 + t] = V(x, y_<t), the critic at the position predicting token t.

@@ -79,19 +79,22 @@ class CausalLM(_WithBackbone):
         *,
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | slice = 0,
     ) -> tuple[jax.Array, KVCache | None]:
         """Next-token logits `[B, T, V]` (in `config.dtype`) and the updated cache.
 
         See `Backbone.__call__` for the arguments; logits at padding positions are meaningless.
-        `logits_to_keep` > 0 (HF's argument of that name) computes the LM head on the last
-        that many positions only, `[B, logits_to_keep, V]`: a prefill needs just the last one,
-        and the head is a quarter of a small model's FLOPs.
+        `logits_to_keep` (HF's argument of that name) computes the LM head on some positions
+        only: an int k > 0 the last k, `[B, k, V]` (a prefill needs just the last one); a
+        static `slice` those positions (PPO needs the answer's). The head is a third of a
+        small model's FLOPs.
         """
         hidden, cache = self.hidden_states(
             input_ids, attention_mask, positions=positions, cache=cache
         )  # [B, T, E]
-        if logits_to_keep > 0:
+        if isinstance(logits_to_keep, slice):
+            hidden = hidden[:, logits_to_keep]
+        elif logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         if self.lm_head is None:
             return self.model.embed_tokens.attend(hidden), cache  # [B, T, V]

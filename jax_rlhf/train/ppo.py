@@ -34,6 +34,7 @@ import numpy as np
 import shared
 from jax_rlhf import sharding
 from jax_rlhf.checkpoint import Checkpointer
+from jax_rlhf.models import CausalLM
 from jax_rlhf.optim import make_optimizer
 from jax_rlhf.params import ModelDef, Params, to_host
 from jax_rlhf.sampler import SamplingParams, generate
@@ -82,12 +83,18 @@ short-answer rule)."""
 
 
 def _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask):
-    """Outputs of `model` at the positions that predict each answer token: `[B, N, ...]`."""
+    """Outputs of `model` at the positions that predict each answer token: `[B, N, ...]`,
+    then every position's (`[B, P + N, ...]`, value models only; None for a causal LM, whose
+    LM head runs on the answer positions alone) and the sequence mask."""
     prompt_len = prompt_ids.shape[1]
     seq = jnp.concatenate([prompt_ids, response_ids], axis=1)  # [B, P + N]
     mask = jnp.concatenate([prompt_mask, response_mask.astype(prompt_mask.dtype)], axis=1)
+    answer = slice(prompt_len - 1, -1)
+    if isinstance(model, CausalLM):
+        logits, _ = model(seq, mask, logits_to_keep=answer)
+        return logits, None, mask
     out, _ = model(seq, mask)
-    return out[:, prompt_len - 1 : -1], out, mask
+    return out[:, answer], out, mask
 
 
 @dataclasses.dataclass(frozen=True)
