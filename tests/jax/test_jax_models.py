@@ -61,3 +61,18 @@ def test_bfloat16_error_is_no_worse_than_hf_bfloat16(hf_checkpoint, token_ids, h
     ours_error = np.abs(np.asarray(logits, np.float32) - reference).mean()
     hf_error = np.abs(hf_logits - reference).mean()
     assert ours_error <= 1.5 * hf_error, (ours_error, hf_error)
+
+
+def test_logits_to_keep_equals_slicing_the_full_logits(family_variant, ours, token_ids, apply):
+    """`logits_to_keep` (the sampler's prefill, PPO's answer positions) is a fast path: the
+    LM head on fewer positions gives those positions' logits of the full forward."""
+    model = ours(family_variant)
+    ids = jnp.asarray(token_ids(2, 8))
+    mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+    full, _ = apply(model, ids, mask)  # [2, 8, V]
+    last, _ = model(ids, mask, logits_to_keep=1)
+    assert last.shape == (2, 1, full.shape[-1])
+    np.testing.assert_allclose(last, full[:, -1:], atol=1e-5, rtol=0)
+    answer, _ = model(ids, mask, logits_to_keep=slice(4, -1))
+    assert answer.shape == (2, 3, full.shape[-1])
+    np.testing.assert_allclose(answer, full[:, 4:-1], atol=1e-5, rtol=0)

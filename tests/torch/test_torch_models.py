@@ -19,6 +19,7 @@ from torch_rlhf.models import (
     gather_end_values,
     load_tokenizer,
     position_ids_from_mask,
+    takes_logits_to_keep,
 )
 from torch_rlhf.saving import gather_params_for, save_hf
 
@@ -64,6 +65,34 @@ def test_left_padding_never_changes_logits(family, model_dirs):
     torch.testing.assert_close(causal_lm_logits(model, padded, mask)[:, 3:],
                                causal_lm_logits(model, ids, torch.ones_like(ids)),
                                rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama_gqa_untied", "opt_350m_shape", "gpt2"])
+def test_logits_of_some_positions_equal_slicing_the_full_logits(family, model_dirs):
+    """``causal_lm_logits(positions=...)`` (PPO's answer logits through HF ``logits_to_keep``)
+    equals the full forward sliced, also for a model whose
+    forward lacks ``logits_to_keep`` (it then slices after the head)."""
+    model = build_causal_lm(model_dirs(family))
+    ids = torch.randint(4, VOCAB, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[0, :2] = 0
+    full = causal_lm_logits(model, ids, mask)
+    answer = slice(4, -1)
+    torch.testing.assert_close(causal_lm_logits(model, ids, mask, positions=answer),
+                               full[:, answer], rtol=0, atol=1e-5)
+
+    class NoKeep(torch.nn.Module):  # a causal LM whose forward has no logits_to_keep
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, input_ids, attention_mask, position_ids, use_cache):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids, use_cache=use_cache)
+
+    assert takes_logits_to_keep(model) and not takes_logits_to_keep(NoKeep(model))
+    torch.testing.assert_close(causal_lm_logits(NoKeep(model), ids, mask, positions=answer),
+                               full[:, answer], rtol=0, atol=1e-5)
 
 
 def test_position_ids_from_mask():
