@@ -11,7 +11,6 @@ host round trips. The difference is the framework's overhead.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bench.timing import PROFILE_ENV, memory_snapshot, profile_call, time_calls
+from bench.timing import finish_ppo_iterations, iteration_record, memory_snapshot, time_calls
 from bench.timing import iterations_done as _done
 from bench.workspace import Shapes, prompt_batch, sft_batch
 
@@ -121,20 +120,13 @@ def ppo_iteration(config: Any, run_dir: Path, lm_dir: str, value_dir: str, shape
         trainer.kl_state = trainer.kl_controller.update(
             trainer.kl_state, current_kl=metrics["kl"], n_steps=len(prompts))
         total = time.perf_counter() - start
-        phases = timer.pop()
-        iterations.append({"total_s": total, **{k: phases.get(k, 0.0) for k in (
-            "generation_time", "scoring_time", "training_time")},
-            "rollout_path": "jax_sampler", "response_length": metrics["response_length"]})
+        iterations.append(iteration_record(total, timer.pop(), rollout_path="jax_sampler",
+                                           response_length=metrics["response_length"]))
         if _done(iterations, warmup, budget_s):
             break
-    out: dict[str, Any] = {"iterations": iterations[warmup:], "warmup": iterations[:warmup],
-                           **memory_snapshot(), "rss_after_load_bytes": loaded["rss_bytes"]}
-    if os.environ.get(PROFILE_ENV):  # one more iteration in cProfile
-        n = warmup + repeats
-        experience = profile_call(lambda: trainer.generate_experience(
-            prompts, iteration=n, batch_index=0), "generate_experience")
-        profile_call(lambda: trainer.train_on_experience([experience], iteration=n),
-                     "train_on_experience")
+    out, experience = finish_ppo_iterations(trainer, prompts, experience, iterations,
+                                            warmup=warmup, repeats=repeats,
+                                            rss_after_load=loaded["rss_bytes"])
     if plain:
         out["plain"] = _plain_ppo(trainer, experience, shapes, warmup=warmup, repeats=repeats,
                                   budget_s=budget_s)

@@ -21,27 +21,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from bench.models import SIZES, build_model_dirs
+from bench.timing import time_calls
 
 __all__ = ["main", "profile_generation"]
 
 
 def _median_s(fn, *, repeats: int, sync=lambda out: out) -> float:
-    sync(fn())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sync(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    """Median seconds of ``sync(fn())`` over ``repeats`` calls after one warm-up call."""
+    return time_calls(lambda: sync(fn()), warmup=1, repeats=repeats)["median_s"]
 
 
 def _weight_shapes(config: dict[str, Any]) -> tuple[list[tuple[int, int]], tuple[int, int]]:

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 from bench.models import SIZES, build_model_dirs
+from bench.timing import time_calls
 from bench.workspace import Shapes, sft_batch, write_run_config
 
 __all__ = ["main"]
@@ -48,20 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         trainer = SFTTrainer(config, run_dir=Path(scratch) / "run",
                              model_name_or_path=dirs["lm"])
         batch = sft_batch(shapes.sft_batch, shapes, SIZES[args.size]["vocab_size"])
-        for _ in range(2):
-            trainer.train_step(batch)
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            trainer.train_step(batch)
-            times.append(time.perf_counter() - start)
+        timing = time_calls(lambda: trainer.train_step(batch), warmup=2, repeats=args.repeats)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             trainer.train_step(batch)
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
     matmul = sum(e.self_cpu_time_total for e in events if e.key in ("aten::mm", "aten::bmm"))
     print(f"SFT train_step, {args.size}, batch {shapes.sft_batch} x {shapes.seq_len}, "
-          f"{torch.get_num_threads()} threads: median {statistics.median(times):.2f} s; "
+          f"{torch.get_num_threads()} threads: median {timing['median_s']:.2f} s; "
           f"profiled step: {total / 1e6:.2f} s self CPU, {matmul / total:.0%} in aten::mm/bmm")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows))
     return 0

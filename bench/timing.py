@@ -20,8 +20,8 @@ from typing import Any
 from bench.machine import current_rss_bytes, peak_rss_bytes
 
 __all__ = [
-    "PROFILE_ENV", "iterations_done", "memory_snapshot", "profile_call", "summarize", "time_calls",
-    "time_pairs",
+    "PROFILE_ENV", "finish_ppo_iterations", "iteration_record", "iterations_done",
+    "memory_snapshot", "profile_call", "summarize", "time_calls", "time_pairs",
 ]
 
 PROFILE_ENV = "BENCH_PROFILE_DIR"
@@ -114,6 +114,34 @@ def iterations_done(iterations: list[dict[str, Any]], warmup: int,
     ``budget_s``: the loop form of :func:`time_calls`' early stop."""
     timed = iterations[warmup:]
     return bool(budget_s is not None and timed and sum(it["total_s"] for it in timed) >= budget_s)
+
+
+PPO_PHASES = ("generation_time", "scoring_time", "training_time")
+
+
+def iteration_record(total_s: float, phases: dict[str, float], *, rollout_path: str,
+                     response_length: float) -> dict[str, Any]:
+    """One timed PPO iteration: its wall time, the trainer's phase times (0 when absent)."""
+    return {"total_s": total_s, **{key: phases.get(key, 0.0) for key in PPO_PHASES},
+            "rollout_path": rollout_path, "response_length": response_length}
+
+
+def finish_ppo_iterations(trainer: Any, prompts: Any, experience: Any,
+                          iterations: list[dict[str, Any]], *, warmup: int, repeats: int,
+                          rss_after_load: int | None) -> tuple[dict[str, Any], Any]:
+    """Both backends' PPO workload after its timed loop: the iterations split into warm-up and
+    timed ones with the process's memory, and under ``--profile`` one more iteration (its
+    ``generate_experience`` and ``train_on_experience``) in cProfile. Returns that result
+    and the last experience (what the plain reference steps train on)."""
+    out: dict[str, Any] = {"iterations": iterations[warmup:], "warmup": iterations[:warmup],
+                           **memory_snapshot(), "rss_after_load_bytes": rss_after_load}
+    if os.environ.get(PROFILE_ENV):
+        n = warmup + repeats
+        experience = profile_call(lambda: trainer.generate_experience(
+            prompts, iteration=n, batch_index=0), "generate_experience")
+        profile_call(lambda: trainer.train_on_experience([experience], iteration=n),
+                     "train_on_experience")
+    return out, experience
 
 
 def memory_snapshot() -> dict[str, int | None]:
