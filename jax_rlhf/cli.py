@@ -100,21 +100,25 @@ def _model_dir(config: Any, args: Any) -> str:
     return str(path)
 
 
-def _eval(config: Any, args: Any) -> int:
-    """The held-out metric of an HF causal-LM directory, plus a few answers."""
+def _load_causal_lm(config: Any, args: Any):
+    """`(path, ctx, mdef, params, frozen)` of the HF causal-LM directory `--model` (or the
+    config's actor), with its tokenizer as the fallback one."""
     from jax_rlhf.params import ModelDef
-    from jax_rlhf.train.common import (
-        build_model,
-        compute_dtype,
-        heldout_metrics,
-        load_eval_prompts,
-    )
+    from jax_rlhf.train.common import build_model, compute_dtype
 
     path = _model_dir(config, args)
     ctx = _context(config, None, tokenizer_fallback=path)
     mdef, params, frozen = ModelDef.split(
         build_model("causal_lm", path=path, seed=config.seed, dtype=compute_dtype(config))
     )
+    return path, ctx, mdef, params, frozen
+
+
+def _eval(config: Any, args: Any) -> int:
+    """The held-out metric of an HF causal-LM directory, plus a few answers."""
+    from jax_rlhf.train.common import heldout_metrics, load_eval_prompts
+
+    path, ctx, mdef, params, frozen = _load_causal_lm(config, args)
     prompts = load_eval_prompts(ctx)
     result = {"model": path, "heldout": heldout_metrics(ctx, mdef, params, frozen, prompts)}
     print(json.dumps(result, indent=2))
@@ -175,23 +179,12 @@ def _chat(config: Any, args: Any) -> int:
     `ppo.sampling.do_sample`); an empty line or EOF ends it."""
     import numpy as np
 
-    from jax_rlhf.params import ModelDef
     from jax_rlhf.sampler import SamplingParams
-    from jax_rlhf.train.common import (
-        build_model,
-        compute_dtype,
-        eos_ids,
-        generate_rows,
-        shared_decode,
-    )
+    from jax_rlhf.train.common import eos_ids, generate_rows, shared_decode
     from shared.data import DataReport
     from shared.data.tokenize import encode_prompts
 
-    path = _model_dir(config, args)
-    ctx = _context(config, None, tokenizer_fallback=path)
-    mdef, params, frozen = ModelDef.split(
-        build_model("causal_lm", path=path, seed=config.seed, dtype=compute_dtype(config))
-    )
+    _, ctx, mdef, params, frozen = _load_causal_lm(config, args)
     sp = SamplingParams.from_config(
         config.ppo.sampling, max_new_tokens=config.data.max_answer_seq_len,
         eos_ids=eos_ids(ctx.tokenizer, mdef), pad_id=ctx.tokenizer.pad_token_id,
