@@ -19,14 +19,13 @@ three. The model is initialised from `model.critic_model_name_or_path`, a from-s
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
 import shared
-from jax_rlhf.train.common import RunContext, build_model, compute_dtype, export_hf
+from jax_rlhf.train.common import RunContext, build_model, compute_dtype
 from jax_rlhf.train.supervised import SupervisedTrainer
 from shared.data import PairwiseBatch, RankingBatch
 
@@ -156,20 +155,4 @@ class RewardTrainer(SupervisedTrainer):
             "eval_accuracy": sums["correct"] / n,
             "eval_chosen_score": sums["chosen"] / n,
             "eval_rejected_score": sums["rejected"] / n,
-        }
-
-    def run(self, *, resume: bool = False) -> dict:
-        """Trains, evaluates, exports `<run>/reward/final/` and returns the summary entry."""
-        ctx = self.ctx
-        start = time.perf_counter()
-        eval_metrics = self.fit(resume=resume)
-        final_dir = export_hf(
-            self.mdef, self.state.params, self.state.frozen,
-            ctx.step_dir("reward") / "final", ctx.tokenizer,
-        )
-        return {
-            **eval_metrics,
-            "steps": self.step,
-            "final_model": str(final_dir),
-            "timings": {"train": self.train_time, "total": time.perf_counter() - start},
         }

@@ -9,7 +9,6 @@ with the model exported to `<run>/sft/final/` and the held-out metric.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -20,7 +19,6 @@ from jax_rlhf.train.common import (
     RunContext,
     build_model,
     compute_dtype,
-    export_hf,
     heldout_metrics,
     load_eval_prompts,
     perplexity,
@@ -85,22 +83,8 @@ class SFTTrainer(SupervisedTrainer):
         loss = sums["nll"] / max(sums["tokens"], 1.0)
         return {"eval_loss": loss, "eval_perplexity": perplexity(loss)}
 
-    def run(self, *, resume: bool = False) -> dict:
-        """Trains, evaluates, exports `<run>/sft/final/` and returns the summary entry."""
+    def final_extras(self) -> dict:
         ctx = self.ctx
-        start = time.perf_counter()
-        eval_metrics = self.fit(resume=resume)
-        final_dir = export_hf(
-            self.mdef, self.state.params, self.state.frozen,
-            ctx.step_dir("sft") / "final", ctx.tokenizer,
-        )
-        heldout = heldout_metrics(
-            ctx, self.mdef, self.state.params, self.state.frozen, load_eval_prompts(ctx)
-        )
-        return {
-            **eval_metrics,
-            "heldout": heldout,
-            "steps": self.step,
-            "final_model": str(final_dir),
-            "timings": {"train": self.train_time, "total": time.perf_counter() - start},
-        }
+        prompts = load_eval_prompts(ctx)
+        return {"heldout": heldout_metrics(ctx, self.mdef, self.state.params,
+                                           self.state.frozen, prompts)}

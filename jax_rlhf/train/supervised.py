@@ -26,6 +26,7 @@ from jax_rlhf.params import ModelDef
 from jax_rlhf.train.common import (
     RunContext,
     configure_module,
+    export_hf,
     host_metrics,
     model_meta,
     pad_rows,
@@ -229,3 +230,26 @@ class SupervisedTrainer:
         if final:
             ctx.logger.log(self.step_name, self.step, final)
         return final
+
+    def final_extras(self) -> dict:
+        """Summary entries of the exported final model beyond the eval metrics (SFT: its
+        held-out metric)."""
+        return {}
+
+    def run(self, *, resume: bool = False) -> dict:
+        """Trains, evaluates, exports `<run>/<step_name>/final/` and returns the summary
+        entry."""
+        ctx = self.ctx
+        start = time.perf_counter()
+        eval_metrics = self.fit(resume=resume)
+        final_dir = export_hf(
+            self.mdef, self.state.params, self.state.frozen,
+            ctx.step_dir(self.step_name) / "final", ctx.tokenizer,
+        )
+        return {
+            **eval_metrics,
+            **self.final_extras(),
+            "steps": self.step,
+            "final_model": str(final_dir),
+            "timings": {"train": self.train_time, "total": time.perf_counter() - start},
+        }
