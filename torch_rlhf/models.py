@@ -20,6 +20,7 @@ LoRA lives in ``torch_rlhf.lora``; ZeRO-3 gathering and saving in ``torch_rlhf.s
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import logging
 import re
@@ -288,7 +289,13 @@ def takes_logits_to_keep(model: nn.Module) -> bool:
     Hugging Face model) accepts ``logits_to_keep`` (every transformers 5 causal LM does)."""
     module = unwrap_model(model)
     base = module.get_base_model() if hasattr(module, "get_base_model") else module
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return _forward_takes_logits_to_keep(type(base))
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    # Per class: the check runs before every rollout and PPO forward.
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
 def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
