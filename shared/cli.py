@@ -100,34 +100,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _run_parity(config, args: argparse.Namespace) -> int:
-    """`rlhf parity` needs both backends, so it is not dispatched to either one."""
-    try:
-        from parity_tests.run import main as parity_main
-    except ModuleNotFoundError as err:
-        logger.error("rlhf parity needs both backends; %r is not installed: install with "
-                     "`pip install -e .[torch,jax]` (or `make install`)", err.name)
-        return 2
-    return int(parity_main(config, args) or 0)
+_BOTH_BACKENDS = {"parity": "parity_tests.run", "bench": "bench.run"}
+"""Commands that need both backends (they compare or measure them), so they are not
+dispatched to either one: the module whose `main(config, args)` runs each."""
 
 
-def _run_bench(config, args: argparse.Namespace) -> int:
-    """`rlhf bench` measures both backends and the machine (see docs/performance.md)."""
+def _run_both_backends(command: str, config, args: argparse.Namespace) -> int:
     try:
-        from bench.run import main as bench_main
+        entry = importlib.import_module(_BOTH_BACKENDS[command]).main
     except ModuleNotFoundError as err:
-        logger.error("rlhf bench: %r is not installed: install with `pip install -e .[torch,jax]` "
-                     "(or `make install`)", err.name)
+        logger.error("rlhf %s needs both backends; %r is not installed: install with "
+                     "`pip install -e .[torch,jax]` (or `make install`)", command, err.name)
         return 2
-    return int(bench_main(config, argparse.Namespace(**{**vars(args),
-                                                        "backend": args.explicit_backend})) or 0)
+    if command == "bench":  # both backends unless --backend names one
+        args = argparse.Namespace(**{**vars(args), "backend": args.explicit_backend})
+    return int(entry(config, args) or 0)
 
 
 def _run_backend(command: str, config, args: argparse.Namespace) -> int:
-    if command == "parity":
-        return _run_parity(config, args)
-    if command == "bench":
-        return _run_bench(config, args)
+    if command in _BOTH_BACKENDS:
+        return _run_both_backends(command, config, args)
     backend = args.backend
     module_name = f"{backend}_rlhf.cli"
     try:
