@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from shared.config import RLHFConfig, load_config, save_config
 
-__all__ = ["PhaseTimer", "RunLogger", "prepare_run_dir", "progress"]
+__all__ = ["PhaseTimer", "RunLogger", "prepare_run_dir", "progress", "truncate_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,26 @@ class RunLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def truncate_metrics(run_dir: str | Path, step: str, index_name: str, first_dropped: int, *,
+                     is_main: bool = True) -> None:
+    """Drop ``metrics.jsonl`` records of ``step`` logged at ``index_name >= first_dropped``.
+
+    A run killed after its last checkpoint has logged steps that the resumed run will log
+    again; dropping them leaves the file as an uninterrupted run writes it. Only the main
+    process writes.
+    """
+    path = Path(run_dir) / "metrics.jsonl"
+    if not is_main or not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        late = record.get("step") == step and record.get(index_name, -1) >= first_dropped
+        if not late:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 class PhaseTimer:
