@@ -63,6 +63,22 @@ class RunContext:
     def step_dir(self, step: str) -> Path:
         return self.run_dir / step
 
+    @classmethod
+    def open(cls, config: Any, run_dir: str | Path, *, tokenizer=None,
+             fallback_tokenizer: str | None = None) -> RunContext:
+        """The context of a run in `run_dir`: the mesh of `engine.jax.mesh`, the run's
+        tokenizer (or `tokenizer`) and a `RunLogger` writing on process 0 only."""
+        from shared.runlog import RunLogger
+
+        is_main = jax.process_index() == 0
+        if is_main:
+            Path(run_dir).mkdir(parents=True, exist_ok=True)
+        run_logger = RunLogger(run_dir, enable_tensorboard=config.logging.enable_tensorboard,
+                               tensorboard_path=config.logging.tensorboard_path,
+                               is_main=is_main)
+        return cls(config, Path(run_dir), run_logger, sharding.make_mesh(config.engine.jax.mesh),
+                   tokenizer or load_tokenizer(config, fallback_tokenizer))
+
 
 def load_tokenizer(config: Any, fallback: str | None = None):
     """The run's tokenizer (`model.tokenizer_name_or_path`, else the actor's directory)."""
