@@ -12,11 +12,10 @@ tokenizer) and the same `RLHFConfig`:
 - SFT: `torch_rlhf.sft.SFTTrainer.train_step` / `jax_rlhf.train.sft.SFTTrainer.train_step` on
   `trainer.iterator.next_batch()` (both iterators are `shared.data.BatchIterator` seeded alike);
 - reward model: the `RewardTrainer`s the same way;
-- PPO: `ppo_iterations` iterations of `torch_rlhf.ppo.PPOTrainer` (`generate_experience` per
-  generation batch, then `train_on_experience`, as its `run` loop) and of
-  `jax_rlhf.train.ppo.PPOTrainer.train_iteration`: rollouts from `shared.sampling_uniforms`,
-  scoring, `shared.compute_advantages` over the buffer, `ppo_epochs` x mini-batches, the KL
-  controller and the EMA.
+- PPO: `ppo_iterations` calls of `PPOTrainer.train_iteration` in both backends, which is the
+  one loop of `shared.ppo_loop` (rollouts from `shared.sampling_uniforms`, scoring,
+  `shared.compute_advantages` over the buffer, `ppo_epochs` x mini-batches, the KL
+  controller and the EMA) around each backend's model protocol.
 
 Compared: the per-step metrics, the sampled tokens of every generation batch (exactly), and
 the final parameters of the SFT model, the reward model, the PPO actor, critic and EMA.
@@ -149,6 +148,22 @@ def _pick(metrics: dict, keys: tuple[str, ...]) -> dict[str, float]:
     return {k: float(metrics[k]) for k in keys if k in metrics}
 
 
+def _ppo_iterations(ppo: Any) -> tuple[list[dict[str, float]], list[np.ndarray]]:
+    """Every iteration of a PPOTrainer (either backend: the one loop of `shared.ppo_loop`)
+    through `train_iteration`; the metrics and the sampled tokens of each generation batch."""
+    tokens: list[np.ndarray] = []
+    generate = ppo.generate_experience
+
+    def recording(*args, **kwargs):
+        experience = generate(*args, **kwargs)
+        tokens.append(np.array(experience.response))
+        return experience
+
+    ppo.generate_experience = recording
+    metrics = [_pick(ppo.train_iteration(), PPO_METRICS) for _ in range(ppo.total_iterations)]
+    return metrics, tokens
+
+
 def run_torch(config: Any, tmp: Path) -> Level6Result:
     import torch
 
@@ -165,16 +180,7 @@ def run_torch(config: Any, tmp: Path) -> Level6Result:
                      for _ in range(trainer.total_steps)]
         out["weights"][step] = torch_state_dict(trainer.engine)
     ppo = PPOTrainer(config, run_dir=tmp / "torch")
-    out["ppo"], out["tokens"] = [], []
-    for iteration in range(ppo.total_iterations):
-        buffer = []
-        for b in range(ppo.generation_batches):
-            buffer.append(ppo.generate_experience(ppo.prompt_iterator.next_batch(),
-                                                  iteration=iteration, batch_index=b))
-            out["tokens"].append(to_numpy(buffer[-1].response))
-        out["ppo"].append(_pick(ppo.train_on_experience(buffer, iteration=iteration),
-                                PPO_METRICS))
-        ppo.iteration += 1
+    out["ppo"], out["tokens"] = _ppo_iterations(ppo)
     out["weights"]["actor"] = torch_state_dict(ppo.engine.actor)
     out["weights"]["critic"] = torch_state_dict(ppo.engine.critic)
     with torch.no_grad():
@@ -220,18 +226,8 @@ def run_jax(config: Any, tmp: Path) -> Level6Result:
                      for _ in range(trainer.total_steps)]
         out["weights"][step] = _jax_weights(trainer.mdef, trainer.state.params,
                                             trainer.state.frozen)
-    ppo = PPOTrainer(ctx)
-    tokens: list[np.ndarray] = []
-    generate = ppo.generate_experience
-
-    def recording(*args, **kwargs):
-        exp = generate(*args, **kwargs)
-        tokens.append(np.asarray(exp["response_ids"]))
-        return exp
-
-    ppo.generate_experience = recording
-    out["ppo"] = [_pick(ppo.train_iteration(), PPO_METRICS) for _ in range(ppo.total_iterations)]
-    out["tokens"] = tokens
+    ppo = PPOTrainer(config, run_dir=ctx.run_dir, ctx=ctx)
+    out["ppo"], out["tokens"] = _ppo_iterations(ppo)
     out["weights"]["actor"] = _jax_weights(ppo.actor_mdef, ppo.actor_state.params,
                                            ppo.actor_state.frozen)
     out["weights"]["critic"] = _jax_weights(ppo.critic_mdef, ppo.critic_state.params,

@@ -45,6 +45,7 @@ from shared.rewards import SCORE_POSITIONS
 
 KL_IN = ("reward", "loss")
 KL_CONTROLLERS = ("fixed", "adaptive")
+ACCUMULATION_SCALINGS = ("global", "micro_batch_mean")
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,22 @@ class PPOConventions:
     """Entropy bonus coefficient (subtracted from the actor loss)."""
     loss_agg_mode: str = "token-mean"
     """Loss aggregation (`aggregate_loss`): token-mean, seq-mean-token-mean, ..."""
+    accumulation_scaling: str = "global"
+    """How an optimiser step of several micro-batches is normalised: "global" divides every
+    micro-batch's loss by the whole step's count (the gradient never depends on how the step
+    is split); "micro_batch_mean" averages each micro-batch's own mean (DeepSpeed's
+    gradient-accumulation scaling, as DeepSpeed-Chat trains)."""
+    mask_pad_tokens: bool = False
+    """True: a sampled token equal to the pad id is never part of the response (DeepSpeed-Chat's
+    `action_mask = ids != pad`): with pad == EOS the EOS is masked, in the forwards and the
+    losses, and the score slot is one earlier. False: the EOS always counts as a real token."""
+    trim_answer_width: bool = False
+    """True: the rollout is cut to its longest answer before the advantages (DeepSpeed-Chat's
+    `generate` stops once every row has finished), so the longest row's one-past-the-end score
+    slot falls back on its last token; False: always `max_answer_seq_len` slots."""
+    shuffle_minibatches: bool = True
+    """Visit the rollout buffer in a fresh seeded order every PPO epoch; False walks it in
+    order, as DeepSpeed-Chat does (`ppo.shuffle_minibatches` in the config)."""
 
     def __post_init__(self) -> None:
         _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
@@ -107,7 +124,9 @@ class PPOConventions:
         _choice("reward_position", self.reward_position, SCORE_POSITIONS)
         _choice("gae_mask_mode", self.gae_mask_mode, GAE_MASK_MODES)
         _choice("loss_agg_mode", self.loss_agg_mode, AGG_MODES)
-        for name in ("zero_after_end", "whiten_advantages", "whiten_rewards"):
+        _choice("accumulation_scaling", self.accumulation_scaling, ACCUMULATION_SCALINGS)
+        for name in ("zero_after_end", "whiten_advantages", "whiten_rewards", "mask_pad_tokens",
+                     "trim_answer_width", "shuffle_minibatches"):
             _choice(name, getattr(self, name), (True, False))
         for name in ("kl_clamp", "reward_clip", "clip_high", "log_ratio_clamp", "value_clip"):
             _positive_or_none(name, getattr(self, name))
@@ -122,6 +141,12 @@ class PPOConventions:
             "dual_clip", self.dual_clip, "None or a number > 1",
         )
         _check(self.value_loss_scale > 0, "value_loss_scale", self.value_loss_scale, "> 0")
+        if self.trim_answer_width and self.whiten_rewards:
+            raise ValueError(
+                "PPOConventions.trim_answer_width computes each generation batch's rewards on "
+                "its own width, so whiten_rewards (over the whole buffer) cannot be combined "
+                "with it; set one of them to False"
+            )
         if self.reward_position == "dschat" and self.gae_mask_mode == "skip_masked":
             raise ValueError(
                 "reward_position='dschat' puts the score on a padding slot, which "
@@ -163,6 +188,10 @@ DEEPSPEED_CHAT = PPOConventions(
     value_loss_scale=0.5,
     entropy_coef=0.0,
     loss_agg_mode="token-mean",
+    accumulation_scaling="micro_batch_mean",
+    mask_pad_tokens=True,
+    trim_answer_width=True,
+    shuffle_minibatches=False,
 )
 
 NEMO = PPOConventions(
@@ -257,6 +286,15 @@ _DEFAULT_REASONS = {
     "value_clip": "0.2 with 0.5 * max(...), the value loss shared by every framework here",
     "loss_agg_mode": "token-mean with a global token count: split-invariant, and the "
     "common choice",
+    "accumulation_scaling": "global: the gradient of a step never depends on how it is split "
+    "into micro-batches, ranks or shards (DeepSpeed's per-micro-batch means weight a short "
+    "micro-batch's tokens more)",
+    "mask_pad_tokens": "False: the EOS the policy chose is an action and gets its log-prob, "
+    "KL and score whatever the tokenizer's pad id is",
+    "trim_answer_width": "False: static shapes (one compiled step), and the score slot of a "
+    "row never depends on the other rows of its batch",
+    "shuffle_minibatches": "True: a fresh seeded order per PPO epoch decorrelates the "
+    "mini-batches, as OpenRLHF, TRL and verl do",
 }
 
 PRESETS: dict[str, PPOConventions] = {

@@ -155,6 +155,11 @@ def _normalise(data: dict[str, Any]) -> dict[str, Any]:
             for dotted, value in resolve_alias(name, ppo.pop(name)):
                 _set(data, dotted, value)
         ppo = data["ppo"]
+        if "shuffle_minibatches" in ppo:  # a convention (the preset's unless given)
+            conventions = ppo.setdefault("conventions", {}) or {}
+            if isinstance(conventions, dict):
+                conventions.setdefault("shuffle_minibatches", ppo.pop("shuffle_minibatches"))
+                ppo["conventions"] = conventions
         preset_name = ppo.get("preset", "default")
         try:
             preset = get_preset(preset_name)

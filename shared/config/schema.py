@@ -182,8 +182,8 @@ class _StepConfig:
     num_train_epochs: int = 1
     # Stop after this many optimiser steps (null: run all epochs).
     max_steps: int | None = None
-    # Micro-batches accumulated per optimiser step; the loss is normalised by the global token
-    # count, so this never changes the gradient.
+    # Micro-batches accumulated per optimiser step; under the default
+    # conventions.accumulation_scaling (global) this never changes the gradient.
     gradient_accumulation_steps: int = 1
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     model: ModuleConfig = field(default_factory=ModuleConfig)
@@ -269,16 +269,13 @@ class PPOConfig:
     num_rollout_samples: int | None = None
     # Passes over the rollout buffer (DS-Chat --ppo_epochs; NeMo epochs).
     ppo_epochs: int = 1
-    # Visit the rollout buffer in a fresh seeded order every PPO epoch; false walks
-    # it in order, as DeepSpeed-Chat does.
-    shuffle_minibatches: bool = True
     # Passes over the prompt dataset (DS-Chat --num_train_epochs).
     # Passes over the training data.
     num_train_epochs: int = 1
     # Stop after this many PPO iterations (rollout + training); null: all epochs.
     max_iterations: int | None = None
-    # Micro-batches accumulated per optimiser step; the loss is normalised by the global token
-    # count, so this never changes the gradient.
+    # Micro-batches accumulated per optimiser step; under the default
+    # conventions.accumulation_scaling (global) this never changes the gradient.
     gradient_accumulation_steps: int = 1
     actor_optim: OptimizerConfig = field(
         default_factory=lambda: OptimizerConfig(learning_rate=9.65e-6, lr_scheduler_type="cosine")

@@ -203,7 +203,7 @@ def ppo_trainer(tiny_config, tmp_path_factory):
         "conventions": {"kl_controller": "adaptive", "kl_target": 0.01, "kl_horizon": 100.0},
     })
     ctx = make_context(config, tmp_path_factory.mktemp("ppo") / "run")
-    return PPOTrainer(ctx)
+    return PPOTrainer(ctx.config, run_dir=ctx.run_dir, ctx=ctx)
 
 
 def test_generate_experience(ppo_trainer):
@@ -212,18 +212,16 @@ def test_generate_experience(ppo_trainer):
     exp = tr.generate_experience(prompts, iteration=0, batch_index=0)
     again = tr.generate_experience(prompts, iteration=0, batch_index=0)
     other = tr.generate_experience(prompts, iteration=1, batch_index=0)
-    rows, steps = 8, tr.cfg.data.max_answer_seq_len
-    assert exp["response_ids"].shape == exp["sample_mask"].shape == (rows, steps)
-    assert exp["scores"].shape == (rows,) and np.isfinite(exp["scores"]).all()
-    np.testing.assert_array_equal(exp["response_ids"], again["response_ids"])
-    assert not np.array_equal(exp["response_ids"], other["response_ids"])
-    real = exp["sample_mask"] > 0
-    assert (exp["logprobs"][~real] == 0).all() and (exp["ref_logprobs"][~real] == 0).all()
-    np.testing.assert_allclose(exp["logprobs"], exp["ref_logprobs"], atol=1e-6)  # step 0
-    assert exp["rollout_logprob_gap"] < 1e-4
-    short = exp["sample_mask"].sum(-1) < tr.ppo.min_answer_tokens
-    np.testing.assert_array_equal(exp["is_short"], short)
-    assert (exp["response_mask"][short] == 0).all()
+    rows, steps = 8, tr.config.data.max_answer_seq_len
+    assert exp.response.shape == exp.sample_mask.shape == (rows, steps)
+    assert exp.scores.shape == (rows,) and np.isfinite(exp.scores).all()
+    np.testing.assert_array_equal(exp.response, again.response)
+    assert not np.array_equal(exp.response, other.response)
+    np.testing.assert_allclose(exp.logprobs, exp.ref_logprobs, atol=1e-6)  # step 0
+    assert exp.logprob_gap < 1e-4
+    short = exp.sample_mask.sum(-1) < tr.config.ppo.min_answer_tokens
+    np.testing.assert_array_equal(exp.is_short, short)
+    assert (exp.response_mask[short] == 0).all()
 
 
 def test_train_iteration_updates_ema_kl_and_counts_steps(ppo_trainer):
@@ -250,8 +248,8 @@ def test_train_iteration_updates_ema_kl_and_counts_steps(ppo_trainer):
 
 def test_reference_model_is_the_initial_actor(ppo_trainer):
     tr = ppo_trainer
-    fresh = ModelDef.split(build_model("causal_lm", hf_config=tr.cfg.model.actor_config,
-                                       seed=tr.cfg.seed))[1]
+    fresh = ModelDef.split(build_model("causal_lm", hf_config=tr.config.model.actor_config,
+                                       seed=tr.config.seed))[1]
     for name, value in to_host(tr.ref_params).items():
         np.testing.assert_array_equal(value, np.asarray(fresh[name]), err_msg=name)
 
@@ -264,9 +262,9 @@ def test_offloaded_reference_scores_the_same(ppo_trainer, tmp_path, monkeypatch)
     monkeypatch.setattr(sharding, "offload_supported", lambda: True)
     ctx = make_context(ppo_trainer.ctx.run_dir.parent / "run" / "config.yaml", tmp_path / "off",
                        "ppo.offload_reference_model=true")
-    offloaded = PPOTrainer(ctx)
+    offloaded = PPOTrainer(ctx.config, run_dir=ctx.run_dir, ctx=ctx)
     kinds = {x.sharding.memory_kind for x in jax.tree.leaves(offloaded.ref_params)}
     assert kinds == {"pinned_host"} and offloaded.spec.reference_on_host
     prompts = offloaded.prompt_iterator.next_batch()
     exp = offloaded.generate_experience(prompts, iteration=5)
-    np.testing.assert_allclose(exp["ref_logprobs"], exp["logprobs"], atol=1e-6)
+    np.testing.assert_allclose(exp.ref_logprobs, exp.logprobs, atol=1e-6)
