@@ -11,7 +11,6 @@ host round trips. The difference is the framework's overhead.
 from __future__ import annotations
 
 import dataclasses
-import time
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bench.timing import finish_ppo_iterations, iteration_record, memory_snapshot, time_calls
-from bench.timing import iterations_done as _done
+from bench.timing import memory_snapshot, time_calls, timed_ppo_iterations
 from bench.workspace import Shapes, prompt_batch, sft_batch
 
 __all__ = ["ppo_iteration", "sft_step"]
@@ -101,32 +99,16 @@ def ppo_iteration(config: Any, run_dir: Path, lm_dir: str, value_dir: str, shape
     ``PhaseTimer``, training timed around ``train_on_experience`` as ``train_iteration``
     does), then the plain scoring pass and plain actor + critic step."""
     from jax_rlhf.train.ppo import PPOTrainer
-    from shared.runlog import PhaseTimer
 
-    trainer = PPOTrainer(_context(config, run_dir), actor_path=lm_dir, critic_path=value_dir)
+    ctx = _context(config, run_dir)
+    trainer = PPOTrainer(config, run_dir=ctx.run_dir, actor_model_name_or_path=lm_dir,
+                         critic_model_name_or_path=value_dir, ctx=ctx)
     # Full-length answers: an EOS id outside the vocabulary is never sampled.
     trainer.sampling = dataclasses.replace(trainer.sampling, eos_ids=(vocab_size,))
     loaded = memory_snapshot()
     prompts = prompt_batch(shapes.ppo_rollout_batch, shapes, vocab_size)
-
-    iterations = []
-    for i in range(warmup + repeats):
-        timer = PhaseTimer()
-        start = time.perf_counter()
-        experience = trainer.generate_experience(prompts, iteration=i, batch_index=0,
-                                                 timer=timer)
-        with timer.phase("training"):
-            metrics = trainer.train_on_experience([experience], iteration=i)
-        trainer.kl_state = trainer.kl_controller.update(
-            trainer.kl_state, current_kl=metrics["kl"], n_steps=len(prompts))
-        total = time.perf_counter() - start
-        iterations.append(iteration_record(total, timer.pop(), rollout_path="jax_sampler",
-                                           response_length=metrics["response_length"]))
-        if _done(iterations, warmup, budget_s):
-            break
-    out, experience = finish_ppo_iterations(trainer, prompts, experience, iterations,
-                                            warmup=warmup, repeats=repeats,
-                                            rss_after_load=loaded["rss_bytes"])
+    out, experience = timed_ppo_iterations(trainer, prompts, warmup=warmup, repeats=repeats,
+                                           budget_s=budget_s, rss_after_load=loaded["rss_bytes"])
     if plain:
         out["plain"] = _plain_ppo(trainer, experience, shapes, warmup=warmup, repeats=repeats,
                                   budget_s=budget_s)
@@ -139,10 +121,10 @@ def _plain_ppo(trainer, experience, shapes: Shapes, *, warmup: int, repeats: int
     spec = trainer.spec
     actor_frozen, critic_frozen = trainer.actor_state.frozen, trainer.critic_state.frozen
     prompt_len = shapes.prompt_len
-    seq = jnp.concatenate([jnp.asarray(experience["prompt_ids"]),
-                           jnp.asarray(experience["response_ids"])], axis=1)  # [B, P + N]
+    seq = jnp.concatenate([jnp.asarray(experience.prompt_ids),
+                           jnp.asarray(experience.response)], axis=1)  # [B, P + N]
     mask = jnp.ones_like(seq)
-    response = jnp.asarray(experience["response_ids"])
+    response = jnp.asarray(experience.response)
 
     def response_logprobs(model, seq, mask, response):
         logits, _ = model(seq, mask)
@@ -162,8 +144,8 @@ def _plain_ppo(trainer, experience, shapes: Shapes, *, warmup: int, repeats: int
                          label="plain_scoring", **calls)
 
     rows = slice(0, shapes.ppo_minibatch)
-    advantages = jnp.asarray(experience["values"][rows])  # any [M, N] float array will do
-    returns = jnp.asarray(experience["scores"][rows])[:, None] + advantages
+    advantages = jnp.asarray(experience.values[rows])  # any [M, N] float array will do
+    returns = jnp.asarray(experience.scores[rows])[:, None] + advantages
     tx = optax.adamw(1e-6)
 
     def step(params, opt_state, seq, mask, response, advantages, returns):

@@ -126,6 +126,32 @@ def iteration_record(total_s: float, phases: dict[str, float], *, rollout_path: 
             "rollout_path": rollout_path, "response_length": response_length}
 
 
+def timed_ppo_iterations(trainer: Any, prompts: Any, *, warmup: int, repeats: int,
+                         budget_s: float | None, rss_after_load: int | None,
+                         sync: Any = None) -> tuple[dict[str, Any], Any]:
+    """PPO iterations of either backend's ``PPOTrainer`` (the one loop of
+    ``shared.ppo_loop``: ``generate_experience`` then ``train_on_experience``, which also
+    updates the KL controller) on the same prompts, with the phase times of its ``timer``;
+    then :func:`finish_ppo_iterations`. ``sync`` waits for the device before a time is read."""
+    iterations = []
+    experience = None
+    for i in range(warmup + repeats):
+        trainer.timer.pop()
+        start = time.perf_counter()
+        experience = trainer.generate_experience(prompts, iteration=i, batch_index=0)
+        metrics = trainer.train_on_experience([experience], iteration=i)
+        if sync is not None:
+            sync()
+        total = time.perf_counter() - start
+        iterations.append(iteration_record(total, trainer.timer.pop(),
+                                           rollout_path=trainer.rollout_path,
+                                           response_length=metrics["response_length"]))
+        if iterations_done(iterations, warmup, budget_s):
+            break
+    return finish_ppo_iterations(trainer, prompts, experience, iterations, warmup=warmup,
+                                 repeats=repeats, rss_after_load=rss_after_load)
+
+
 def finish_ppo_iterations(trainer: Any, prompts: Any, experience: Any,
                           iterations: list[dict[str, Any]], *, warmup: int, repeats: int,
                           rss_after_load: int | None) -> tuple[dict[str, Any], Any]:

@@ -11,15 +11,14 @@ framework's overhead.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.timing import finish_ppo_iterations, iteration_record, memory_snapshot, time_calls
-from bench.timing import iterations_done as _done
+from bench.timing import memory_snapshot, time_calls, timed_ppo_iterations
 from bench.workspace import Shapes, prompt_batch, sft_batch
 
 __all__ = ["ppo_iteration", "sft_step"]
@@ -83,22 +82,9 @@ def ppo_iteration(config: Any, run_dir: Path, lm_dir: str, value_dir: str, shape
     loaded = memory_snapshot()
     prompts = prompt_batch(shapes.ppo_rollout_batch, shapes, vocab_size)
 
-    iterations = []
-    for i in range(warmup + repeats):
-        trainer.timer.pop()
-        start = time.perf_counter()
-        experience = trainer.generate_experience(prompts, iteration=i, batch_index=0)
-        metrics = trainer.train_on_experience([experience], iteration=i)
-        _sync()
-        total = time.perf_counter() - start
-        iterations.append(iteration_record(total, trainer.timer.pop(),
-                                           rollout_path=trainer.rollout_path,
-                                           response_length=metrics["response_length"]))
-        if _done(iterations, warmup, budget_s):
-            break
-    out, experience = finish_ppo_iterations(trainer, prompts, experience, iterations,
-                                            warmup=warmup, repeats=repeats,
-                                            rss_after_load=loaded["rss_bytes"])
+    out, experience = timed_ppo_iterations(trainer, prompts, warmup=warmup, repeats=repeats,
+                                           budget_s=budget_s, rss_after_load=loaded["rss_bytes"],
+                                           sync=_sync)
     if plain:
         out["plain"] = _plain_ppo(trainer, experience, shapes, warmup=warmup, repeats=repeats,
                                   budget_s=budget_s)
@@ -120,9 +106,17 @@ def _plain_ppo(trainer, experience, shapes: Shapes, *, warmup: int, repeats: int
     engine = trainer.engine
     actor, ref = _module(engine.actor), _module(engine.ref)
     critic, reward = _module(engine.critic), _module(engine.reward)
-    seq, mask = experience.sequences, experience.attention_mask
+    experience = trainer.with_advantages([experience])
+    device = trainer.device
+
+    def tensor(array):
+        return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+    seq = tensor(np.concatenate([experience.prompt_ids, experience.response], 1))
+    mask = tensor(np.concatenate([experience.prompt_mask,
+                                  experience.sample_mask.astype(np.int64)], 1))
     prompt_len = shapes.prompt_len
-    response = experience.response
+    response = tensor(experience.response)
 
     def response_logprobs(model, rows):
         logits = model(input_ids=seq[rows], attention_mask=mask[rows]).logits
@@ -145,7 +139,7 @@ def _plain_ppo(trainer, experience, shapes: Shapes, *, warmup: int, repeats: int
     scoring = time_calls(score, label="plain_scoring", **calls)
 
     rows = slice(0, shapes.ppo_minibatch)
-    advantages, returns = experience.advantages[rows], experience.returns[rows]
+    advantages, returns = tensor(experience.advantages[rows]), tensor(experience.returns[rows])
     actor_opt = torch.optim.AdamW(actor.parameters(), lr=1e-6, fused=True)
     critic_opt = torch.optim.AdamW(critic.parameters(), lr=1e-6, fused=True)
 

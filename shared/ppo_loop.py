@@ -398,8 +398,8 @@ class PPOLoop:
         self.last_metrics = dict(state["last_metrics"])
         self.elapsed = Counter(state["elapsed"])
         self._saved = self.iteration
-        truncate_metrics(self.run_dir, self.step, "iteration", self.iteration + 1,
-                         is_main=self.is_main)
+        if self.is_main:
+            truncate_metrics(self.run_dir, self.step, "iteration", self.iteration + 1)
         logger.info("ppo: resumed at iteration %d/%d", self.iteration, self.total_iterations)
         return True
 

@@ -32,8 +32,13 @@ def _crash_at(ctx, step: str, index: int) -> None:
 
 
 def _losses(run_dir, step, keys):
+    """`{index: values}` of the step's records; a repeated index (a resumed run that logged
+    again what it had logged before the kill) is an error: the file must read row for row as
+    an uninterrupted run's."""
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     records = [r for r in map(json.loads, lines) if r["step"] == step and keys[0] in r]
+    indices = [r["iteration"] for r in records]
+    assert indices == sorted(set(indices)), indices
     return {r["iteration"]: [r[k] for k in keys] for r in records}
 
 
@@ -85,7 +90,8 @@ def test_ppo_resume_is_exact(tiny_config, tmp_path):
 
     keys = ("actor_loss", "critic_loss", "reward_score", "kl", "kl_coef", "ptx_loss")
     straight, resumed = _resume_matches(
-        PPOTrainer, run, tmp_path, step="ppo", crash_at=3, keys=keys
+        lambda ctx: PPOTrainer(ctx.config, run_dir=ctx.run_dir, ctx=ctx), run, tmp_path,
+        step="ppo", crash_at=3, keys=keys
     )
     assert resumed.kl_state.kl_coef == straight.kl_state.kl_coef
     for tree in ("actor", "critic", "ema"):
