@@ -23,8 +23,6 @@ Python API (the same constructor as the torch backend)::
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -33,13 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-import shared
 from jax_rlhf import sharding
 from jax_rlhf.checkpoint import Checkpointer
-from jax_rlhf.models import CausalLM
-from jax_rlhf.optim import make_optimizer
 from jax_rlhf.params import ModelDef, Params, to_host
 from jax_rlhf.sampler import SamplingParams, generate
+from jax_rlhf.train import engine
 from jax_rlhf.train.common import (
     RunContext,
     build_model,
@@ -53,12 +49,9 @@ from jax_rlhf.train.common import (
     model_meta,
     trainable_filter,
 )
-from jax_rlhf.train.reward import end_scores
+from jax_rlhf.train.engine import PPOSpec
 from jax_rlhf.train.step import (
-    TrainState,
     abstract_train_state,
-    accumulate_gradients,
-    apply_gradients,
     init_train_state,
 )
 from shared.ppo_loop import PPOLoop
@@ -67,156 +60,6 @@ logger = logging.getLogger(__name__)
 
 ROLLOUT_PATH = "jax_sampler"
 """`rollout_path` metric: rollouts always come from the jitted sampler of `jax_rlhf.sampler`."""
-
-TOKEN_SUMS = ("clip_fraction", "approx_kl", "value_clip_fraction")
-"""Statistics returned per optimiser step as token-weighted sums (`shared.ppo_loop`)."""
-
-
-def _response_forward(model, prompt_ids, prompt_mask, response_ids, response_mask):
-    """Outputs of `model` at the positions that predict each answer token: `[B, N, ...]`,
-    then every position's (`[B, P + N, ...]`, value models only; None for a causal LM, whose
-    LM head runs on the answer positions alone) and the sequence mask."""
-    prompt_len = prompt_ids.shape[1]
-    seq = jnp.concatenate([prompt_ids, response_ids], axis=1)  # [B, P + N]
-    mask = jnp.concatenate([prompt_mask, response_mask.astype(prompt_mask.dtype)], axis=1)
-    answer = slice(prompt_len - 1, -1)
-    if isinstance(model, CausalLM):
-        logits, _ = model(seq, mask, logits_to_keep=answer)
-        return logits, None, mask
-    out, _ = model(seq, mask)
-    return out[:, answer], out, mask
-
-
-@dataclasses.dataclass(frozen=True)
-class PPOSpec:
-    """Everything static the jitted PPO functions depend on (hashable: trainers built from
-    equal configs share their compiled functions)."""
-
-    actor: ModelDef
-    critic: ModelDef
-    reference: ModelDef
-    reward: ModelDef
-    conventions: Any
-    """The `PPOConventions`."""
-    actor_optim: Any
-    critic_optim: Any
-    actor_total_steps: int
-    critic_total_steps: int
-    actor_lora_lr: float | None
-    critic_lora_lr: float | None
-    unsup_coef: float
-    ptx_mode: str | None
-    """"joint", "separate" or None (no ptx data or unsup_coef 0)."""
-    reference_on_host: bool
-
-    def actor_optimizer(self, params):
-        return make_optimizer(self.actor_optim, params, total_steps=self.actor_total_steps,
-                              lora_learning_rate=self.actor_lora_lr)
-
-    def critic_optimizer(self, params):
-        return make_optimizer(self.critic_optim, params, total_steps=self.critic_total_steps,
-                              lora_learning_rate=self.critic_lora_lr)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _score(spec: PPOSpec, actor_params, actor_frozen, ref_params, critic_params, critic_frozen,
-           reward_params, rollout):
-    """Training-forward log-probs, reference log-probs and values (every slot, unmasked) and
-    end scores of a rollout."""
-    if spec.reference_on_host:
-        ref_params = jax.device_put(ref_params, jax.memory.Space.Device)
-    args = (rollout["prompt_ids"], rollout["prompt_mask"], rollout["response"],
-            rollout["sample_mask"])
-    tokens = rollout["response"]
-    logits, _, _ = _response_forward(spec.actor.merge(actor_params, actor_frozen), *args)
-    ref_logits, _, _ = _response_forward(spec.reference.merge(ref_params), *args)
-    values, _, _ = _response_forward(spec.critic.merge(critic_params, critic_frozen), *args)
-    _, all_rewards, seq_mask = _response_forward(spec.reward.merge(reward_params), *args)
-    return {
-        "logprobs": shared.token_logprobs(logits.astype(jnp.float32), tokens),  # [B, N]
-        "ref_logprobs": shared.token_logprobs(ref_logits.astype(jnp.float32), tokens),
-        "values": values.astype(jnp.float32),
-        "scores": end_scores(all_rewards.astype(jnp.float32), seq_mask),  # [B]
-    }
-
-
-def _ptx_loss(actor, mb, normalizer):
-    ids, mask = mb["ptx_input_ids"], mb["ptx_attention_mask"]
-    logits, _ = actor(ids, mask)
-    return shared.sft_loss(
-        logits[:, :-1].astype(jnp.float32), ids[:, 1:], mask[:, 1:],
-        agg_mode="token-mean", normalizer=normalizer,
-    )
-
-
-def _ppo_step(spec: PPOSpec, actor_state: TrainState, critic_state: TrainState, batch, kl_coef):
-    """One optimiser step of actor and critic on `[A, M, ...]` stacked micro-batches; each
-    row carries its micro-batch's loss normaliser (`normalizer`, `ptx_normalizer`)."""
-    c = spec.conventions
-    actor_opt = spec.actor_optimizer(actor_state.params)
-    critic_opt = spec.critic_optimizer(critic_state.params)
-    joint_ptx = spec.ptx_mode == "joint"
-
-    def loss_fn(params, mb):
-        actor_params, critic_params = params
-        args = (mb["prompt_ids"], mb["prompt_mask"], mb["response"], mb["sample_mask"])
-        actor = spec.actor.merge(actor_params, actor_state.frozen)
-        logits, _, _ = _response_forward(actor, *args)
-        logits = logits.astype(jnp.float32)  # [M, N, V]
-        logprobs = shared.token_logprobs(logits, mb["response"])
-        entropy = shared.entropy_from_logits(logits)
-        critic = spec.critic.merge(critic_params, critic_state.frozen)
-        values, _, _ = _response_forward(critic, *args)
-        mask = mb["response_mask"]
-        actor_loss, critic_loss, stats = shared.ppo_losses(
-            logprobs, mb["logprobs"], mb["advantages"], values.astype(jnp.float32),
-            mb["values"], mb["returns"], mask, conventions=c, entropy=entropy,
-            ref_logprobs=mb["ref_logprobs"], kl_coef=kl_coef,
-            normalizer=jnp.max(mb["normalizer"]),
-        )
-        tokens = jnp.sum(mask)
-        aux = {k: stats[k] * tokens for k in TOKEN_SUMS}
-        # actor_loss is logged without the ptx term (as DeepSpeed-Chat logs act_loss and
-        # unsuper_loss apart); the gradient is of the joint objective
-        aux.update(actor_loss=actor_loss, critic_loss=critic_loss, pg_loss=stats["pg_loss"],
-                   tokens=tokens, entropy=jnp.sum(jax.lax.stop_gradient(entropy) * mask))
-        if joint_ptx:
-            aux["ptx_loss"] = _ptx_loss(actor, mb, jnp.max(mb["ptx_normalizer"]))
-            actor_loss = shared.ppo_ptx_objective(
-                actor_loss, aux["ptx_loss"], unsup_coef=spec.unsup_coef
-            )
-        return actor_loss + critic_loss, aux
-
-    grads, aux = accumulate_gradients(loss_fn, (actor_state.params, critic_state.params), batch)
-    aux["actor_lr"] = actor_opt.schedule(actor_state.step)
-    aux["critic_lr"] = critic_opt.schedule(critic_state.step)
-    actor_state, aux["actor_grad_norm"] = apply_gradients(actor_state, grads[0], actor_opt.tx)
-    critic_state, aux["critic_grad_norm"] = apply_gradients(
-        critic_state, grads[1], critic_opt.tx
-    )
-    return actor_state, critic_state, aux
-
-
-def _ptx_step(spec: PPOSpec, actor_state: TrainState, batch):
-    """DeepSpeed-Chat's separate actor step on `unsup_coef * ptx_loss`."""
-    actor_opt = spec.actor_optimizer(actor_state.params)
-
-    def loss_fn(params, mb):
-        ptx_loss = _ptx_loss(spec.actor.merge(params, actor_state.frozen), mb,
-                             jnp.max(mb["ptx_normalizer"]))
-        return spec.unsup_coef * ptx_loss, {"ptx_loss": ptx_loss}
-
-    grads, aux = accumulate_gradients(loss_fn, actor_state.params, batch)
-    aux["actor_lr"] = actor_opt.schedule(actor_state.step)  # this step's learning rate
-    actor_state, _ = apply_gradients(actor_state, grads, actor_opt.tx)
-    return actor_state, aux
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=1)
-def _ema_update(beta: float, ema_params, params):
-    """`shared.ema(beta).update` on the flat parameter dicts."""
-    return shared.ema(beta=beta).update(shared.EmaState(ema_params), params).ema
-
 
 class PPOTrainer(PPOLoop):
     """PPO with actor, reference, critic and reward models on one mesh.
@@ -300,11 +143,11 @@ class PPOTrainer(PPOLoop):
         critic_sh = sharding.tree_shardings(self.critic_state)
         rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh, axis=1)
         self._ppo_step = jax.jit(
-            _ppo_step, in_shardings=(actor_sh, critic_sh, batch_sh, rep),
+            engine.ppo_step, in_shardings=(actor_sh, critic_sh, batch_sh, rep),
             out_shardings=(actor_sh, critic_sh, rep), static_argnums=0, donate_argnums=(1, 2),
         )
         self._ptx_step = jax.jit(
-            _ptx_step, in_shardings=(actor_sh, batch_sh), out_shardings=(actor_sh, rep),
+            engine.ptx_step, in_shardings=(actor_sh, batch_sh), out_shardings=(actor_sh, rep),
             static_argnums=0, donate_argnums=(1,),
         )
         self._checkpointer = None
@@ -336,7 +179,7 @@ class PPOTrainer(PPOLoop):
             {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response": response,
              "sample_mask": sample_mask.astype(np.int32)}, self.ctx.mesh,
         )
-        return to_host(_score(
+        return to_host(engine.score(
             self.spec, self.actor_state.params, self.actor_state.frozen, self.ref_params,
             self.critic_state.params, self.critic_state.frozen, self.reward_params, rollout,
         ))
@@ -374,7 +217,7 @@ class PPOTrainer(PPOLoop):
 
     def update_ema(self) -> None:
         if self.ema_params is not None:
-            self.ema_params = _ema_update(
+            self.ema_params = engine.ema_update(
                 self.config.ppo.ema_beta, self.ema_params, self.actor_state.params
             )
 
