@@ -26,7 +26,10 @@ from shared.data.records import PromptExample as PromptExample
 from shared.data.records import RankingExample as RankingExample
 from shared.data.records import SFTExample as SFTExample
 from shared.data.records import TextExample as TextExample
+from shared.data.tokenize import check_pad_with_eos as check_pad_with_eos
+from shared.data.tokenize import check_padding_at_beginning as check_padding_at_beginning
 from shared.data.tokenize import encode_prompts as encode_prompts
 from shared.data.tokenize import encode_responses as encode_responses
 from shared.data.tokenize import end_of_conversation_ids as end_of_conversation_ids
+from shared.data.tokenize import padding_at_beginning as padding_at_beginning
 from shared.data.tokenize import prepare_tokenizer as prepare_tokenizer

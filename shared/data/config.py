@@ -175,8 +175,15 @@ class DataConfig:
     """Seed of the split permutation, blending shuffle and subsampling (DeepSpeed-Chat: 1234)."""
 
     num_padding_at_beginning: int = 0
-    """Padding tokens a model puts before every sequence (OPT: 1). Read by the reward model
-    when it looks for the end of a sequence; the data layer only carries it."""
+    """Pad tokens the tokenizer puts before every sequence (OPT with `pad_with_eos`: 1, its BOS
+    `</s>`; 0 otherwise). Read by the reward model when it looks for the end of a sequence;
+    the reward step checks it against the tokenizer (`check_padding_at_beginning`)."""
+
+    pad_with_eos: bool = False
+    """Pad with the tokenizer's eos token whatever pad token it has, as DeepSpeed-Chat does for
+    every non-Llama model (`tokenizer.pad_token = tokenizer.eos_token`); false keeps the
+    tokenizer's own pad (the eos only when it has none). DeepSpeed-Chat's OPT recipes need it:
+    their `num_padding_at_beginning: 1` counts OPT's BOS `</s>` as a pad."""
 
     train_on_prompt: bool = False
     """SFT loss on prompt tokens too (DeepSpeed-Chat does so); False masks the prompt."""
@@ -218,6 +225,8 @@ class DataConfig:
         pad = self.num_padding_at_beginning
         if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
             _fail(owner, "num_padding_at_beginning", pad, "expected a non-negative integer")
+        if not isinstance(self.pad_with_eos, bool):
+            _fail(owner, "pad_with_eos", self.pad_with_eos, "expected true or false")
         if not isinstance(self.train_on_prompt, bool):
             _fail(owner, "train_on_prompt", self.train_on_prompt, "expected true or false")
 

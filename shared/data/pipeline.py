@@ -18,8 +18,10 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Generic
 
+import numpy as np
+
 from shared.data import cache
-from shared.data.batches import B, TextBatch
+from shared.data.batches import B, PairwiseBatch, TextBatch
 from shared.data.config import STEPS, DataConfig, DatasetSpec
 from shared.data.hf_adapters import ADAPTERS, hf_rows, load_hf_dataset
 from shared.data.readers import (
@@ -41,6 +43,8 @@ from shared.data.records import (
 )
 from shared.data.splits import hold_out, partition, permutation, reweight
 from shared.data.tokenize import (
+    check_pad_with_eos,
+    check_padding_at_beginning,
     encode_pairwise,
     encode_prompt_batch,
     encode_ranking,
@@ -250,10 +254,30 @@ def _encode(
         )
     if step == "reward":
         encode = encode_pairwise if pairwise_only else encode_ranking
-        return encode(tokenizer, records, eoc_ids=eoc, report=report, **lengths)
+        batch = encode(tokenizer, records, eoc_ids=eoc, report=report, **lengths)
+        if config.num_padding_at_beginning > 0:
+            report.add(
+                "reward/missing_padding_at_beginning",
+                _missing_padding_at_beginning(
+                    batch, tokenizer.pad_token_id, config.num_padding_at_beginning
+                ),
+            )
+        return batch
     return encode_prompt_batch(
         tokenizer, records, max_prompt_seq_len=config.max_prompt_seq_len, report=report
     )
+
+
+def _missing_padding_at_beginning(batch, pad_id: int, k: int) -> int:
+    """Reward-model sequences that do not start with k pad tokens: a prompt truncated from the
+    left loses its BOS, which `num_padding_at_beginning` counts on (DeepSpeed-Chat truncates
+    step-2 sequences from the right and keeps it)."""
+    if isinstance(batch, PairwiseBatch):
+        rows = [batch.chosen_input_ids, batch.rejected_input_ids]
+    else:
+        valid = np.arange(batch.input_ids.shape[1])[None, :] < batch.num_valid[:, None]
+        rows = [batch.input_ids[valid]]
+    return int(sum(np.sum(~np.all(ids[:, :k] == pad_id, axis=1)) for ids in rows))
 
 
 def _cache_path(config: DataConfig, step: str, sources: list[_Source], tokenizer) -> str | None:
@@ -261,6 +285,7 @@ def _cache_path(config: DataConfig, step: str, sources: list[_Source], tokenizer
         return None
     settings = dataclasses.asdict(config)
     settings.pop("cache_dir")
+    settings.pop("pad_with_eos")  # it acts through the tokenizer, whose fingerprint is in the key
     key = cache.cache_key(
         {
             "step": step,
@@ -304,15 +329,22 @@ def read_dataset(
 def build_step_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, step: str) -> StepData:
     """Train and eval batches of one step ("sft", "reward" or "ppo") as fixed-shape arrays.
 
-    Gives the tokenizer a pad token first if it lacks one (see `prepare_tokenizer`). The
-    reward step returns a PairwiseBatch when every example is a comparison, else a
-    RankingBatch (comparisons as rankings of two).
+    Gives the tokenizer a pad token first if it lacks one (see `prepare_tokenizer`); with
+    `data.pad_with_eos` the tokenizer must already pad with its eos (`check_pad_with_eos`).
+    The reward step checks `data.num_padding_at_beginning` against the tokenizer
+    (`check_padding_at_beginning`) and, when it is > 0, counts the sequences that lost their
+    padding at the beginning to left truncation (`reward/missing_padding_at_beginning`). It
+    returns a PairwiseBatch when every example is a comparison, else a RankingBatch
+    (comparisons as rankings of two).
     """
     if step not in STEPS:
         raise ValueError(f"step: got {step!r}; allowed: {', '.join(STEPS)}")
     if not config.datasets:
         raise DataError(f"DataConfig.datasets is empty: no dataset feeds step {step!r}")
     prepare_tokenizer(tokenizer)
+    check_pad_with_eos(tokenizer, config.pad_with_eos)
+    if step == "reward":
+        check_padding_at_beginning(tokenizer, config.num_padding_at_beginning)
     sources = [_Source(spec, config) for spec in config.datasets]
     path = _cache_path(config, step, sources, tokenizer)
     cached = _from_cache(step, path)
@@ -345,6 +377,7 @@ def build_ptx_data(
     if config.unsupervised_dataset_name is None:
         return None
     prepare_tokenizer(tokenizer)
+    check_pad_with_eos(tokenizer, config.pad_with_eos)
     spec = DatasetSpec(
         config.unsupervised_dataset_name,
         format="text",

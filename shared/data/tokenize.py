@@ -44,13 +44,27 @@ PROGRESS_MIN_TEXTS = 20_000
 _CHUNK = 1_000
 
 
-def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizerBase:
-    """Gives a tokenizer without a pad token one, in place, with a warning.
+def prepare_tokenizer(
+    tokenizer: PreTrainedTokenizerBase, *, pad_with_eos: bool = False
+) -> PreTrainedTokenizerBase:
+    """Gives the tokenizer the pad token the run needs, in place; returns it.
 
-    The eos token becomes the pad token when there is one (attention masks keep them apart);
-    otherwise a new `<pad>` token is added and the model's embeddings must be resized to
-    `len(tokenizer)`.
+    Without `pad_with_eos`, only a tokenizer without a pad token gets one, with a warning: the
+    eos token when there is one (attention masks keep them apart); otherwise a new `<pad>`
+    token is added and the model's embeddings must be resized to `len(tokenizer)`.
+
+    `pad_with_eos=True` (`data.pad_with_eos`) makes the eos token the pad token whatever pad
+    the tokenizer has, as DeepSpeed-Chat does for every model whose name does not contain
+    "llama" (dschat/utils/utils.py `get_tokenizer`: `tokenizer.pad_token =
+    tokenizer.eos_token`). For OPT, whose BOS is its EOS `</s>`, every sequence then starts
+    with one pad token: the one `num_padding_at_beginning: 1` skips. Idempotent. Apply it where
+    the tokenizer is loaded, before any model or batch reads its pad id.
     """
+    if pad_with_eos:
+        if tokenizer.eos_token is None:
+            raise DataError("data.pad_with_eos is true but the tokenizer has no eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
@@ -66,6 +80,69 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokenizer
             )
         warnings.warn(message, stacklevel=2)
     return tokenizer
+
+
+def check_pad_with_eos(tokenizer: PreTrainedTokenizerBase, pad_with_eos: bool) -> None:
+    """Raises a DataError when `data.pad_with_eos` is set but the tokenizer's pad is not its
+    eos: it was loaded without `prepare_tokenizer(tokenizer, pad_with_eos=True)`, and the
+    models may already hold the other pad id."""
+    if pad_with_eos and tokenizer.pad_token_id != tokenizer.eos_token_id:
+        raise DataError(
+            f"data.pad_with_eos is true but the tokenizer pads with {tokenizer.pad_token!r} "
+            f"(id {tokenizer.pad_token_id}), not its eos {tokenizer.eos_token!r} (id "
+            f"{tokenizer.eos_token_id}): load it through prepare_tokenizer(tokenizer, "
+            "pad_with_eos=True) before the models and batches read its pad id"
+        )
+
+
+PADDING_PROBE = "Human: hello"
+"""The text `padding_at_beginning` tokenises (any text whose own tokens are not the pad)."""
+
+
+def padding_at_beginning(tokenizer: PreTrainedTokenizerBase, text: str = PADDING_PROBE) -> int:
+    """How many pad tokens the tokenizer puts before a text it encodes with its special tokens
+    (how prompts, and so reward-model sequences, begin). OPT with pad = eos: 1 (its BOS
+    `</s>`); OPT with its own `<pad>`, Llama, GPT-2: 0."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    pad = tokenizer.pad_token_id
+    count = 0
+    while count < len(ids) and ids[count] == pad:
+        count += 1
+    return count
+
+
+def check_padding_at_beginning(
+    tokenizer: PreTrainedTokenizerBase, num_padding_at_beginning: int
+) -> None:
+    """Raises a DataError unless every sequence the tokenizer encodes starts with exactly
+    `num_padding_at_beginning` pad tokens.
+
+    DeepSpeed-Chat's reward model (reward_model.py `RewardModel.forward`) takes a sequence's
+    end at its (k+1)-th pad token, k = num_padding_at_beginning: with fewer pads at the
+    beginning the end is found k - n tokens too late (the OPT recipes' k = 1 with OPT's own
+    `<pad>`), with more the end is the beginning. Call it when the reward step starts.
+    """
+    k = num_padding_at_beginning
+    found = padding_at_beginning(tokenizer)
+    if found == k:
+        return
+    ids = tokenizer(PADDING_PROBE, add_special_tokens=True)["input_ids"][: max(k, found) + 2]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    hint = (
+        f"set data.num_padding_at_beginning: {found}"
+        if found > k
+        else f"set data.num_padding_at_beginning: {found}, or data.pad_with_eos: true when "
+        "the tokenizer's BOS is its EOS, as DeepSpeed-Chat pads OPT (its BOS `</s>` is then "
+        "the pad at the beginning)"
+    )
+    raise DataError(
+        f"data.num_padding_at_beginning = {k}, but the tokenizer puts {found} pad token(s) "
+        f"(pad {tokenizer.pad_token!r}, id {tokenizer.pad_token_id}) before every sequence: "
+        f"{PADDING_PROBE!r} begins {ids} {tokens}. The reward model would take each "
+        f"sequence's end at its pad number {k + 1}, "
+        + ("past the real end" if found < k else "inside the padding at the beginning")
+        + f"; {hint}"
+    )
 
 
 def end_of_conversation_ids(tokenizer: PreTrainedTokenizerBase, token: str | None) -> list[int]:
