@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from shared.config import RLHFConfig, load_config, save_config
 
-__all__ = ["PhaseTimer", "RunLogger", "prepare_run_dir", "progress", "truncate_metrics"]
+__all__ = ["PhaseTimer", "RunLogger", "format_metrics", "prepare_run_dir", "progress",
+           "truncate_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,10 @@ class RunLogger:
                 if key not in ("step", index_name, "time") and isinstance(value, (int, float)):
                     self._writer.add_scalar(f"{step}/{key}", value, index)
 
+    def truncate(self, step: str, first_dropped: int, *, index_name: str = "iteration") -> None:
+        """``truncate_metrics`` of this run, on the main process only."""
+        truncate_metrics(self.run_dir, step, index_name, first_dropped, is_main=self.is_main)
+
     def update_summary(self, **entries: Any) -> dict[str, Any]:
         """Merge ``entries`` into ``summary.json`` and return the whole summary.
 
@@ -128,9 +133,9 @@ def truncate_metrics(run_dir: str | Path, step: str, index_name: str, first_drop
                      is_main: bool = True) -> None:
     """Drop ``metrics.jsonl`` records of ``step`` logged at ``index_name >= first_dropped``.
 
-    A run killed after its last checkpoint has logged steps that the resumed run will log
-    again; dropping them leaves the file as an uninterrupted run writes it. Only the main
-    process writes.
+    A run killed after its last checkpoint has logged steps that the resumed run logs again;
+    dropping them leaves the file as an uninterrupted run writes it. Only the main process
+    writes (atomically: other ranks may read the file).
     """
     path = Path(run_dir) / "metrics.jsonl"
     if not is_main or not path.is_file():
@@ -141,7 +146,9 @@ def truncate_metrics(run_dir: str | Path, step: str, index_name: str, first_drop
         late = record.get("step") == step and record.get(index_name, -1) >= first_dropped
         if not late:
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    partial.write_text("".join(line + "\n" for line in kept))
+    os.replace(partial, path)
 
 
 class PhaseTimer:
@@ -169,3 +176,14 @@ def progress(total: int, *, desc: str, enabled: bool = True, initial: int = 0):
     """A tqdm bar with ETA (disabled on non-main ranks or when ``enabled`` is false)."""
     return tqdm(total=total, desc=desc, initial=initial, disable=not enabled, dynamic_ncols=True,
                 unit="step")
+
+
+def format_metrics(metrics: Mapping[str, Any], keys: tuple[str, ...]) -> str:
+    """``key: value|key: value`` for the keys present, as DS-Chat prints its run log."""
+    parts = []
+    for key in keys:
+        if key in metrics:
+            value = metrics[key]
+            parts.append(f"{key}: {value:.4g}" if isinstance(value, float) else
+                         f"{key}: {value}")
+    return "|".join(parts)

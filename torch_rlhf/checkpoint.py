@@ -10,6 +10,7 @@ A checkpoint is a directory ``<run>/<step>/checkpoints/<tag>/``::
     trainer_state.pt          counters, data-iterator states, KL controller, EMA, ... (rank 0)
     rng_rank<r>.pt            python / numpy / torch RNG states of each rank
     COMPLETE                  written last: a checkpoint without it is ignored
+                              (``shared.checkpoints``)
 
 It holds everything an uninterrupted run still has in memory, so a resumed run computes
 bit-for-bit the same losses (docs/architecture.md, Resume).
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared.checkpoints import COMPLETE, CheckpointDir
 from torch_rlhf.distributed import barrier, is_main, rank
 from torch_rlhf.models import ValueModel, unwrap_model
 
@@ -35,11 +36,7 @@ __all__ = [
     "capture_rng",
     "export_checkpoint",
     "restore_rng",
-    "truncate_metrics",
 ]
-
-_COMPLETE = "COMPLETE"
-
 
 def capture_rng() -> dict[str, Any]:
     """Every RNG state a trainer's numbers can depend on."""
@@ -67,18 +64,30 @@ def _model_spec(engine, lora: Mapping[str, Any] | None) -> dict[str, Any]:
 class CheckpointManager:
     """Writes, finds, loads and prunes the checkpoints of one step of a run.
 
+    The directories, their ``COMPLETE`` marker and pruning follow ``shared.checkpoints``.
+
     Args:
       root: ``<run>/<step>/checkpoints``.
       keep: how many complete checkpoints to keep (``logging.keep_checkpoints``).
     """
 
     def __init__(self, root: str | Path, *, keep: int):
-        self.root = Path(root)
+        self.directory = CheckpointDir(root, keep=keep, is_main=is_main(), barrier=barrier)
+        self.root = self.directory.root
         self.keep = keep
 
     def save(self, tag: str, engines: Mapping[str, Any], state: Mapping[str, Any], *,
              tokenizer=None, lora: Mapping[str, Mapping[str, Any] | None] | None = None) -> Path:
-        """Save a checkpoint named ``tag``; every rank must call this.
+        """Save and complete a checkpoint named ``tag``; every rank must call this."""
+        path = self.directory.prepare(tag)
+        self.write(path, engines, state, tokenizer=tokenizer, lora=lora)
+        self.directory.commit(path)
+        return path
+
+    def write(self, path: str | Path, engines: Mapping[str, Any], state: Mapping[str, Any], *,
+              tokenizer=None, lora: Mapping[str, Mapping[str, Any] | None] | None = None) -> None:
+        """Write a checkpoint into the new directory ``path`` (not yet marked complete);
+        every rank must call this.
 
         Args:
           engines: name -> DeepSpeed training engine.
@@ -86,11 +95,9 @@ class CheckpointManager:
           tokenizer: saved beside, for export.
           lora: name -> LoRA settings of that engine's model (None: no LoRA).
         """
-        path = self.root / tag
+        path = Path(path)
         if is_main():
-            if path.exists():
-                shutil.rmtree(path)
-            path.mkdir(parents=True)
+            path.mkdir(parents=True, exist_ok=True)
         barrier()
         for name, engine in engines.items():
             engine.save_checkpoint(str(path), tag=name, save_latest=False)
@@ -102,29 +109,20 @@ class CheckpointManager:
             (path / "model_spec.json").write_text(json.dumps(specs, indent=2, default=str))
             if tokenizer is not None:
                 tokenizer.save_pretrained(path / "tokenizer")
-        barrier()
-        if is_main():
-            (path / _COMPLETE).write_text(tag + "\n")
-            self._prune()
-        barrier()
-        return path
 
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first (tags sort by their zero-padded counter)."""
-        if not self.root.is_dir():
-            return []
-        return sorted(p for p in self.root.iterdir() if (p / _COMPLETE).is_file())
+        return self.directory.complete()
 
     def latest(self) -> Path | None:
-        done = self.complete()
-        return done[-1] if done else None
+        return self.directory.latest()
 
     def load(self, path: str | Path, engines: Mapping[str, Any]) -> dict[str, Any]:
         """Restore the engines (weights, optimizer, scheduler) and this rank's RNG from
         ``path``; return the trainer state."""
         path = Path(path)
-        if not (path / _COMPLETE).is_file():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_COMPLETE})")
+        if not (path / COMPLETE).is_file():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE})")
         for name, engine in engines.items():
             loaded, _ = engine.load_checkpoint(str(path), tag=name, load_optimizer_states=True,
                                                load_lr_scheduler_states=True)
@@ -134,33 +132,6 @@ class CheckpointManager:
         if rng_file.is_file():
             restore_rng(torch.load(rng_file, weights_only=False))
         return torch.load(path / "trainer_state.pt", weights_only=False)
-
-    def _prune(self) -> None:
-        done = self.complete()
-        for old in done[:-self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
-        if done:  # partial checkpoints older than the newest complete one
-            for partial in self.root.iterdir():
-                if partial.is_dir() and partial.name < done[-1].name and partial not in done:
-                    shutil.rmtree(partial, ignore_errors=True)
-
-
-def truncate_metrics(run_dir: str | Path, step: str, index_name: str, first_dropped: int) -> None:
-    """Drop ``metrics.jsonl`` records of ``step`` logged at ``index_name >= first_dropped``.
-
-    A run killed after its last checkpoint has logged steps that the resumed run will log
-    again; dropping them leaves the file as an uninterrupted run writes it.
-    """
-    path = Path(run_dir) / "metrics.jsonl"
-    if not is_main() or not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
-        late = record.get("step") == step and record.get(index_name, -1) >= first_dropped
-        if not late:
-            kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
 
 
 # --------------------------------------------------------------------------- export
@@ -211,8 +182,8 @@ def export_checkpoint(checkpoint: str | Path, out_dir: str | Path) -> list[Path]
     from torch_rlhf.saving import save_hf
 
     path = Path(checkpoint)
-    if not (path / _COMPLETE).is_file():
-        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_COMPLETE}); pass a "
+    if not (path / COMPLETE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {COMPLETE}); pass a "
                                 "directory <run>/<step>/checkpoints/<tag>")
     specs = json.loads((path / "model_spec.json").read_text())
     tokenizer = (AutoTokenizer.from_pretrained(path / "tokenizer")
