@@ -1,8 +1,9 @@
 """`rlhf ... --backend jax`: what each subcommand does on the JAX backend.
 
 `shared.cli` parses the command line and loads the config, then calls `run(command, config,
-args)`. Training commands (sft, rm, ppo, pipeline) write the run directory of
-`shared.runlog`; eval, export and chat work on model directories and checkpoints.
+args)`. Training commands (sft, rm, ppo, pipeline) run `shared.pipeline` on this backend's
+trainers in the run directory of `shared.runlog`; eval, export and chat work on model
+directories and checkpoints.
 """
 
 from __future__ import annotations
@@ -39,32 +40,11 @@ def run(command: str, config: Any, args: Any) -> int:
     raise ValueError(f"unknown command {command!r}")
 
 
-def _context(config: Any, run_dir: Path | None, *, tokenizer_fallback: str | None = None):
-    """The run context; without `run_dir` (eval, chat) nothing is written anywhere."""
-    import jax
-
-    from jax_rlhf.sharding import make_mesh
-    from jax_rlhf.train.common import RunContext, load_tokenizer
-    from shared.runlog import RunLogger
-
-    is_main = jax.process_index() == 0 and run_dir is not None
-    run_logger = RunLogger(
-        run_dir or ".",
-        enable_tensorboard=config.logging.enable_tensorboard and is_main,
-        tensorboard_path=config.logging.tensorboard_path,
-        is_main=is_main,
-    )
-    return RunContext(
-        config, run_dir, run_logger, make_mesh(config.engine.jax.mesh),
-        load_tokenizer(config, fallback=tokenizer_fallback),
-    )
-
-
 def _train(command: str, config: Any, args: Any) -> int:
     import jax
 
     from jax_rlhf.distributed import agree_on_path
-    from jax_rlhf.train.pipeline import run_pipeline, run_step
+    from shared.pipeline import run_command
     from shared.runlog import prepare_run_dir
 
     is_main = jax.process_index() == 0
@@ -73,20 +53,8 @@ def _train(command: str, config: Any, args: Any) -> int:
         resume=args.resume, is_main=is_main,
     )
     run_dir = agree_on_path(run_dir)
-    ctx = _context(config, run_dir)
-    try:
-        if command == "pipeline":
-            summary = run_pipeline(ctx, resume=args.resume)
-        else:
-            step = {"sft": "sft", "rm": "reward", "ppo": "ppo"}[command]
-            extra = {}
-            if step == "ppo":
-                extra = dict(actor=getattr(args, "actor", None),
-                             critic=getattr(args, "critic", None))
-            run_step(ctx, step, resume=args.resume, **extra)
-            summary = ctx.logger.update_summary()
-    finally:
-        ctx.logger.close()
+    summary = run_command("jax", command, config, run_dir, resume=args.resume,
+                          actor=getattr(args, "actor", None), critic=getattr(args, "critic", None))
     if is_main:
         logger.info("run directory: %s", run_dir)
         print(json.dumps({k: summary[k] for k in summary if k != "timings"}, indent=2))
@@ -104,10 +72,10 @@ def _load_causal_lm(config: Any, args: Any):
     """`(path, ctx, mdef, params, frozen)` of the HF causal-LM directory `--model` (or the
     config's actor), with its tokenizer as the fallback one."""
     from jax_rlhf.params import ModelDef
-    from jax_rlhf.train.common import build_model, compute_dtype
+    from jax_rlhf.train.common import RunContext, build_model, compute_dtype
 
     path = _model_dir(config, args)
-    ctx = _context(config, None, tokenizer_fallback=path)
+    ctx = RunContext.open(config, None, fallback_tokenizer=path)
     mdef, params, frozen = ModelDef.split(
         build_model("causal_lm", path=path, seed=config.seed, dtype=compute_dtype(config))
     )

@@ -9,11 +9,12 @@ transformers and DeepSpeed load on first use (``from torch_rlhf import PPOTraine
 - ``torch_rlhf.generation``: the parity sampler and the rollout-path choice (Hybrid Engine
   or module).
 - ``torch_rlhf.optim``: AdamW groups, the shared LR schedules, split-invariant steps.
-- ``torch_rlhf.sft``, ``torch_rlhf.reward``, ``torch_rlhf.ppo``: the trainers of steps 1-3;
+- ``torch_rlhf.sft``, ``torch_rlhf.reward``, ``torch_rlhf.ppo``: the trainers of steps 1-3
+  (``torch_rlhf.supervised``: the torch side of ``shared.supervised_loop``);
   ``torch_rlhf.engine``: the four PPO models (DS-Chat's DeepSpeedRLHFEngine).
 - ``torch_rlhf.checkpoint``: resumable checkpoints and their export;
-  ``torch_rlhf.evaluation``: the held-out metric; ``torch_rlhf.pipeline`` and
-  ``torch_rlhf.cli``: ``rlhf`` on this backend.
+  ``torch_rlhf.evaluation``: the held-out metric; ``torch_rlhf.cli``: ``rlhf`` on this
+  backend (the pipeline itself is ``shared.pipeline``).
 """
 
 from __future__ import annotations
@@ -45,7 +46,6 @@ _EXPORTS = {
     "Experience": "ppo",
     "Rollout": "ppo",
     "RLHFEngine": "engine",
-    "run_pipeline": "pipeline",
     "heldout_metrics": "evaluation",
     "CheckpointManager": "checkpoint",
     "export_checkpoint": "checkpoint",

@@ -79,7 +79,7 @@ def run(command: str, config: RLHFConfig, args: Any) -> int:
 
 
 def _train(command: str, config: RLHFConfig, args: Any) -> int:
-    from torch_rlhf import pipeline
+    from shared.pipeline import run_command
     from torch_rlhf.distributed import broadcast_object, is_main
 
     run_dir = None
@@ -90,15 +90,9 @@ def _train(command: str, config: RLHFConfig, args: Any) -> int:
     run_dir = Path(broadcast_object(str(run_dir) if run_dir else None))
     resume = bool(getattr(args, "resume", False))
     logger.info("rlhf %s (torch): run directory %s", command, run_dir)
-    if command == "pipeline":
-        summary = pipeline.run_pipeline(config, run_dir, resume=resume)
-    elif command == "sft":
-        summary = pipeline.run_sft(config, run_dir, resume=resume)
-    elif command == "rm":
-        summary = pipeline.run_reward(config, run_dir, resume=resume)
-    else:
-        summary = pipeline.run_ppo(config, run_dir, actor=getattr(args, "actor", None),
-                                   critic=getattr(args, "critic", None), resume=resume)
+    summary = run_command("torch", command, config, run_dir, resume=resume,
+                          actor=getattr(args, "actor", None),
+                          critic=getattr(args, "critic", None))
     if is_main():
         logger.info("summary (%s): %s", run_dir / "summary.json", json.dumps(summary))
     return 0

@@ -23,10 +23,15 @@ import torch
 
 from shared.data import PairwiseBatch, RankingBatch
 from shared.reward_losses import bradley_terry_loss, dschat_pairwise_loss, kway_ranking_loss
+from shared.supervised_loop import reward_ratios
 from torch_rlhf.models import gather_end_values
 from torch_rlhf.supervised import SupervisedTrainer
 
 __all__ = ["RewardTrainer", "reward_loss"]
+
+
+_SUM_KEYS = ("correct", "pairs", "chosen_sum", "chosen_count", "rejected_sum", "rejected_count",
+             "rows")
 
 
 def _t(array: np.ndarray, device) -> torch.Tensor:
@@ -45,7 +50,7 @@ def reward_loss(model, batch: PairwiseBatch | RankingBatch, *, loss: str,
     Returns:
       loss: scalar mean over the counted rows (0 when none count).
       sums: correct / pairs (ranking accuracy), chosen_sum / chosen_count,
-        rejected_sum / rejected_count, rows.
+        rejected_sum / rejected_count, rows (zeros when no row counts).
     """
     device = next(iter(model.parameters())).device
     if isinstance(batch, PairwiseBatch):
@@ -63,7 +68,7 @@ def reward_loss(model, batch: PairwiseBatch | RankingBatch, *, loss: str,
         chosen, rejected = scores[:n][keep], scores[n:][keep]
         counted = int(chosen.shape[0])
         if counted == 0:
-            return values.sum() * 0.0, {}
+            return values.sum() * 0.0, dict.fromkeys(_SUM_KEYS, 0.0)
         if loss == "dschat":
             mean, stats = dschat_pairwise_loss(
                 chosen_values, rejected_values, ids[:n][keep], ids[n:][keep],
@@ -94,7 +99,7 @@ def reward_loss(model, batch: PairwiseBatch | RankingBatch, *, loss: str,
         keep = torch.from_numpy(rows).to(device)
         scores, num_valid = scores[keep], num_valid[keep]
     if scores.shape[0] == 0:
-        return values.sum() * 0.0, {}
+        return values.sum() * 0.0, dict.fromkeys(_SUM_KEYS, 0.0)
     mean, stats = kway_ranking_loss(scores, num_valid=num_valid)
     below = torch.arange(k, device=device)[None, :] < num_valid[:, None]
     others = below.clone()
@@ -107,27 +112,17 @@ def reward_loss(model, batch: PairwiseBatch | RankingBatch, *, loss: str,
                   "rejected_count": float(others.sum()), "rows": float(scores.shape[0])}
 
 
-def _ratios(sums: Mapping[str, float], prefix: str) -> dict[str, float]:
-    return {f"{prefix}accuracy": sums.get("correct", 0.0) / max(sums.get("pairs", 0.0), 1.0),
-            f"{prefix}chosen_score": sums.get("chosen_sum", 0.0)
-            / max(sums.get("chosen_count", 0.0), 1.0),
-            f"{prefix}rejected_score": sums.get("rejected_sum", 0.0)
-            / max(sums.get("rejected_count", 0.0), 1.0)}
-
-
 class RewardTrainer(SupervisedTrainer):
-    """Reward-model training with ``config.reward`` (constructor: :class:`SupervisedTrainer`).
+    """Reward-model training with ``config.reward``: ``RewardTrainer(config, run_dir=...,
+    model_name_or_path=None)`` (see :class:`SupervisedTrainer`).
 
-    Starts from ``model.critic_model_name_or_path`` (or a fresh ``critic_config`` model);
-    the final model is an ``AutoModelForSequenceClassification`` directory.
+    Starts from ``model.critic_model_name_or_path``, else a fresh ``critic_config`` model,
+    else the actor's directory with a fresh value head; the final model is an
+    ``AutoModelForSequenceClassification`` directory.
     """
 
     step = "reward"
     kind = "value"
-    log_keys = ("loss", "accuracy", "chosen_score", "rejected_score", "lr")
-
-    def _default_source(self):
-        return self.config.model.critic_model_name_or_path, self.config.model.critic_config
 
     def normalizer(self, batch) -> float:
         return float(len(batch))
@@ -144,11 +139,8 @@ class RewardTrainer(SupervisedTrainer):
         return mean * (len(batch) / normalizer), sums
 
     def step_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
-        return {"loss": sums["loss"], **_ratios(sums, "")}
+        return {"loss": sums["loss"], **reward_ratios(sums)}
 
-    def eval_sums(self, batch, valid: np.ndarray) -> dict[str, float]:
+    def local_eval_sums(self, batch, valid: np.ndarray) -> dict[str, float]:
         _, sums = self._loss(batch, rows=np.flatnonzero(valid))
         return sums
-
-    def eval_metrics_from(self, sums: Mapping[str, float]) -> dict[str, float]:
-        return _ratios(sums, "eval_")

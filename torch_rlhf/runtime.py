@@ -16,11 +16,11 @@ import torch
 
 from shared.config import ModuleConfig, RLHFConfig
 from shared.runlog import RunLogger
-from torch_rlhf.distributed import is_main
+from torch_rlhf.distributed import barrier, is_main
 from torch_rlhf.lora import apply_lora
 from torch_rlhf.models import build_causal_lm, build_value_model, load_tokenizer
 
-__all__ = ["build_model", "format_metrics", "lora_settings", "open_run_logger",
+__all__ = ["build_model", "lora_settings", "open_run_logger", "open_session",
            "resolve_tokenizer"]
 
 logger = logging.getLogger(__name__)
@@ -95,12 +95,9 @@ def open_run_logger(config: RLHFConfig, run_dir: str | Path) -> RunLogger:
                      tensorboard_path=config.logging.tensorboard_path, is_main=is_main())
 
 
-def format_metrics(metrics: Mapping[str, Any], keys: tuple[str, ...]) -> str:
-    """``key: value|key: value`` for the keys present, as DS-Chat prints its run log."""
-    parts = []
-    for key in keys:
-        if key in metrics:
-            value = metrics[key]
-            parts.append(f"{key}: {value:.4g}" if isinstance(value, float) else
-                         f"{key}: {value}")
-    return "|".join(parts)
+def open_session(config: RLHFConfig, run_dir: str | Path):
+    """What the steps of a ``shared.pipeline`` run share on this backend: one run logger."""
+    from shared.pipeline import Session
+
+    run_logger = open_run_logger(config, run_dir)
+    return Session(run_logger, {"run_logger": run_logger}, barrier)

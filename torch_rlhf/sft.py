@@ -5,21 +5,19 @@ weighted by the data layer's ``loss_mask[:, 1:]`` (response tokens only, or ever
 token with ``data.train_on_prompt``, as DeepSpeed-Chat trains), aggregated by
 ``sft.loss_agg_mode`` over the global count. Eval: token-mean loss and perplexity.
 
-Example::
+Example (docs/torch.md)::
 
     from shared.config import load_config
     from torch_rlhf.deepspeed_config import init_distributed
     from torch_rlhf.sft import SFTTrainer
 
     init_distributed()
-    summary = SFTTrainer(load_config("configs/demo.yaml"), run_dir="runs/mine").run()
+    entry = SFTTrainer(load_config("configs/demo.yaml"), run_dir="runs/mine").run()
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
-from typing import Any
 
 import numpy as np
 import torch
@@ -41,16 +39,13 @@ def _tensors(batch: SFTBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class SFTTrainer(SupervisedTrainer):
-    """Supervised fine-tuning with ``config.sft`` (see :class:`SupervisedTrainer` for the
-    constructor). Metrics: loss, lr, grad_norm, tokens; eval_loss, eval_perplexity; the
-    held-out ``eval.metric`` of the final model goes to the summary."""
+    """Supervised fine-tuning with ``config.sft``: ``SFTTrainer(config, run_dir=...,
+    model_name_or_path=None)`` (see :class:`SupervisedTrainer`). Metrics: loss, lr,
+    grad_norm, tokens; eval_loss, eval_perplexity; the held-out ``eval.metric`` of the final
+    model goes to the summary."""
 
     step = "sft"
     kind = "causal_lm"
-    log_keys = ("loss", "lr", "grad_norm", "tokens")
-
-    def _default_source(self):
-        return self.config.model.actor_model_name_or_path, self.config.model.actor_config
 
     def normalizer(self, batch: SFTBatch) -> float:
         return float(loss_normalizer(batch.loss_mask[:, 1:], mode=self.section.loss_agg_mode))
@@ -71,17 +66,12 @@ class SFTTrainer(SupervisedTrainer):
     def step_metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
         return {"loss": sums["loss"], "grad_norm": self.last_grad_norm, "tokens": sums["tokens"]}
 
-    def eval_sums(self, batch: SFTBatch, valid: np.ndarray) -> dict[str, float]:
+    def local_eval_sums(self, batch: SFTBatch, valid: np.ndarray) -> dict[str, float]:
         ids, mask, loss_mask = _tensors(batch)
         logits = self._logits(ids, mask)
         weight = (loss_mask[:, 1:] * torch.from_numpy(valid).float()[:, None]).to(logits.device)
         nll = -token_logprobs(logits[:, :-1], ids[:, 1:].to(logits.device))
         return {"nll": float((nll * weight).sum()), "tokens": float(weight.sum())}
 
-    def eval_metrics_from(self, sums: Mapping[str, float]) -> dict[str, float]:
-        loss = sums["nll"] / max(sums["tokens"], 1.0)
-        return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
-
-    def final_extras(self) -> dict[str, Any]:
-        heldout = heldout_metrics(self.engine, self.tokenizer, self.config)
-        return {"heldout": heldout} if heldout else {}
+    def heldout_metrics(self) -> dict[str, float]:
+        return heldout_metrics(self.engine, self.tokenizer, self.config)

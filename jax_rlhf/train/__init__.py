@@ -1,8 +1,6 @@
-"""The trainers of the three steps and the pipeline that chains them."""
+"""The trainers of the three steps (the pipeline that chains them is `shared.pipeline`)."""
 
 from jax_rlhf.train.common import RunContext as RunContext
-from jax_rlhf.train.pipeline import run_pipeline as run_pipeline
-from jax_rlhf.train.pipeline import run_step as run_step
 from jax_rlhf.train.ppo import PPOTrainer as PPOTrainer
 from jax_rlhf.train.reward import RewardTrainer as RewardTrainer
 from jax_rlhf.train.sft import SFTTrainer as SFTTrainer

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,13 @@ class RunContext:
     def is_main(self) -> bool:
         return jax.process_index() == 0
 
+    def barrier(self) -> None:
+        """Waits for every process (a no-op for one)."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("rlhf barrier")
+
     @property
     def dp(self) -> int:
         """Data-parallel degree: per-device batch sizes are multiplied by this."""
@@ -64,20 +70,31 @@ class RunContext:
         return self.run_dir / step
 
     @classmethod
-    def open(cls, config: Any, run_dir: str | Path, *, tokenizer=None,
+    def open(cls, config: Any, run_dir: str | Path | None, *, tokenizer=None,
              fallback_tokenizer: str | None = None) -> RunContext:
         """The context of a run in `run_dir`: the mesh of `engine.jax.mesh`, the run's
-        tokenizer (or `tokenizer`) and a `RunLogger` writing on process 0 only."""
+        tokenizer (or `tokenizer`) and a `RunLogger` writing on process 0 only. Without
+        `run_dir` (eval, chat) nothing is written anywhere."""
         from shared.runlog import RunLogger
 
-        is_main = jax.process_index() == 0
+        is_main = jax.process_index() == 0 and run_dir is not None
         if is_main:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-        run_logger = RunLogger(run_dir, enable_tensorboard=config.logging.enable_tensorboard,
+        run_logger = RunLogger(run_dir or ".",
+                               enable_tensorboard=config.logging.enable_tensorboard,
                                tensorboard_path=config.logging.tensorboard_path,
                                is_main=is_main)
-        return cls(config, Path(run_dir), run_logger, sharding.make_mesh(config.engine.jax.mesh),
+        return cls(config, None if run_dir is None else Path(run_dir), run_logger,
+                   sharding.make_mesh(config.engine.jax.mesh),
                    tokenizer or load_tokenizer(config, fallback_tokenizer))
+
+
+def open_session(config: Any, run_dir: Path):
+    """What the steps of a `shared.pipeline` run share on this backend: one `RunContext`."""
+    from shared.pipeline import Session
+
+    ctx = RunContext.open(config, run_dir)
+    return Session(ctx.logger, {"ctx": ctx}, ctx.barrier)
 
 
 def load_tokenizer(config: Any, fallback: str | None = None):
@@ -338,6 +355,3 @@ def host_metrics(metrics: dict) -> dict[str, float]:
     """Device scalars -> Python floats."""
     return {k: float(v) for k, v in to_host(metrics).items()}
 
-
-def perplexity(loss: float) -> float:
-    return math.exp(loss) if loss < 700 else float("inf")

@@ -12,20 +12,20 @@ The model is a `ValueHeadModel` (per-token scalar head, saved as HF
 Each micro-batch's mean loss is weighted by its share of the optimiser batch's comparisons,
 so accumulation never changes the gradient. Metrics: loss, accuracy, chosen_score,
 rejected_score (for K-way: best and worst valid response), lr; eval adds `eval_` to the last
-three. The model is initialised from `model.critic_model_name_or_path`, a from-scratch
-`model.critic_config`, or (neither set) the SFT model's backbone with a fresh head.
+three. The model is initialised from `model_name_or_path`, else
+`model.critic_model_name_or_path`, a from-scratch `model.critic_config`, or (neither set) the
+actor's backbone with a fresh head (the pipeline passes its SFT model).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
 import shared
-from jax_rlhf.train.common import RunContext, build_model, compute_dtype
+from jax_rlhf.train.common import build_model, compute_dtype
 from jax_rlhf.train.supervised import SupervisedTrainer
 from shared.data import PairwiseBatch, RankingBatch
 
@@ -48,33 +48,30 @@ def end_scores(values: jnp.ndarray, attention_mask: jnp.ndarray) -> jnp.ndarray:
 
 
 class RewardTrainer(SupervisedTrainer):
-    step_name = "reward"
+    """Reward-model training with `config.reward`: `RewardTrainer(config, run_dir=...,
+    model_name_or_path=None, ctx=None)` (see `SupervisedTrainer`)."""
 
-    def __init__(self, ctx: RunContext, *, init_path: str | Path | None = None):
-        """`init_path`: used when neither `model.critic_model_name_or_path` nor
-        `model.critic_config` is set (the pipeline passes the SFT output)."""
-        cfg = ctx.config
-        path = cfg.model.critic_model_name_or_path
-        hf_config = cfg.model.critic_config
-        if path is None and hf_config is None:
-            path = init_path or cfg.model.actor_model_name_or_path
-        model = build_model(
-            "value_head",
-            path=path,
-            hf_config=hf_config,
-            seed=cfg.seed + 1,
-            dtype=compute_dtype(cfg),
-        )
-        options = RewardOptions(
-            cfg.reward.loss, cfg.reward.margin, int(ctx.tokenizer.pad_token_id),
-            cfg.data.num_padding_at_beginning,
-        )
-        super().__init__(ctx, model, section=cfg.reward, options=options)
-        if isinstance(self.data.train, RankingBatch) and options.loss != "kway":
+    step = "reward"
+
+    def __init__(self, config, *, run_dir, model_name_or_path=None, ctx=None):
+        super().__init__(config, run_dir=run_dir, model_name_or_path=model_name_or_path,
+                         ctx=ctx)
+        if isinstance(self.data.train, RankingBatch) and self.spec.options.loss != "kway":
             raise ValueError(
-                f"reward.loss={options.loss!r} needs comparisons (pairs); the data has "
-                "rankings of more than two responses: use reward.loss: kway"
+                f"reward.loss={self.spec.options.loss!r} needs comparisons (pairs); the data "
+                "has rankings of more than two responses: use reward.loss: kway"
             )
+
+    def build_model(self, path, hf_config):
+        cfg = self.config
+        return build_model("value_head", path=path, hf_config=hf_config, seed=cfg.seed + 1,
+                           dtype=compute_dtype(cfg))
+
+    def options(self) -> RewardOptions:
+        cfg = self.config
+        return RewardOptions(cfg.reward.loss, cfg.reward.margin,
+                             int(self.ctx.tokenizer.pad_token_id),
+                             cfg.data.num_padding_at_beginning)
 
     # -- batches -----------------------------------------------------------------------------
     def batch_arrays(self, batch) -> dict[str, np.ndarray]:
@@ -139,20 +136,15 @@ class RewardTrainer(SupervisedTrainer):
         }
 
     @staticmethod
-    def eval_sums(spec, model, batch):
+    def eval_batch(spec, model, batch):
         _, correct, chosen, rejected = RewardTrainer._loss_and_stats(spec.options, model, batch)
         valid = batch["row_valid"]
+        rows = jnp.sum(valid)
         return {
-            "pairs": jnp.sum(valid),
+            "pairs": rows,
             "correct": jnp.sum(correct * valid),
-            "chosen": jnp.sum(chosen * valid),
-            "rejected": jnp.sum(rejected * valid),
-        }
-
-    def eval_metrics(self, sums):
-        n = max(sums["pairs"], 1.0)
-        return {
-            "eval_accuracy": sums["correct"] / n,
-            "eval_chosen_score": sums["chosen"] / n,
-            "eval_rejected_score": sums["rejected"] / n,
+            "chosen_sum": jnp.sum(chosen * valid),
+            "chosen_count": rows,
+            "rejected_sum": jnp.sum(rejected * valid),
+            "rejected_count": rows,
         }

@@ -5,24 +5,22 @@ Loss: `shared.sft_loss` on `logits[:, :-1]` against `input_ids[:, 1:]`, weighted
 data layer builds it), aggregated by `sft.loss_agg_mode` with the global count of the whole
 optimiser batch. Eval: token-mean loss over the eval split and its perplexity. The step ends
 with the model exported to `<run>/sft/final/` and the held-out metric.
+
+Example (docs/jax.md)::
+
+    from jax_rlhf.train import SFTTrainer
+    from shared.config import load_config
+
+    entry = SFTTrainer(load_config("configs/demo.yaml"), run_dir="runs/mine").run()
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 
 import shared
-from jax_rlhf.train.common import (
-    RunContext,
-    build_model,
-    compute_dtype,
-    heldout_metrics,
-    load_eval_prompts,
-    perplexity,
-)
+from jax_rlhf.train.common import build_model, compute_dtype, heldout_metrics, load_eval_prompts
 from jax_rlhf.train.supervised import SupervisedTrainer
 
 
@@ -31,21 +29,20 @@ def _labels_mask(batch: dict) -> jnp.ndarray:
 
 
 class SFTTrainer(SupervisedTrainer):
-    step_name = "sft"
+    """Supervised fine-tuning with `config.sft`: `SFTTrainer(config, run_dir=...,
+    model_name_or_path=None, ctx=None)` (see `SupervisedTrainer`); the model starts from
+    `model_name_or_path`, else `model.actor_model_name_or_path`, else a fresh
+    `model.actor_config` drawn with the run's seed."""
 
-    def __init__(self, ctx: RunContext, *, init_path: str | Path | None = None):
-        """`init_path`: an HF causal-LM directory (default `model.actor_model_name_or_path`;
-        null builds `model.actor_config` from scratch with the run's seed)."""
-        cfg = ctx.config
-        path = init_path or cfg.model.actor_model_name_or_path
-        model = build_model(
-            "causal_lm",
-            path=path,
-            hf_config=cfg.model.actor_config,
-            seed=cfg.seed,
-            dtype=compute_dtype(cfg),
-        )
-        super().__init__(ctx, model, section=cfg.sft, options=cfg.sft.loss_agg_mode)
+    step = "sft"
+
+    def build_model(self, path, hf_config):
+        cfg = self.config
+        return build_model("causal_lm", path=path, hf_config=hf_config, seed=cfg.seed,
+                           dtype=compute_dtype(cfg))
+
+    def options(self):
+        return self.section.loss_agg_mode
 
     def batch_arrays(self, batch) -> dict[str, np.ndarray]:
         return {
@@ -73,18 +70,12 @@ class SFTTrainer(SupervisedTrainer):
         return loss, {"loss": loss, "tokens": jnp.sum(mask)}
 
     @staticmethod
-    def eval_sums(spec, model, batch):
+    def eval_batch(spec, model, batch):
         logits, _ = model(batch["input_ids"], batch["attention_mask"])
         mask = _labels_mask(batch) * batch["row_valid"][:, None]
         nll = -shared.token_logprobs(logits[:, :-1].astype(jnp.float32), batch["input_ids"][:, 1:])
         return {"nll": shared.masked_sum(nll, mask), "tokens": jnp.sum(mask)}
 
-    def eval_metrics(self, sums):
-        loss = sums["nll"] / max(sums["tokens"], 1.0)
-        return {"eval_loss": loss, "eval_perplexity": perplexity(loss)}
-
-    def final_extras(self) -> dict:
-        ctx = self.ctx
-        prompts = load_eval_prompts(ctx)
-        return {"heldout": heldout_metrics(ctx, self.mdef, self.state.params,
-                                           self.state.frozen, prompts)}
+    def heldout_metrics(self) -> dict[str, float]:
+        return heldout_metrics(self.ctx, self.mdef, self.state.params, self.state.frozen,
+                               load_eval_prompts(self.ctx))

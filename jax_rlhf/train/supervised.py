@@ -1,26 +1,26 @@
-"""The training loop of the two supervised steps (SFT and reward model).
+"""What steps 1 and 2 need from JAX: the backend of `shared.supervised_loop`.
 
-Each optimiser step takes `per_device_train_batch_size * (data * fsdp) *
-gradient_accumulation_steps` examples from a resumable `shared.data.BatchIterator` (seeded
-with the run's seed, shuffled, last partial batch dropped), runs one jitted `train_step`,
-logs, evaluates every `eval_interval` steps and checkpoints every `logging.save_interval`
-steps and at the end. Subclasses define the model, the arrays of a batch, the loss and the
-eval sums.
+The loop (iterator, cadences, checkpoints, resume, summary) is
+`shared.supervised_loop.SupervisedLoop`; this module is the JAX side of its protocol: one
+jitted optimiser step over `[A, M, ...]` stacked micro-batches (`A` =
+`gradient_accumulation_steps`, `M` = `per_device_train_batch_size * (data * fsdp)`), the
+jitted eval sums of a chunk, orbax checkpoints and the HF export. Subclasses define the
+model, the arrays of a batch, the loss and the eval sums as static functions of a
+`StepSpec`, so trainers built from equal configs share their compiled steps.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
-import time
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
 
 from jax_rlhf import sharding
-from jax_rlhf.checkpoint import Checkpointer
+from jax_rlhf.checkpoint import DirectoryCheckpointer
 from jax_rlhf.optim import make_optimizer
 from jax_rlhf.params import ModelDef
 from jax_rlhf.train.common import (
@@ -29,7 +29,6 @@ from jax_rlhf.train.common import (
     export_hf,
     host_metrics,
     model_meta,
-    pad_rows,
     trainable_filter,
 )
 from jax_rlhf.train.step import (
@@ -40,10 +39,8 @@ from jax_rlhf.train.step import (
     jit_step,
     stack_micro_batches,
 )
-from shared.data import BatchIterator, build_step_data
-from shared.runlog import progress
-
-logger = logging.getLogger(__name__)
+from shared.data import build_step_data
+from shared.supervised_loop import SupervisedLoop, model_source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +49,7 @@ class StepSpec:
     trainers built from equal configs share their compiled steps)."""
 
     trainer: type
-    """The `SupervisedTrainer` subclass whose static `normalizer`, `loss`, `eval_sums` run."""
+    """The `SupervisedTrainer` subclass whose static `normalizer`, `loss`, `eval_batch` run."""
     mdef: ModelDef
     optim: Any
     """The `OptimizerConfig`."""
@@ -83,49 +80,98 @@ def _train_step(spec: StepSpec, state, batch):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _eval_step(spec: StepSpec, params, frozen, batch):
-    return spec.trainer.eval_sums(spec, spec.mdef.merge(params, frozen), batch)
+    return spec.trainer.eval_batch(spec, spec.mdef.merge(params, frozen), batch)
 
 
 class SupervisedTrainer:
-    """Base of `SFTTrainer` and `RewardTrainer`."""
+    """Base of `SFTTrainer` and `RewardTrainer`.
 
-    step_name: str = ""
-    """Run-directory step and metrics name ("sft" / "reward")."""
+    Args:
+      config: the whole run config; the step's section is `config.sft` / `config.reward`.
+      run_dir: the run directory; this step writes `<run_dir>/<step>/`.
+      model_name_or_path: an HF directory to start from; default
+        `shared.supervised_loop.model_source` (the config's directory, or a fresh model from
+        its `*_config` drawn with the run's seed).
+      ctx: an existing `RunContext` of this config and run directory (a pipeline shares
+        one); default: `RunContext.open(config, run_dir)`.
 
-    def __init__(self, ctx: RunContext, model, *, section: Any, options: Any = None):
-        """`model`: the freshly built or loaded NNX model; `section`: `cfg.sft` / `cfg.reward`;
-        `options`: hashable settings the static loss functions read (`spec.options`)."""
-        cfg = ctx.config
-        self.ctx, self.section = ctx, section
-        self.module_cfg = section.model
-        adapted = configure_module(model, self.module_cfg, seed=cfg.seed)
+    Attributes:
+      state: the `TrainState` (parameters, optimiser state, step); `mdef`: the model's
+      structure; `iterator`, `total_steps`, `loop`: the `SupervisedLoop`'s.
+    """
+
+    step: ClassVar[str]
+    backend: ClassVar[str] = "jax"
+
+    def __init__(self, config: Any, *, run_dir: str | Path,
+                 model_name_or_path: str | Path | None = None, ctx: RunContext | None = None):
+        path, fresh = model_source(config, self.step)
+        if model_name_or_path is not None:
+            path, fresh = str(model_name_or_path), None
+        if ctx is None:
+            ctx = RunContext.open(config, run_dir, fallback_tokenizer=path)
+        elif ctx.config != config or Path(ctx.run_dir).resolve() != Path(run_dir).resolve():
+            raise ValueError(f"ctx is the context of another run ({ctx.run_dir}); pass the "
+                             "config and run_dir it was created with")
+        self.ctx, self.config = ctx, config
+        self.section = getattr(config, self.step)
+        self.module_cfg = self.section.model
+        self.loop = SupervisedLoop(
+            config, self.step, data=build_step_data(config.data, ctx.tokenizer, self.step),
+            run_dir=ctx.run_dir, run_logger=ctx.logger, data_parallel_size=ctx.dp,
+            is_main=ctx.is_main, barrier=ctx.barrier)
+        model = self.build_model(path, fresh)
+        adapted = configure_module(model, self.module_cfg, seed=config.seed)
         self.mdef, params, frozen = ModelDef.split(
             model, trainable=trainable_filter(self.module_cfg, adapted)
         )
-        self.data = build_step_data(cfg.data, ctx.tokenizer, self.step_name)
-        self.accum = section.gradient_accumulation_steps
-        self.micro_batch = section.per_device_train_batch_size * ctx.dp
-        self.iterator = BatchIterator(
-            self.data.train,
-            self.micro_batch * self.accum,
-            seed=cfg.seed,
-            shuffle=True,
-            drop_last=True,
-            name=f"{self.step_name}/train",
-        )
-        total = section.num_train_epochs * self.iterator.batches_per_epoch
-        self.total_steps = min(total, section.max_steps) if section.max_steps else total
+        self.accum = self.section.gradient_accumulation_steps
         self.spec = StepSpec(
-            type(self), self.mdef, section.optim, self.total_steps,
-            self.module_cfg.lora.learning_rate, options,
+            type(self), self.mdef, self.section.optim, self.total_steps,
+            self.module_cfg.lora.learning_rate, self.options(),
         )
         self.state = init_train_state(params, frozen, self.spec.optimizer(params).tx, ctx.mesh)
         self._train_step = jit_step(
             _train_step, ctx.mesh, sharding.tree_shardings(self.state), static_spec=True
         )
-        self.step = 0
+        self.saves_in_background = config.engine.jax.async_checkpointing
+        self._checkpointer: DirectoryCheckpointer | None = None
 
-    # -- subclass interface (static: they run inside jit with the spec) ----------------------
+    @property
+    def iterator(self):
+        return self.loop.iterator
+
+    @property
+    def total_steps(self) -> int:
+        return self.loop.total_steps
+
+    @property
+    def data(self):
+        return self.loop.data
+
+    def run(self, *, resume: bool = False) -> dict[str, Any]:
+        """Train, evaluate, export `<run>/<step>/final`; returns the `summary.json` entry
+        (`SupervisedLoop.run`)."""
+        try:
+            return self.loop.run(self, resume=resume)
+        finally:
+            if self._checkpointer is not None:
+                self._checkpointer.close()
+                self._checkpointer = None
+
+    def evaluate(self) -> dict[str, float]:
+        """Eval metrics over the whole eval split (empty without one)."""
+        return self.loop.evaluate(self)
+
+    # -- subclass interface -------------------------------------------------------------------
+    def build_model(self, path: str | None, hf_config: dict | None):
+        """The NNX model loaded from `path`, or fresh from `hf_config`."""
+        raise NotImplementedError
+
+    def options(self) -> Any:
+        """Hashable settings the static functions read (`spec.options`)."""
+        return None
+
     def batch_arrays(self, batch) -> dict[str, np.ndarray]:
         """The numpy fields a step needs, first axis = examples."""
         raise NotImplementedError
@@ -141,115 +187,46 @@ class SupervisedTrainer:
         raise NotImplementedError
 
     @staticmethod
-    def eval_sums(spec: StepSpec, model, batch: dict) -> dict:
-        """Sums over the eval rows of one batch (`batch["row_valid"]` marks real rows)."""
+    def eval_batch(spec: StepSpec, model, batch: dict) -> dict:
+        """Sums over the eval rows of one chunk (`batch["row_valid"]` marks the counted
+        rows), keyed as `shared.supervised_loop.eval_metrics` reads them."""
         raise NotImplementedError
 
-    def eval_metrics(self, sums: dict) -> dict[str, float]:
-        raise NotImplementedError
-
-    # -- loop -------------------------------------------------------------------------------
+    # -- the loop's protocol ------------------------------------------------------------------
     def train_step(self, batch) -> dict[str, float]:
         """One optimiser step on a host batch of `micro_batch * accum` examples."""
         arrays = stack_micro_batches(self.batch_arrays(batch), self.accum)
         arrays = sharding.shard_batch(arrays, self.ctx.mesh, axis=1)
         self.state, metrics = self._train_step(self.spec, self.state, arrays)
-        self.step += 1
         return host_metrics(metrics)
 
-    def evaluate(self) -> dict[str, float]:
-        """Eval metrics over the whole eval split (empty without one)."""
-        data = self.data.eval
-        if data is None or len(data) == 0:
-            return {}
-        size = self.section.per_device_eval_batch_size * self.ctx.dp
-        totals: dict[str, float] = {}
-        for start in range(0, len(data), size):
-            arrays, valid = pad_rows(self.batch_arrays(data.take(slice(start, start + size))), size)
-            arrays = sharding.shard_batch({**arrays, "row_valid": valid}, self.ctx.mesh)
-            sums = host_metrics(
-                _eval_step(self.spec, self.state.params, self.state.frozen, arrays)
-            )
-            totals = {k: totals.get(k, 0.0) + v for k, v in sums.items()}
-        return self.eval_metrics(totals)
+    def eval_sums(self, batch, valid: np.ndarray) -> dict[str, float]:
+        arrays = {**self.batch_arrays(batch), "row_valid": valid.astype(np.float32)}
+        arrays = sharding.shard_batch(arrays, self.ctx.mesh)
+        return host_metrics(_eval_step(self.spec, self.state.params, self.state.frozen, arrays))
 
-    def checkpoint_meta(self) -> dict:
-        return {
-            "step": self.step,
-            "iterator": self.iterator.state_dict(),
-            "models": {"model": model_meta(self.mdef, self.module_cfg)},
-        }
+    def _checkpoints(self) -> DirectoryCheckpointer:
+        if self._checkpointer is None:
+            self._checkpointer = DirectoryCheckpointer(async_save=self.saves_in_background)
+        return self._checkpointer
 
-    def save(self, checkpointer: Checkpointer) -> None:
-        checkpointer.save(self.step, {"model": self.state}, self.checkpoint_meta())
+    def save(self, path: Path, loop_state: dict[str, Any]) -> None:
+        meta = {"loop": loop_state, "models": {"model": model_meta(self.mdef, self.module_cfg)}}
+        self._checkpoints().save(path, {"model": self.state}, meta)
 
-    def restore(self, checkpointer: Checkpointer) -> bool:
-        """Loads the latest checkpoint if there is one; returns whether it did."""
-        if checkpointer.latest_step() is None:
-            return False
-        restored, meta = checkpointer.restore({"model": abstract_train_state(self.state)})
+    def wait_until_saved(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.wait()
+
+    def restore(self, path: Path) -> dict[str, Any]:
+        abstract = {"model": abstract_train_state(self.state)}
+        restored, meta = self._checkpoints().restore(path, abstract)
         self.state = restored["model"]
-        self.step = int(meta["step"])
-        self.iterator.load_state_dict(meta["iterator"])
-        return True
+        return meta["loop"]
 
-    def fit(self, *, resume: bool = False) -> dict[str, float]:
-        """Trains to `total_steps` (continuing from the last checkpoint with `resume`) and
-        returns the final eval metrics."""
-        ctx, cfg = self.ctx, self.ctx.config
-        log_cfg = cfg.logging
-        checkpointer = Checkpointer(
-            ctx.step_dir(self.step_name) / "checkpoints",
-            keep=log_cfg.keep_checkpoints,
-            async_save=cfg.engine.jax.async_checkpointing,
-        )
-        if resume and self.restore(checkpointer):
-            logger.info("%s: resumed at step %d of %d", self.step_name, self.step,
-                        self.total_steps)
-        bar = progress(self.total_steps, desc=self.step_name, initial=self.step,
-                       enabled=log_cfg.progress_bar and ctx.is_main)
-        start = time.perf_counter()
-        try:
-            while self.step < self.total_steps:
-                metrics = self.train_step(self.iterator.next_batch())
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-                if self.step % log_cfg.log_interval == 0 or self.step == self.total_steps:
-                    ctx.logger.log(self.step_name, self.step, metrics)
-                interval = self.section.eval_interval
-                if interval and self.step % interval == 0 and self.step < self.total_steps:
-                    ctx.logger.log(self.step_name, self.step, self.evaluate())
-                if log_cfg.save_interval and self.step % log_cfg.save_interval == 0:
-                    self.save(checkpointer)
-            self.save(checkpointer)
-        finally:
-            bar.close()
-            checkpointer.close()
-        self.train_time = time.perf_counter() - start
-        final = self.evaluate()
-        if final:
-            ctx.logger.log(self.step_name, self.step, final)
-        return final
+    def export(self, directory: Path) -> None:
+        export_hf(self.mdef, self.state.params, self.state.frozen, directory,
+                  self.ctx.tokenizer)
 
-    def final_extras(self) -> dict:
-        """Summary entries of the exported final model beyond the eval metrics (SFT: its
-        held-out metric)."""
+    def heldout_metrics(self) -> dict[str, float]:
         return {}
-
-    def run(self, *, resume: bool = False) -> dict:
-        """Trains, evaluates, exports `<run>/<step_name>/final/` and returns the summary
-        entry."""
-        ctx = self.ctx
-        start = time.perf_counter()
-        eval_metrics = self.fit(resume=resume)
-        final_dir = export_hf(
-            self.mdef, self.state.params, self.state.frozen,
-            ctx.step_dir(self.step_name) / "final", ctx.tokenizer,
-        )
-        return {
-            **eval_metrics,
-            **self.final_extras(),
-            "steps": self.step,
-            "final_model": str(final_dir),
-            "timings": {"train": self.train_time, "total": time.perf_counter() - start},
-        }

@@ -24,19 +24,17 @@ def main(config_path, run_dir, address, num_processes, process_id):
     import jax
 
     from jax_rlhf.params import to_host
-    from jax_rlhf.sharding import make_mesh
-    from jax_rlhf.train.common import RunContext, load_tokenizer
+    from jax_rlhf.train.common import RunContext
     from jax_rlhf.train.sft import SFTTrainer
-    from shared.runlog import RunLogger, prepare_run_dir
+    from shared.runlog import prepare_run_dir
 
     is_main = jax.process_index() == 0
     run_dir = prepare_run_dir(cfg, run_dir=Path(run_dir), is_main=is_main)
-    ctx = RunContext(cfg, run_dir, RunLogger(run_dir, enable_tensorboard=False, is_main=is_main),
-                     make_mesh(cfg.engine.jax.mesh), load_tokenizer(cfg))
-    trainer = SFTTrainer(ctx)
+    ctx = RunContext.open(cfg, run_dir)
+    trainer = SFTTrainer(cfg, run_dir=run_dir, ctx=ctx)
     losses = []
     ctx.logger.log = lambda step, i, metrics, **kw: losses.append(metrics)
-    eval_metrics = trainer.fit()
+    eval_metrics = trainer.loop.fit(trainer)
     params = to_host(trainer.state.params)
     if is_main:
         print("RESULT " + json.dumps({

@@ -1,5 +1,6 @@
 """`--resume` reproduces an uninterrupted run exactly: a run killed (an injected exception)
-after its checkpoint at step k and resumed logs bitwise the losses of a run never stopped."""
+after its checkpoint at step k and resumed logs bitwise the losses of a run never stopped:
+SFT and the reward model write metrics.jsonl row for row as an uninterrupted run."""
 
 import json
 
@@ -9,9 +10,12 @@ import pytest
 from jax_tiny_runs import make_context
 
 from jax_rlhf.checkpoint import Checkpointer, read_checkpoint
+from jax_rlhf.models import read_hf_state_dict
 from jax_rlhf.params import to_host
 from jax_rlhf.train.ppo import PPOTrainer
+from jax_rlhf.train.reward import RewardTrainer
 from jax_rlhf.train.sft import SFTTrainer
+from jax_rlhf.train.supervised import SupervisedTrainer
 
 
 class Crash(RuntimeError):
@@ -61,18 +65,55 @@ def _resume_matches(make_trainer, run, tmp_path, *, step, crash_at, keys):
     return straight, resumed
 
 
-def test_sft_resume_is_exact(tiny_config, tmp_path):
-    config = tiny_config(sft={"max_steps": 5}, logging={"save_interval": 2})
+def _rows(run_dir) -> list[dict]:
+    """metrics.jsonl without its wall-clock fields."""
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(x).items() if k != "time" and not k.endswith("_time")}
+            for x in lines]
 
-    def run(run_dir):
-        return config, run_dir
 
-    straight, resumed = _resume_matches(
-        SFTTrainer, run, tmp_path, step="sft", crash_at=4, keys=("loss", "grad_norm", "lr")
-    )
+@pytest.mark.parametrize("trainer_cls", [SFTTrainer, RewardTrainer], ids=["sft", "reward"])
+def test_supervised_resume_is_exact(trainer_cls, tiny_config, tmp_path, monkeypatch):
+    step = trainer_cls.step
+    config = tiny_config(**{step: {"max_steps": 5, "eval_interval": 2}},
+                         logging={"save_interval": 2}, eval={"metric": "none"})
+
+    def trainer(run_dir):
+        ctx = make_context(config, run_dir)  # a new process: everything rebuilt
+        return trainer_cls(ctx.config, run_dir=ctx.run_dir, ctx=ctx)
+
+    straight = trainer(tmp_path / "straight")
+    straight.run()
+    killed = tmp_path / "killed"
+    calls = {"n": 0}
+    original = SupervisedTrainer.train_step
+
+    def dies_in_step_4(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise Crash("killed in step 4")
+        return original(self, batch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(SupervisedTrainer, "train_step", dies_in_step_4)
+        with pytest.raises(Crash):
+            trainer(killed).run()
+    assert (killed / step / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
+    assert [r["iteration"] for r in _rows(killed)] == [1, 2, 2, 3]
+    resumed = trainer(killed)
+    resumed.run(resume=True)
+
+    expected = _rows(tmp_path / "straight")
+    assert [r["iteration"] for r in expected] == [1, 2, 2, 3, 4, 4, 5, 5]
+    assert _rows(killed) == expected  # bitwise: the same floats, row for row
     for name, value in to_host(straight.state.params).items():
         np.testing.assert_array_equal(to_host(resumed.state.params)[name], value)
+    final = read_hf_state_dict(killed / step / "final")
+    for name, value in read_hf_state_dict(tmp_path / "straight" / step / "final").items():
+        np.testing.assert_array_equal(final[name], value, err_msg=name)
     assert resumed.iterator.state_dict() == straight.iterator.state_dict()
+    state, meta, index = read_checkpoint(killed / step / "checkpoints")
+    assert index == 5 and meta["loop"]["global_step"] == 5 and "model" in meta["models"]
 
 
 def test_ppo_resume_is_exact(tiny_config, tmp_path):

@@ -58,10 +58,10 @@ def test_two_processes_match_one(tiny_config, tmp_path):
     assert result["devices"] == 2
 
     ctx = make_context(one, tmp_path / "one")
-    trainer = SFTTrainer(ctx)
+    trainer = SFTTrainer(ctx.config, run_dir=ctx.run_dir, ctx=ctx)
     logged = []
     ctx.logger.log = lambda step, i, metrics, **kw: logged.append(metrics)
-    eval_metrics = trainer.fit()
+    eval_metrics = trainer.loop.fit(trainer)
     losses = [m["loss"] for m in logged if "loss" in m]
     np.testing.assert_allclose(result["losses"], losses, rtol=1e-5)
     np.testing.assert_allclose(result["eval_loss"], eval_metrics["eval_loss"], rtol=1e-5)

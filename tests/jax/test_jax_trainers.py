@@ -56,7 +56,12 @@ def test_pipeline_writes_the_run_directory(pipeline_run):
     assert {"eval_loss", "eval_perplexity"} <= set(summary["sft"])
     assert {"eval_accuracy", "eval_chosen_score", "eval_rejected_score"} <= set(summary["reward"])
     assert np.isfinite(summary["ppo"]["final_reward"]) and np.isfinite(summary["ppo"]["final_kl"])
-    assert set(summary["timings"]) == {"sft", "reward", "ppo", "total"}
+    assert set(summary["timings"]) == {"sft_wall_time", "reward_wall_time", "ppo_wall_time",
+                                       "pipeline_wall_time"}
+    for step in ("sft", "reward"):
+        assert summary[step]["steps"] == 3
+        assert {"training_time", "evaluation_time", "checkpoint_time", "export_time",
+                "wall_time"} <= set(summary[step]["timings"])
     for step in ("sft", "reward", "ppo"):
         assert (run_dir / step / "final" / "model.safetensors").exists()
         assert (run_dir / step / "final" / "tokenizer.json").exists()
@@ -93,7 +98,7 @@ def test_export_command_rebuilds_the_final_models(pipeline_run, tmp_path):
     run_dir, config = pipeline_run
     assert rlhf(["export", "--backend", "jax", "--config", str(config), "--checkpoint",
                  str(run_dir / "ppo" / "checkpoints"), "--out", str(tmp_path)]) == 0
-    for name, final in (("actor", "final"), ("critic", "critic_final")):
+    for name, final in (("actor", "final"), ("critic", "critic")):
         exported = shared_state(tmp_path / name)
         expected = shared_state(run_dir / "ppo" / final)
         assert exported.keys() == expected.keys()

@@ -21,6 +21,7 @@ out = shared.compute_advantages(
     np.array([1.0]), np.zeros((1, 3)), np.zeros((1, 3)), np.zeros((1, 3)), mask,
     conventions=shared.get_preset("default"),
 )
+import shared.pipeline, shared.supervised_loop  # the orchestration: framework-free too
 print(float(out["returns"][0, 1]))
 """
 

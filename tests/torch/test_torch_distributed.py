@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from rlhf_configs import REPO_ROOT, family_models, merge, write_config
 
-from torch_rlhf.pipeline import run_pipeline
+from shared.pipeline import run_pipeline
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
@@ -82,7 +82,7 @@ def test_two_process_zero3_matches_one_process(launcher, tmp_path, distributed, 
 
     _, single = write_config(tmp_path / "one", _overrides(
         model_dir, data_cache, {"sft": 8, "generation": 8, "training": 4}))
-    run_pipeline(single, tmp_path / "one" / "run")
+    run_pipeline("torch", single, tmp_path / "one" / "run")
 
     two, one = _trajectory(tmp_path / "two" / "run"), _trajectory(tmp_path / "one" / "run")
     assert two.keys() == one.keys()
