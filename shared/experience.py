@@ -62,6 +62,9 @@ class Experience:
     token_rewards: np.ndarray | None = None
     short_answers: int = 0
     logprob_gap: float = 0.0
+    answer_width: int = 0
+    """Slots the sampler filled: its longest answer, EOS included even where the pad mask
+    takes it out (what DeepSpeed-Chat's `generate` returns; ``trim_answer_width``)."""
 
     ROW_FIELDS = ("prompt_ids", "prompt_mask", "response", "sample_mask", "sample_logprobs",
                   "response_mask", "logprobs", "ref_logprobs", "values", "scores", "is_short",
@@ -96,12 +99,14 @@ class Experience:
             parts = [getattr(b, f) for b in batches]
             fields[f] = None if any(p is None for p in parts) else np.concatenate(parts)
         return Experience(**fields, short_answers=sum(b.short_answers for b in batches),
-                          logprob_gap=max(b.logprob_gap for b in batches))
+                          logprob_gap=max(b.logprob_gap for b in batches),
+                          answer_width=max(b.answer_width for b in batches))
 
     def to_state(self) -> dict[str, Any]:
         """A JSON-able dict (checkpoints): every array as a nested list with its dtype."""
         state: dict[str, Any] = {"short_answers": self.short_answers,
-                                 "logprob_gap": self.logprob_gap}
+                                 "logprob_gap": self.logprob_gap,
+                                 "answer_width": self.answer_width}
         for f in self.ROW_FIELDS:
             x = getattr(self, f)
             state[f] = None if x is None else {"dtype": str(x.dtype), "data": x.tolist()}
@@ -114,4 +119,5 @@ class Experience:
                   np.asarray(state[f]["data"], dtype=state[f]["dtype"])
                   for f in Experience.ROW_FIELDS}
         return Experience(**fields, short_answers=int(state["short_answers"]),
-                          logprob_gap=float(state["logprob_gap"]))
+                          logprob_gap=float(state["logprob_gap"]),
+                          answer_width=int(state["answer_width"]))

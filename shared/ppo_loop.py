@@ -203,8 +203,12 @@ class PPOLoop:
                                                                    uniforms)
         response = np.asarray(response, np.int64)
         sample_mask = np.asarray(sample_mask, np.float32)
-        if self.conventions.mask_pad_tokens:  # DeepSpeed-Chat: action_mask = ids != pad
+        answer_width = int(sample_mask.sum(1).max()) if len(sample_mask) else 0
+        if self.conventions.mask_pad_tokens:
+            # DeepSpeed-Chat: attention_mask = seq != pad over the whole sequence (a BOS that
+            # is the pad, as OPT's with pad = EOS, too) and action_mask = its answer part.
             sample_mask = sample_mask * (response != self.pad_token_id)
+            prompt_mask = prompt_mask * (prompt_ids != self.pad_token_id)
         is_short = sample_mask.sum(1) < ppo.min_answer_tokens
         short_answers = int(is_short.sum())
         if ppo.short_answer_policy == "dschat" and is_short.all():
@@ -220,7 +224,7 @@ class PPOLoop:
             last = self.last_valid
             prompt_ids, prompt_mask, response = last.prompt_ids, last.prompt_mask, last.response
             sample_mask, sample_logprobs = last.sample_mask, last.sample_logprobs
-            is_short = last.is_short
+            is_short, answer_width = last.is_short, last.answer_width
         with self.timer.phase("scoring"):
             scored = self.score(prompt_ids, prompt_mask, response, sample_mask)
         experience = Experience(
@@ -231,7 +235,7 @@ class PPOLoop:
             ref_logprobs=np.asarray(scored["ref_logprobs"], np.float32),
             values=np.asarray(scored["values"], np.float32),
             scores=np.asarray(scored["scores"], np.float32), is_short=is_short,
-            short_answers=short_answers)
+            short_answers=short_answers, answer_width=answer_width)
         gap = np.abs(experience.sample_logprobs - experience.logprobs) * sample_mask
         experience.logprob_gap = float(gap.max()) if gap.size else 0.0
         if ppo.short_answer_policy == "dschat" and not is_short.all():
@@ -259,7 +263,7 @@ class PPOLoop:
         unwhitened = dataclasses.replace(c, whiten_advantages=False)
         for exp in buffer:
             full = exp.response.shape[1]
-            width = max(int(exp.sample_mask.sum(1).max()), 1)
+            width = max(exp.answer_width, 1)
             cut = [x[:, :width] for x in (exp.logprobs, exp.ref_logprobs, exp.values,
                                           exp.response_mask)]
             out = compute_advantages(exp.scores, *cut, conventions=unwhitened, kl_coef=beta)

@@ -30,6 +30,7 @@ from torch import nn
 
 from shared.config import RLHFConfig
 from shared.control import EmaState, ema
+from shared.data import prepare_tokenizer
 from torch_rlhf.deepspeed_config import (
     HybridEngineUnavailable,
     initialize_engine,
@@ -98,9 +99,10 @@ class RLHFEngine:
         self.reward = self._init_reward()
         self.reward_tokenizer = tokenizer
         if model_cfg.reward_tokenizer_name_or_path:
-            self.reward_tokenizer = load_tokenizer(
+            self.reward_tokenizer = prepare_tokenizer(load_tokenizer(
                 model_cfg.reward_tokenizer_name_or_path,
-                trust_remote_code=model_cfg.trust_remote_code)
+                trust_remote_code=model_cfg.trust_remote_code),
+                pad_with_eos=config.data.pad_with_eos)
         self.reward_reads_actor_tokens = check_reward_tokenizer(
             tokenizer, self.reward_tokenizer,
             retokenize_for_reward=model_cfg.retokenize_for_reward)

@@ -32,8 +32,12 @@ def resolve_tokenizer(config: RLHFConfig, model_name_or_path: str | None = None)
     if path is None:
         raise ValueError("model.tokenizer_name_or_path: null is invalid when the model is "
                          "built from a config (no directory to read a tokenizer from)")
-    return load_tokenizer(path, end_of_conversation_token=config.data.end_of_conversation_token,
-                          trust_remote_code=config.model.trust_remote_code)
+    from shared.data import prepare_tokenizer
+
+    tokenizer = load_tokenizer(
+        path, end_of_conversation_token=config.data.end_of_conversation_token,
+        trust_remote_code=config.model.trust_remote_code)
+    return prepare_tokenizer(tokenizer, pad_with_eos=config.data.pad_with_eos)
 
 
 def lora_settings(module: ModuleConfig) -> dict[str, Any] | None:
@@ -74,7 +78,9 @@ def build_model(kind: str, config: RLHFConfig, tokenizer, *, name_or_path: str |
         disable_dropout=module.disable_dropout if trainable else True,
         gradient_checkpointing=module.gradient_checkpointing and trainable,
         trust_remote_code=config.model.trust_remote_code, vocab_size=len(tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
+        # with data.pad_with_eos the model keeps its own pad id (its embedding's padding_idx),
+        # as DeepSpeed-Chat sets the tokenizer's pad only after building the model
+        pad_token_id=None if config.data.pad_with_eos else tokenizer.pad_token_id,
         ds_config=None if lora is not None and lora.dim else ds_config)
     if lora is not None and lora.dim:
         apply_lora(model, dim=lora.dim, alpha=lora.alpha, module_name=lora.module_name,

@@ -109,7 +109,7 @@ def load_tokenizer(config: Any, fallback: str | None = None):
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         path, trust_remote_code=config.model.trust_remote_code
     )
-    return prepare_tokenizer(tokenizer)
+    return prepare_tokenizer(tokenizer, pad_with_eos=config.data.pad_with_eos)
 
 
 def compute_dtype(config: Any) -> str:

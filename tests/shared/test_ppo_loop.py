@@ -228,3 +228,15 @@ def test_resumed_metrics_equal_an_uninterrupted_run_row_for_row(tmp_path, kill_a
     assert resumed.kl_state == straight.kl_state
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())["ppo"]
     assert summary["iterations"] == 3 and summary["final_model"].endswith("final.json")
+
+
+def test_trimmed_width_with_pad_eos_keeps_the_eos_column(tmp_path):
+    """pad == EOS: the EOS leaves the mask, but DeepSpeed-Chat's `generate` still returned its
+    column, so the width (and the longest row's score slot, its EOS) counts it."""
+    config = _config(tmp_path, preset="deepspeed_chat")
+    loop = NumpyPPO(config, tmp_path / "run", lengths=np.array([3, 1, 2, 3]), eos=PAD)
+    exp = loop.generate_experience(loop.prompt_iterator.next_batch())
+    assert exp.answer_width == 3 and exp.sample_mask.sum(1).max() == 2
+    scored = loop.with_advantages([exp])
+    score_slot = np.argmax(np.abs(scored.token_rewards[0]))
+    assert score_slot == 2  # the EOS slot, one past the last real token
