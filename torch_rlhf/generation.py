@@ -24,6 +24,8 @@ kernels for ``generate``. :func:`select_rollout_path` decides whether to use it,
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 from shared.sampling import sample_token
 from torch_rlhf.deepspeed_config import HybridEngineUnavailable
@@ -191,13 +194,35 @@ def _last_logits_only(module: nn.Module) -> dict[str, int]:
     return {"logits_to_keep": 1} if takes_logits_to_keep(module) else {}
 
 
+def _kv_cache(module: nn.Module) -> dict[str, DynamicCache]:
+    """The forward's KV-cache keyword and a new, empty :class:`DynamicCache`: the cache the
+    model's own forward would create for ``use_cache=True`` and update in place.
+
+    The keyword is ``cache`` from transformers 5.24 (which deprecates ``past_key_values``,
+    to be removed in 5.40), ``past_key_values`` before."""
+    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    try:
+        cache = DynamicCache(config=base.config)
+    except TypeError:  # transformers < 4.56: layers are created as they are filled
+        cache = DynamicCache()
+    return {_forward_cache_kwarg(type(base)): cache}
+
+
+@functools.cache
+def _forward_cache_kwarg(cls: type) -> str:
+    # Per class, as _forward_takes_logits_to_keep: inspect.signature costs a rollout step.
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else (
+        "past_key_values")
+
+
 def _decode(module, prompt_ids, prompt_mask, uniforms, *, max_new_tokens, eos_token_id,
             pad_token_id, do_sample, temperature, top_k, top_p):
     batch = prompt_ids.shape[0]
     attention_mask = prompt_mask
     positions = position_ids_from_mask(prompt_mask)  # [B, P]
+    cache = _kv_cache(module)  # one Cache object for the whole decode
     out = module(input_ids=prompt_ids, attention_mask=attention_mask, position_ids=positions,
-                 use_cache=True, **_last_logits_only(module))
+                 use_cache=True, **cache, **_last_logits_only(module))
     next_position = positions[:, -1:] + 1  # [B, 1]
     finished = torch.zeros(batch, dtype=torch.bool, device=prompt_ids.device)
     pad = torch.full_like(finished, pad_token_id, dtype=torch.long)
@@ -215,8 +240,7 @@ def _decode(module, prompt_ids, prompt_mask, uniforms, *, max_new_tokens, eos_to
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], 1)
         out = module(input_ids=token[:, None], attention_mask=attention_mask,
-                     position_ids=next_position, past_key_values=out.past_key_values,
-                     use_cache=True)
+                     position_ids=next_position, use_cache=True, **cache)
         next_position = next_position + 1
     return torch.stack(tokens, 1), torch.stack(logprobs, 1)  # [B, N] each
 
