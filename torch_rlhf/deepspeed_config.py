@@ -219,8 +219,12 @@ def initialize_engine(model, *, config: Mapping[str, Any], optimizer=None, lr_sc
     """``deepspeed.initialize`` returning only the engine.
 
     With ``config["hybrid_engine"]["enabled"]``, DeepSpeed builds its inference
-    containers here; on a machine without its inference kernels (any CPU) that raises,
-    and the error is re-raised as :class:`HybridEngineUnavailable` saying so.
+    containers here, and how that fails depends on the machine, the model and the
+    DeepSpeed / transformers versions (on any CPU its inference ops have no build:
+    ``ValueError: This op had not been implemented on CPU backend.``). So with the Hybrid
+    Engine enabled any exception is re-raised as :class:`HybridEngineUnavailable` naming
+    it (the original chained): callers under ``hybrid_engine: auto`` rebuild without the
+    Hybrid Engine, where an error that has nothing to do with it is raised again as it is.
     """
     import deepspeed
 
@@ -228,15 +232,16 @@ def initialize_engine(model, *, config: Mapping[str, Any], optimizer=None, lr_sc
     try:
         engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer,
                                           lr_scheduler=lr_scheduler, config=dict(config))
-    except (ValueError, RuntimeError, NotImplementedError) as err:
-        if hybrid and "not been implemented on CPU" in str(err):
-            raise HybridEngineUnavailable(
-                "the DeepSpeed Hybrid Engine cannot run on CPU: building its inference "
-                f"containers for {type(model).__name__} raised {type(err).__name__}: {err} "
-                "(DeepSpeed's inference ops have no CPU build); set "
-                "engine.torch.hybrid_engine: auto or off to generate through the module"
-            ) from err
-        raise
+    except Exception as err:
+        if not hybrid:
+            raise
+        hint = (" (DeepSpeed's inference ops have no CPU build: the Hybrid Engine cannot run "
+                "on CPU)" if "not been implemented on CPU" in str(err) else "")
+        raise HybridEngineUnavailable(
+            f"the DeepSpeed Hybrid Engine could not be built for {type(model).__name__}: "
+            f"deepspeed.initialize raised {type(err).__name__}: {err}{hint}; set "
+            "engine.torch.hybrid_engine: auto or off to generate through the module"
+        ) from err
     _skip_identity_allreduce(engine)
     return engine
 

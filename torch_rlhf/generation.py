@@ -9,16 +9,22 @@ what the training forward recomputes, so the two differ only by numerics.
 DeepSpeed's Hybrid Engine (DS-Chat ``--enable_hybrid_engine``) swaps in CUDA inference
 kernels for ``generate``. :func:`select_rollout_path` decides whether to use it, and
 :func:`generate_rollout` runs the decision, falling back to :func:`generate` under
-``auto``. What happens on CPU (DeepSpeed 0.19.8, transformers 5.x), measured:
+``auto``. DeepSpeed refuses on CPU, and how depends on the model and the transformers
+version (DeepSpeed 0.19.8, measured):
 
-- Llama, GPT-2: ``deepspeed.initialize`` with the Hybrid Engine enabled raises
-  ``ValueError: This op had not been implemented on CPU backend.`` while building the
-  inference containers (their attention op has no CPU build).
-- OPT: DeepSpeed skips its OPT policy for transformers' Cache-based decoder layer, so
-  the engine initialises with no inference containers, never sets ``_generate``, and
-  ``engine.generate`` raises ``AttributeError: ... no attribute '_generate'``. (This is
-  device-independent; DS-Chat calls ``engine.module.generate``, which then silently is
-  plain Hugging Face ``generate``.)
+- ``deepspeed.initialize`` with the Hybrid Engine enabled raises ``ValueError: This op had
+  not been implemented on CPU backend.`` while building the inference containers (their
+  attention op has no CPU build): Llama and GPT-2, and OPT from transformers 5.24.
+- OPT up to transformers 5.23: DeepSpeed finds no inference policy for transformers'
+  Cache-based decoder layer, so the engine initialises with no inference containers, never
+  sets ``_generate``, and ``engine.generate`` raises ``AttributeError: ... no attribute
+  '_generate'``. (This is device-independent; DS-Chat calls ``engine.module.generate``,
+  which then silently is plain Hugging Face ``generate``.)
+
+Any exception DeepSpeed raises building the Hybrid Engine (:func:`~torch_rlhf.deepspeed_config.
+initialize_engine`) or generating with it (:func:`try_hybrid_engine_generate`) becomes a
+:class:`~torch_rlhf.deepspeed_config.HybridEngineUnavailable` that names it: ``auto`` falls
+back to the module path and logs why, ``on`` raises it.
 """
 
 from __future__ import annotations
@@ -53,15 +59,26 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 _HYBRID_ENGINE_MODES = ("auto", "on", "off")
-_CPU_FAILURES = {
-    "opt": "DeepSpeed has no Hybrid Engine policy for transformers' Cache-based OPT decoder "
-           "layer, so the engine builds no inference containers and engine.generate raises "
-           "AttributeError: 'DeepSpeedHybridEngine' object has no attribute '_generate'",
-}
-_CPU_FAILURE_DEFAULT = (
-    "building its inference containers raises 'ValueError: This op had not been "
-    "implemented on CPU backend.' (DeepSpeed's inference ops have no CPU build)"
+_CPU_FAILURE = (
+    "DeepSpeed's inference ops have no CPU build: building the inference containers raises "
+    "'ValueError: This op had not been implemented on CPU backend.', or, with no inference "
+    "policy for the model (OPT up to transformers 5.23), it builds none and engine.generate "
+    "raises AttributeError: ... no attribute '_generate'"
 )
+# Hints for the refusals measured on CPU (module docstring), keyed by a fragment of the
+# exception's text; any other exception is reported as it is.
+_REFUSAL_HINTS = {
+    "not been implemented on CPU": "DeepSpeed's inference ops have no CPU build",
+    "no attribute '_generate'": "the engine built no inference containers: no DeepSpeed "
+                                "inference policy matches the model's decoder layers",
+}
+
+
+def _refusal(err: BaseException) -> str:
+    """``Type: message`` of a Hybrid Engine refusal, with a hint where it is a known one."""
+    text = f"{type(err).__name__}: {err}"
+    hints = [hint for fragment, hint in _REFUSAL_HINTS.items() if fragment in str(err)]
+    return f"{text} ({hints[0]})" if hints else text
 
 
 @dataclass(frozen=True)
@@ -282,14 +299,13 @@ def select_rollout_path(hybrid_engine: str, *, device_type: str,
     if hybrid_engine == "off":
         return "module", "engine.torch.hybrid_engine is off"
     if device_type != "cuda":
-        why = _CPU_FAILURES.get(model_type, _CPU_FAILURE_DEFAULT)
         device = device_type.upper()
         if hybrid_engine == "on":
             raise RuntimeError(
-                f"the DeepSpeed Hybrid Engine cannot run on {device}: for {model_type} "
-                f"{why}; set engine.torch.hybrid_engine: auto or off")
+                f"the DeepSpeed Hybrid Engine cannot run on {device} (for {model_type}: "
+                f"{_CPU_FAILURE}); set engine.torch.hybrid_engine: auto or off")
         return "module", (f"the DeepSpeed Hybrid Engine cannot run on {device} (for "
-                          f"{model_type} {why}); generating through the module")
+                          f"{model_type}: {_CPU_FAILURE}); generating through the module")
     return "hybrid_engine", f"hybrid_engine: {hybrid_engine} on CUDA"
 
 
@@ -313,7 +329,10 @@ def try_hybrid_engine_generate(
     """Generate with ``engine.generate`` of a DeepSpeed Hybrid Engine.
 
     Sampling here is Hugging Face's with torch's RNG, not the parity sampler: no
-    uniforms. The known failures are re-raised as :class:`HybridEngineUnavailable`.
+    uniforms. An engine that is not a Hybrid Engine, and any exception ``engine.generate``
+    raises (the refusals measured on CPU are in the module docstring; others differ by
+    model, DeepSpeed and transformers version), become :class:`HybridEngineUnavailable`
+    naming it, the original chained. Bad arguments are checked first and raise ValueError.
     """
     _check_prompts(prompt_ids, prompt_mask, max_new_tokens)
     if not _is_hybrid_engine(engine):
@@ -336,19 +355,10 @@ def try_hybrid_engine_generate(
     try:
         with torch.no_grad():
             out = engine.generate(prompt_ids, **kwargs)
-    except AttributeError as err:
-        if "_generate" not in str(err):
-            raise
+    except Exception as err:
         raise HybridEngineUnavailable(
-            f"the DeepSpeed Hybrid Engine built no inference containers for {model_type} "
-            f"(no policy matches its decoder layers), so engine.generate raised "
-            f"AttributeError: {err}") from err
-    except (ValueError, RuntimeError) as err:
-        if "not been implemented on CPU" not in str(err):
-            raise
-        raise HybridEngineUnavailable(
-            f"the DeepSpeed Hybrid Engine cannot run on CPU: engine.generate for "
-            f"{model_type} raised {type(err).__name__}: {err}") from err
+            f"the DeepSpeed Hybrid Engine could not generate for {model_type}: "
+            f"engine.generate raised {_refusal(err)}") from err
     finally:
         engine.train(was_training)
     return generation_output_from_hf(out.sequences, out.logits, prompt_ids, prompt_mask,
@@ -374,9 +384,10 @@ def generate_rollout(
     """Generate rollouts along the path :func:`select_rollout_path` picks; log it.
 
     Returns the output and the path taken ("hybrid_engine" or "module"). Under ``auto``
-    an engine that is not a Hybrid Engine, or a Hybrid Engine that reports
-    :class:`HybridEngineUnavailable`, falls back to :func:`generate` with a warning;
-    under ``on`` both are errors. ``uniforms`` drive only the module path.
+    an engine that is not a Hybrid Engine, or a Hybrid Engine that refuses to generate
+    (:class:`HybridEngineUnavailable`, whatever DeepSpeed raised), falls back to
+    :func:`generate` with a warning that says why; under ``on`` both raise that error.
+    ``uniforms`` drive only the module path.
     """
     module = unwrap_model(engine)
     device_type = next(module.parameters()).device.type
@@ -390,7 +401,9 @@ def generate_rollout(
             output = try_hybrid_engine_generate(engine, prompt_ids, prompt_mask, **sampling)
         except HybridEngineUnavailable as err:
             if hybrid_engine == "on":
-                raise
+                raise HybridEngineUnavailable(
+                    f"engine.torch.hybrid_engine is on, but {err}; set it to auto (falls "
+                    "back to the module path) or off") from err
             path, reason = "module", f"falling back from the Hybrid Engine: {err}"
             logger.warning("rollout path: module (%s)", reason)
         else:

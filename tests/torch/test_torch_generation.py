@@ -11,6 +11,7 @@ from tiny_hf import EOS, PAD, left_padded_prompts
 
 from shared.logprobs import token_logprobs
 from shared.sampling import sample_token
+from torch_rlhf import generation
 from torch_rlhf.deepspeed_config import (
     HybridEngineUnavailable,
     initialize_engine,
@@ -150,20 +151,43 @@ def test_generate_restores_training_mode_and_checks_inputs(model_dirs):
 
 
 # ------------------------------------------------------------------ rollout path
+#
+# DeepSpeed refuses the Hybrid Engine on CPU, and how depends on the model and on the
+# DeepSpeed / transformers versions (torch_rlhf.generation's docstring): an exception in
+# deepspeed.initialize, or an engine without inference containers whose generate raises.
+# These tests accept any refusal, and check what the rollout path does with it.
+
+HYBRID_FAMILIES = ["llama_gqa_untied", "gpt2", "opt_350m_shape"]
+ROLLOUT = dict(max_new_tokens=N, eos_token_id=EOS, pad_token_id=PAD, do_sample=True)
 
 
 def test_select_rollout_path():
-    assert select_rollout_path("auto", device_type="cuda", model_type="llama")[0] == (
-        "hybrid_engine")
+    for mode in ("auto", "on"):
+        assert select_rollout_path(mode, device_type="cuda", model_type="llama")[0] == (
+            "hybrid_engine")
     assert select_rollout_path("off", device_type="cuda", model_type="llama")[0] == "module"
-    path, reason = select_rollout_path("auto", device_type="cpu", model_type="llama")
-    assert path == "module" and "not been implemented on CPU backend" in reason
-    path, reason = select_rollout_path("auto", device_type="cpu", model_type="opt")
-    assert path == "module" and "_generate" in reason
-    with pytest.raises(RuntimeError, match="Hybrid Engine cannot run on CPU"):
+    for model_type in ("llama", "opt", "gpt2"):
+        path, reason = select_rollout_path("auto", device_type="cpu", model_type=model_type)
+        assert path == "module"
+        assert "Hybrid Engine cannot run on CPU" in reason and model_type in reason
+    with pytest.raises(RuntimeError, match="Hybrid Engine cannot run on CPU.*auto or off"):
         select_rollout_path("on", device_type="cpu", model_type="gpt2")
     with pytest.raises(ValueError, match="allowed: auto, on, off"):
         select_rollout_path("yes", device_type="cpu", model_type="gpt2")
+
+
+def _decide_as_on_cuda(monkeypatch) -> None:
+    """``select_rollout_path`` decides as on a CUDA machine, so ``generate_rollout`` tries the
+    Hybrid Engine (which then refuses on CPU) instead of skipping it up front."""
+    real = generation.select_rollout_path
+    monkeypatch.setattr(generation, "select_rollout_path",
+                        lambda mode, *, device_type, model_type: real(
+                            mode, device_type="cuda", model_type=model_type))
+
+
+@pytest.fixture
+def as_on_cuda(monkeypatch):
+    _decide_as_on_cuda(monkeypatch)
 
 
 def _hybrid_config():
@@ -171,42 +195,150 @@ def _hybrid_config():
                           max_out_tokens=32, train_micro_batch_size_per_gpu=3)
 
 
-@pytest.mark.parametrize("family", ["llama_gqa_untied", "gpt2"])
-def test_hybrid_engine_cannot_build_on_cpu(family, distributed, model_dirs):
-    model = build_causal_lm(model_dirs(family))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    with pytest.raises(HybridEngineUnavailable, match="cannot run on CPU") as err:
-        initialize_engine(model, optimizer=optimizer, config=_hybrid_config())
-    assert "This op had not been implemented on CPU backend" in str(err.value)
+def _plain_config():
+    return make_ds_config(stage=0, offload=False, dtype="fp32", train_micro_batch_size_per_gpu=3)
 
 
-def test_opt_hybrid_engine_generate_fails_and_auto_falls_back(distributed, model_dirs, caplog):
-    model = build_causal_lm(model_dirs("opt_350m_shape"))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    engine = initialize_engine(model, optimizer=optimizer, config=_hybrid_config())
-    assert type(engine).__name__ == "DeepSpeedHybridEngine"
+def _build_actor(model_dir):
+    """The actor as ``RLHFEngine`` builds it under ``auto``: a Hybrid Engine, or, where
+    ``deepspeed.initialize`` refuses it, a fresh model in a plain engine.
+
+    Returns (engine, model, the refusal at initialize or None)."""
+    model = build_causal_lm(model_dir)
+    try:
+        engine = initialize_engine(model, config=_hybrid_config(),
+                                   optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
+        return engine, model, None
+    except HybridEngineUnavailable as err:
+        refusal = err
+    model = build_causal_lm(model_dir)
+    engine = initialize_engine(model, config=_plain_config(),
+                               optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
+    return engine, model, refusal
+
+
+def _assert_names_its_cause(refusal: HybridEngineUnavailable) -> None:
+    cause = refusal.__cause__
+    assert cause is not None, "the refusal must chain what DeepSpeed raised"
+    assert f"{type(cause).__name__}: {cause}" in str(refusal)
+
+
+def _assert_module_rollout(out, path, model, ids, mask, seed):
+    expected = generate(model, ids, mask, uniforms=_uniforms(seed), **ROLLOUT)
+    assert path == "module"
+    assert torch.equal(out.sequences, expected.sequences)
+    torch.testing.assert_close(out.logprobs, expected.logprobs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", HYBRID_FAMILIES)
+def test_hybrid_engine_refuses_on_cpu_and_rollouts_fall_back(family, distributed, model_dirs,
+                                                             caplog, monkeypatch):
+    engine, model, refusal = _build_actor(model_dirs(family))
     ids, mask = left_padded_prompts()
-    sampling = dict(max_new_tokens=N, eos_token_id=EOS, pad_token_id=PAD)
-    engine.train()
-    with pytest.raises(HybridEngineUnavailable, match="no inference containers") as err:
-        try_hybrid_engine_generate(engine, ids, mask, **sampling)
-    assert "object has no attribute '_generate'" in str(err.value)
-    assert engine.training  # the eval() -> generate -> train() cycle is closed on failure
-    with pytest.raises(RuntimeError, match="Hybrid Engine cannot run on CPU"):
-        generate_rollout(engine, ids, mask, hybrid_engine="on", **sampling)
+    if refusal is None:  # DeepSpeed built a Hybrid Engine: it must refuse to generate
+        assert type(engine).__name__ == "DeepSpeedHybridEngine"
+        engine.train()
+        with pytest.raises(HybridEngineUnavailable, match="could not generate") as err:
+            try_hybrid_engine_generate(engine, ids, mask, **ROLLOUT)
+        refusal = err.value
+        assert engine.training  # the eval() -> generate -> train() cycle is closed on failure
+    _assert_names_its_cause(refusal)
+
+    # On CPU the rollout path is decided up front: `on` fails, `auto` uses the module.
+    with pytest.raises(RuntimeError, match="Hybrid Engine cannot run on CPU.*auto or off"):
+        generate_rollout(engine, ids, mask, hybrid_engine="on", uniforms=_uniforms(5), **ROLLOUT)
     with caplog.at_level(logging.INFO, logger="torch_rlhf.generation"):
         out, path = generate_rollout(engine, ids, mask, hybrid_engine="auto",
-                                     uniforms=_uniforms(5), do_sample=True, **sampling)
-    assert path == "module" and "rollout path: module" in caplog.text
-    expected = generate(model, ids, mask, uniforms=_uniforms(5), do_sample=True, **sampling)
-    assert torch.equal(out.sequences, expected.sequences)
+                                     uniforms=_uniforms(5), **ROLLOUT)
+    assert "rollout path: module (the DeepSpeed Hybrid Engine cannot run on CPU" in caplog.text
+    _assert_module_rollout(out, path, model, ids, mask, seed=5)
+
+    # Where it is tried (as on CUDA), the refusal itself makes `auto` fall back and `on` fail.
+    _decide_as_on_cuda(monkeypatch)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="torch_rlhf.generation"):
+        out, path = generate_rollout(engine, ids, mask, hybrid_engine="auto",
+                                     uniforms=_uniforms(6), **ROLLOUT)
+    assert "rollout path: module (falling back from the Hybrid Engine: " in caplog.text
+    _assert_module_rollout(out, path, model, ids, mask, seed=6)
+    with pytest.raises(HybridEngineUnavailable, match="hybrid_engine is on, but .*auto"):
+        generate_rollout(engine, ids, mask, hybrid_engine="on", uniforms=_uniforms(6), **ROLLOUT)
 
 
-def test_plain_engine_is_not_a_hybrid_engine(distributed, model_dirs):
+# Exceptions DeepSpeed raises, or might, when it refuses the Hybrid Engine.
+REFUSALS = [
+    ValueError("This op had not been implemented on CPU backend."),
+    AttributeError("'DeepSpeedHybridEngine' object has no attribute '_generate'"),
+    AttributeError("'OPTAttention' object has no attribute 'k_proj'"),
+    RuntimeError("CUDA error: no kernel image is available for execution on the device"),
+    NotImplementedError("inference containers"),
+    KeyError("OPTDecoderLayer"),
+    TypeError("forward() got an unexpected keyword argument 'cache'"),
+    ImportError("cannot import name 'InferenceBuilder'"),
+]
+
+
+@pytest.mark.parametrize("error", REFUSALS, ids=lambda e: type(e).__name__)
+def test_initialize_engine_reports_any_hybrid_engine_failure(error, monkeypatch):
+    import deepspeed
+
+    def refuse(**kwargs):
+        raise error
+
+    monkeypatch.setattr(deepspeed, "initialize", refuse)
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(HybridEngineUnavailable, match="auto or off") as err:
+        initialize_engine(model, config=_hybrid_config())
+    assert err.value.__cause__ is error
+    _assert_names_its_cause(err.value)
+    if "not been implemented on CPU" in str(error):
+        assert "cannot run on CPU" in str(err.value)
+    with pytest.raises(type(error)) as err:  # without the Hybrid Engine: as raised
+        initialize_engine(model, config=_plain_config())
+    assert err.value is error
+
+
+@pytest.mark.parametrize("error", REFUSALS, ids=lambda e: type(e).__name__)
+def test_any_refusal_at_generate_falls_back_under_auto(error, distributed, model_dirs, caplog,
+                                                       monkeypatch, as_on_cuda):
     model = build_causal_lm(model_dirs("gpt2"))
-    engine = initialize_engine(model, config=make_ds_config(
-        stage=0, offload=False, dtype="fp32", train_micro_batch_size_per_gpu=3))
+    engine = initialize_engine(model, config=_plain_config())
+
+    modes = []
+
+    def refuse(*args, **kwargs):
+        modes.append(engine.module.training)
+        raise error
+
+    monkeypatch.setattr(generation, "_is_hybrid_engine", lambda engine: True)
+    monkeypatch.setattr(engine, "generate", refuse)
+    ids, mask = left_padded_prompts()
+    engine.train()
+    with pytest.raises(HybridEngineUnavailable, match="engine.generate raised") as err:
+        try_hybrid_engine_generate(engine, ids, mask, **ROLLOUT)
+    assert err.value.__cause__ is error
+    _assert_names_its_cause(err.value)
+    assert modes == [False] and engine.module.training  # eval() -> generate -> train()
+    with caplog.at_level(logging.WARNING, logger="torch_rlhf.generation"):
+        out, path = generate_rollout(engine, ids, mask, hybrid_engine="auto",
+                                     uniforms=_uniforms(7), **ROLLOUT)
+    assert f"falling back from the Hybrid Engine: {err.value}" in caplog.text
+    _assert_module_rollout(out, path, model, ids, mask, seed=7)
+    with pytest.raises(HybridEngineUnavailable, match="hybrid_engine is on, but") as on:
+        generate_rollout(engine, ids, mask, hybrid_engine="on", uniforms=_uniforms(7),
+                         **ROLLOUT)
+    assert str(err.value) in str(on.value)
+
+
+def test_plain_engine_is_not_a_hybrid_engine(distributed, model_dirs, caplog, as_on_cuda):
+    model = build_causal_lm(model_dirs("gpt2"))
+    engine = initialize_engine(model, config=_plain_config())
     ids, mask = left_padded_prompts()
     with pytest.raises(HybridEngineUnavailable, match="not a DeepSpeed Hybrid Engine"):
         try_hybrid_engine_generate(engine, ids, mask, max_new_tokens=2, eos_token_id=EOS,
                                    pad_token_id=PAD)
+    with caplog.at_level(logging.WARNING, logger="torch_rlhf.generation"):
+        out, path = generate_rollout(engine, ids, mask, hybrid_engine="auto",
+                                     uniforms=_uniforms(8), **ROLLOUT)
+    assert "not a DeepSpeed Hybrid Engine" in caplog.text
+    _assert_module_rollout(out, path, model, ids, mask, seed=8)
