@@ -47,7 +47,8 @@ def sft_step(config: Any, run_dir: Path, lm_dir: str, shapes: Shapes, *, vocab_s
     calls = {"warmup": warmup, "repeats": repeats, "budget_s": budget_s}
     from jax_rlhf.train.sft import SFTTrainer
 
-    trainer = SFTTrainer(_context(config, run_dir), init_path=lm_dir)
+    ctx = _context(config, run_dir)
+    trainer = SFTTrainer(config, run_dir=ctx.run_dir, model_name_or_path=lm_dir, ctx=ctx)
     loaded = memory_snapshot()
     batch = sft_batch(shapes.sft_batch, shapes, vocab_size)
     timing = time_calls(lambda: trainer.train_step(batch), label="train_step", **calls)

@@ -78,7 +78,8 @@ class PPOBackend(Protocol):
                    ptx_normalizers: list[float] | None, kl_coef: float) -> dict[str, float]:
         """One optimiser step of actor and critic (joint ptx when ``ptx`` is given): sums over
         the micro-batches of actor_loss, critic_loss, pg_loss, ptx_loss, tokens and the
-        token-weighted ``TOKEN_STATS``; actor_lr, critic_lr of this step."""
+        token-weighted ``TOKEN_STATS``; actor_lr, critic_lr of this step; actor_grad_norm,
+        critic_grad_norm: the step's global gradient norms before clipping."""
 
     def ptx_step(self, ptx: list[dict[str, np.ndarray]], *,
                  ptx_normalizers: list[float]) -> dict[str, float]:
@@ -352,7 +353,8 @@ class PPOLoop:
             return float(np.mean(per_step)) if per_step else 0.0
 
         metrics = {k: step_mean(k) for k in ("actor_loss", "critic_loss", "pg_loss",
-                                              *TOKEN_STATS, "ptx_loss")}
+                                              *TOKEN_STATS, "ptx_loss", "actor_grad_norm",
+                                              "critic_grad_norm")}
         metrics.update({k: float(steps[-1].get(k, 0.0)) if steps else 0.0 for k in LAST_STEP})
         metrics.update(
             reward_score=float(exp.scores[valid].mean()) if valid.any() else 0.0,

@@ -14,9 +14,10 @@ Score positions:
               padding slot) unless the response fills all T slots. This reproduces
               DeepSpeed-Chat's `compute_rewards` (ends = start + mask.sum() + 1, score
               added at rewards[start:ends][-1]) and TRL's PPOTrainer
-              (`sequence_lengths_p1`). When the tokenizer's pad == eos, the EOS is
-              masked as padding, and n lands exactly on the EOS; otherwise the score
-              sits on a padding position.
+              (`sequence_lengths_p1`). When the mask leaves out pad tokens and the
+              tokenizer's pad == eos (`PPOConventions.mask_pad_tokens`, as
+              DeepSpeed-Chat), the EOS is masked as padding and n lands exactly on the
+              EOS; otherwise the score sits on a padding position.
 """
 
 from __future__ import annotations

@@ -42,7 +42,8 @@ def minibatch_schedule(num_rows: int, minibatch_size: int, *, ppo_epochs: int, s
                        seed: int = 0, iteration: int = 0) -> list[list[np.ndarray]]:
     """Row indices of each mini-batch, per PPO epoch: ``[epoch][minibatch] -> int64[M]``.
 
-    DeepSpeed-Chat walks the buffer in order every epoch (``shuffle=False``);
+    ``shuffle=False`` walks the buffer in order every epoch (DeepSpeed-Chat's first
+    epoch; it reorders whole micro-batches with ``random.shuffle`` after each epoch);
     with ``shuffle=True`` each epoch is a fresh seeded permutation.
     ``num_rows`` must be a multiple of ``minibatch_size`` (the config checks
     generation and training batch sizes; nothing is dropped silently).

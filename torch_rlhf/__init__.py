@@ -43,8 +43,6 @@ _EXPORTS = {
     "SFTTrainer": "sft",
     "RewardTrainer": "reward",
     "PPOTrainer": "ppo",
-    "Experience": "ppo",
-    "Rollout": "ppo",
     "RLHFEngine": "engine",
     "heldout_metrics": "evaluation",
     "CheckpointManager": "checkpoint",

@@ -221,9 +221,11 @@ class PPOTrainer(PPOLoop):
             total = actor_loss + self.config.ppo.unsup_coef * ptx_loss
             sums["ptx_loss"] += float(ptx_loss.detach())
         backward(self.engine.actor, total)
-        optimizer_step(self.engine.actor)
+        actor_norm = optimizer_step(self.engine.actor)
         backward(self.engine.critic, critic_loss)
-        optimizer_step(self.engine.critic)
+        critic_norm = optimizer_step(self.engine.critic)
+        if actor_norm is not None:  # the accumulation boundary: the step's global norms
+            self._grad_norms = {"actor_grad_norm": actor_norm, "critic_grad_norm": critic_norm}
         tokens = float(mask.sum())
         sums["actor_loss"] += float(actor_loss.detach())
         sums["critic_loss"] += float(critic_loss.detach())
@@ -245,12 +247,13 @@ class PPOTrainer(PPOLoop):
         lrs = {"actor_lr": current_lr(self.engine.actor),
                "critic_lr": current_lr(self.engine.critic)}
         sums: Counter = Counter()
+        self._grad_norms: dict[str, float] = {}
         self.engine.train()
         for a, (batch, normalizer) in enumerate(zip(micro_batches, normalizers, strict=True)):
             self._micro_step({k: v[mine] for k, v in batch.items()}, normalizer,
                              None if ptx is None else {k: v[mine] for k, v in ptx[a].items()},
                              None if ptx is None else ptx_normalizers[a], kl_coef, sums)
-        return self._reduced(sums, **lrs)
+        return self._reduced(sums, **lrs, **self._grad_norms)
 
     def ptx_step(self, ptx, *, ptx_normalizers):
         mine = rank_rows(self.minibatch_rows)
