@@ -35,6 +35,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from shared.aggregation import loss_normalizer
+from shared.checkpoints import CheckpointDir
 from shared.config import RLHFConfig
 from shared.data import BatchIterator, PromptBatch, TextBatch, build_ptx_data, build_step_data
 from shared.evaluation import decode_answers
@@ -88,11 +89,20 @@ class PPOBackend(Protocol):
 
     def update_ema(self) -> None: ...
 
-    def save_checkpoint(self, iteration: int, state: dict[str, Any]) -> None:
-        """Models, optimisers, EMA, RNG and the loop's JSON-able ``state``."""
+    saves_in_background: bool
+    """True when ``save_checkpoint`` returns before the files are on disk."""
 
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        """Restore the latest checkpoint; the loop's ``state`` (None when there is none)."""
+    def save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
+        """Write models, optimisers, EMA, RNG and the loop's JSON-able ``state`` into the new
+        directory ``path`` (every process calls it; the loop marks it complete)."""
+
+    def wait_until_saved(self) -> None: ...
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Restore the complete checkpoint ``path``; the loop's ``state``."""
+
+    def barrier(self) -> None:
+        """Wait for every process (a no-op for one)."""
 
     def export(self, step_dir: Path) -> dict[str, str]:
         """Write ``final/`` (actor), ``critic/`` and ``ema/`` (with EMA) as HF directories;
@@ -168,6 +178,9 @@ class PPOLoop:
         self.last_metrics: dict[str, Any] = {}
         self.timer = PhaseTimer()
         self.elapsed: Counter = Counter()
+        self._checkpoints: CheckpointDir | None = None
+        self._pending: Path | None = None  # saved in the background, not yet complete
+        self._saved: int | None = None
 
     @property
     def ptx_enabled(self) -> bool:
@@ -383,17 +396,39 @@ class PPOLoop:
             "elapsed": dict(self.elapsed),
         }
 
+    @property
+    def checkpoints(self) -> CheckpointDir:
+        """``<run>/ppo/checkpoints/iter-NNNNNNNN/`` (``shared.checkpoints``)."""
+        if self._checkpoints is None:
+            self._checkpoints = CheckpointDir(
+                self.step_dir / "checkpoints", keep=self.config.logging.keep_checkpoints,
+                prefix="iter", is_main=self.is_main, barrier=self.barrier)
+        return self._checkpoints
+
     def save(self) -> None:
-        """A resumable checkpoint at the current iteration."""
-        self.save_checkpoint(self.iteration, self.loop_state())
-        self._saved = self.iteration
+        """A resumable checkpoint at the current iteration (marked complete once on disk)."""
+        self._commit()
+        path = self.checkpoints.prepare(self.checkpoints.tag(self.iteration))
+        self.save_checkpoint(path, self.loop_state())
+        self._pending, self._saved = path, self.iteration
+        if not self.saves_in_background:
+            self._commit()
+
+    def _commit(self) -> None:
+        if self._pending is not None:
+            self.wait_until_saved()
+            self.checkpoints.commit(self._pending)
+            self._pending = None
 
     def resume(self) -> bool:
-        """Continue from the latest checkpoint of this step; False when there is none."""
-        state = self.load_checkpoint()
-        if state is None:
-            logger.info("ppo: no checkpoint in %s; starting from iteration 0", self.step_dir)
+        """Continue from the latest complete checkpoint of this step; False when there is
+        none."""
+        latest = self.checkpoints.latest()
+        if latest is None:
+            logger.info("ppo: no checkpoint in %s; starting from iteration 0",
+                        self.checkpoints.root)
             return False
+        state = self.load_checkpoint(latest)
         self.iteration = int(state["iteration"])
         self.prompt_iterator.load_state_dict(state["prompt_iterator"])
         if self.ptx_iterator is not None:
@@ -404,6 +439,7 @@ class PPOLoop:
         self.last_metrics = dict(state["last_metrics"])
         self.elapsed = Counter(state["elapsed"])
         self._saved = self.iteration
+        logger.info("ppo: resuming from %s", latest)
         if self.is_main:
             truncate_metrics(self.run_dir, self.step, "iteration", self.iteration + 1)
         logger.info("ppo: resumed at iteration %d/%d", self.iteration, self.total_iterations)
@@ -427,7 +463,6 @@ class PPOLoop:
     def run(self, *, resume: bool = False) -> dict[str, Any]:
         """Iterate to ``total_iterations``, export, evaluate; returns this step's
         ``summary.json`` entry."""
-        self._saved = None
         if resume:
             self.resume()
         cfg = self.config.logging
@@ -450,6 +485,7 @@ class PPOLoop:
                     self.save()
             if self._saved != self.iteration:
                 self.save()
+            self._commit()
         finally:
             bar.close()
         return self._finish(time.perf_counter() - start)

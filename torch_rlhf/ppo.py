@@ -104,8 +104,9 @@ class PPOTrainer(PPOLoop):
             actor_total_steps=self.actor_total_steps, critic_total_steps=self.critic_total_steps)
         self.rollout_path = self.engine.rollout_path
         self.device = self.engine.actor.device
-        self.checkpoints = CheckpointManager(self.step_dir / "checkpoints",
-                                             keep=config.logging.keep_checkpoints)
+        # DeepSpeed engine states in the loop's checkpoint directories
+        self.checkpoint_files = CheckpointManager(self.step_dir / "checkpoints",
+                                                  keep=config.logging.keep_checkpoints)
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
@@ -274,19 +275,24 @@ class PPOTrainer(PPOLoop):
     def _engines(self) -> dict[str, Any]:
         return {"actor": self.engine.actor, "critic": self.engine.critic}
 
-    def save_checkpoint(self, iteration: int, state: dict[str, Any]) -> None:
+    saves_in_background = False
+
+    def barrier(self) -> None:
+        barrier()
+
+    def wait_until_saved(self) -> None:
+        pass
+
+    def save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
         ema = self.engine.ema_state
         state = {**state, "ema": None if ema is None else ema.ema}
-        self.checkpoints.save(
-            f"iter-{iteration:08d}", self._engines(), state, tokenizer=self.tokenizer,
+        self.checkpoint_files.write(
+            path, self._engines(), state, tokenizer=self.tokenizer,
             lora={"actor": lora_settings(self.config.ppo.actor),
                   "critic": lora_settings(self.config.ppo.critic)})
 
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        latest = self.checkpoints.latest()
-        if latest is None:
-            return None
-        state = self.checkpoints.load(latest, self._engines())
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        state = self.checkpoint_files.load(path, self._engines())
         if state.get("ema") is not None and self.engine.ema is not None and is_main():
             self.engine.ema_state = self.engine.ema_state._replace(ema=state["ema"])
         return state

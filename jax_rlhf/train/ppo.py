@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_rlhf import sharding
-from jax_rlhf.checkpoint import Checkpointer
+from jax_rlhf.checkpoint import DirectoryCheckpointer
 from jax_rlhf.params import ModelDef, Params, to_host
 from jax_rlhf.sampler import SamplingParams, generate
 from jax_rlhf.train import engine
@@ -223,13 +223,21 @@ class PPOTrainer(PPOLoop):
 
     # -- checkpoints and export -------------------------------------------------------------
     @property
-    def checkpointer(self) -> Checkpointer:
+    def saves_in_background(self) -> bool:
+        return self.config.engine.jax.async_checkpointing
+
+    @property
+    def checkpointer(self) -> DirectoryCheckpointer:
         if self._checkpointer is None:
-            self._checkpointer = Checkpointer(
-                self.step_dir / "checkpoints", keep=self.config.logging.keep_checkpoints,
-                async_save=self.config.engine.jax.async_checkpointing,
-            )
+            self._checkpointer = DirectoryCheckpointer(async_save=self.saves_in_background)
         return self._checkpointer
+
+    def barrier(self) -> None:
+        self.ctx.barrier()
+
+    def wait_until_saved(self) -> None:
+        if self._checkpointer is not None:
+            self._checkpointer.wait()
 
     def _state_tree(self) -> dict:
         tree = {"actor": self.actor_state, "critic": self.critic_state}
@@ -237,22 +245,20 @@ class PPOTrainer(PPOLoop):
             tree["ema"] = self.ema_params
         return tree
 
-    def save_checkpoint(self, iteration: int, state: dict[str, Any]) -> None:
+    def save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
         meta = {**state, "models": {"actor": model_meta(self.actor_mdef, self.config.ppo.actor),
                                     "critic": model_meta(self.critic_mdef,
                                                          self.config.ppo.critic)}}
-        self.checkpointer.save(iteration, self._state_tree(), meta)
+        self.checkpointer.save(path, self._state_tree(), meta)
 
-    def load_checkpoint(self) -> dict[str, Any] | None:
-        if self.checkpointer.latest_step() is None:
-            return None
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
         abstract = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
             self._state_tree(),
         )
         abstract["actor"] = abstract_train_state(self.actor_state)
         abstract["critic"] = abstract_train_state(self.critic_state)
-        tree, meta = self.checkpointer.restore(abstract)
+        tree, meta = self.checkpointer.restore(path, abstract)
         self.actor_state, self.critic_state = tree["actor"], tree["critic"]
         self.ema_params = tree.get("ema")
         return meta

@@ -89,16 +89,20 @@ class NumpyPPO(PPOLoop):
     def update_ema(self):
         pass
 
-    def save_checkpoint(self, iteration, state):
-        path = self.step_dir / "checkpoints" / f"{iteration:04d}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"w": self.w, "state": state}))
+    saves_in_background = False
 
-    def load_checkpoint(self):
-        saved = sorted((self.step_dir / "checkpoints").glob("*.json"))
-        if not saved:
-            return None
-        data = json.loads(saved[-1].read_text())
+    def barrier(self):
+        pass
+
+    def wait_until_saved(self):
+        pass
+
+    def save_checkpoint(self, path, state):
+        path.mkdir(parents=True)
+        (path / "state.json").write_text(json.dumps({"w": self.w, "state": state}))
+
+    def load_checkpoint(self, path):
+        data = json.loads((path / "state.json").read_text())
         self.w = data["w"]
         return data["state"]
 
@@ -226,6 +230,8 @@ def test_resumed_metrics_equal_an_uninterrupted_run_row_for_row(tmp_path, kill_a
     assert _records(tmp_path / "killed") == _records(tmp_path / "straight")
     assert resumed.w == straight.w
     assert resumed.kl_state == straight.kl_state
+    kept = sorted(p.name for p in (tmp_path / "killed" / "ppo" / "checkpoints").iterdir())
+    assert kept == ["iter-00000002", "iter-00000003"]  # logging.keep_checkpoints: 2
     summary = json.loads((tmp_path / "killed" / "summary.json").read_text())["ppo"]
     assert summary["iterations"] == 3 and summary["final_model"].endswith("final.json")
 
