@@ -2,28 +2,49 @@
 #   make demo   install into .venv and run `rlhf pipeline` on configs/demo.yaml
 #   make test   install into .venv and run the test suite
 #   make bench  install into .venv and run the benchmark (docs/performance.md)
+#   make lock   refresh requirements/constraints.txt from a fresh unpinned install
 # Override TORCH_SPEC on a GPU cluster, e.g. TORCH_SPEC="torch==2.5.1" with your
-# CUDA index in PIP_EXTRA_INDEX_URL.
+# CUDA index in PIP_EXTRA_INDEX_URL. Every install step but torch's is constrained by
+# LOCK, which leaves out torch, what only torch needs and what requires torch (see its
+# header); `make install LOCK=` installs pyproject.toml's ranges unpinned.
 
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
 DEEPSPEED_SPEC ?= deepspeed==0.19.8
 BACKEND ?= torch
+LOCK ?= requirements/constraints.txt
 PIP := $(VENV)/bin/python -m pip
+PINNED := $(PIP) install --quiet $(if $(LOCK),-c $(LOCK))
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench lint demo-data clean
+.PHONY: install lock demo test test-all bench lint demo-data clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install --quiet --upgrade pip setuptools wheel
+	$(if $(LOCK),$(VENV)/bin/python requirements/lock.py --check $(LOCK))
+	$(PINNED) --upgrade pip setuptools wheel
 	$(PIP) install --quiet "$(TORCH_SPEC)"
-	$(PIP) install --quiet --no-build-isolation "$(DEEPSPEED_SPEC)"
-	$(PIP) install --quiet -e ".[torch,jax,dev]"
+	$(PINNED) --no-build-isolation "$(DEEPSPEED_SPEC)"
+	$(PINNED) -e ".[torch,jax,dev]"
 	touch $(STAMP)
+
+# Rewrite LOCK from the installs of `make install` without constraints, in a throwaway
+# venv (nothing is run in it); then `make test` and commit the lock if it passes.
+lock: LOCK_HOW = make lock: $(TORCH_SPEC), then $(DEEPSPEED_SPEC) and -e .[torch,jax,dev] \
+	unconstrained, in a fresh venv
+lock:
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	pip="$$tmp/venv/bin/python -m pip install --quiet"; \
+	$$pip --upgrade pip setuptools wheel; \
+	$$pip "$(TORCH_SPEC)"; \
+	$$pip --no-build-isolation "$(DEEPSPEED_SPEC)"; \
+	$$pip -e ".[torch,jax,dev]"; \
+	"$$tmp/venv/bin/python" requirements/lock.py --how "$(LOCK_HOW)" > "$$tmp/lock"; \
+	mv "$$tmp/lock" "$(or $(LOCK),requirements/constraints.txt)"
 
 demo: install
 	$(VENV)/bin/rlhf pipeline --config configs/demo.yaml --backend $(BACKEND)
