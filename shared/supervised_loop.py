@@ -42,8 +42,8 @@ from shared.checkpoints import CheckpointDir
 from shared.data import BatchIterator, StepData
 from shared.runlog import PhaseTimer, RunLogger, format_metrics, progress
 
-__all__ = ["LOG_KEYS", "SupervisedBackend", "SupervisedLoop", "eval_metrics", "model_source",
-           "reward_ratios"]
+__all__ = ["LOG_KEYS", "LoopTrainer", "SupervisedBackend", "SupervisedLoop", "eval_metrics",
+           "model_source", "reward_ratios"]
 
 logger = logging.getLogger(__name__)
 
@@ -341,3 +341,23 @@ class SupervisedLoop:
         logger.info("%s done: %s -> %s", self.step,
                     format_metrics(self.eval_metrics, tuple(self.eval_metrics)), final)
         return entry
+
+
+class LoopTrainer:
+    """The public face both backends' SFT and reward trainers share: a trainer that holds its
+    `SupervisedLoop` as ``self.loop`` and implements `SupervisedBackend` itself."""
+
+    loop: SupervisedLoop
+
+    @property
+    def iterator(self):
+        """The training data's resumable `BatchIterator`."""
+        return self.loop.iterator
+
+    @property
+    def total_steps(self) -> int:
+        return self.loop.total_steps
+
+    @property
+    def data(self):
+        return self.loop.data

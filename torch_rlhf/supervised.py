@@ -26,7 +26,7 @@ import torch
 from shared.config import RLHFConfig
 from shared.data import build_step_data
 from shared.runlog import RunLogger
-from shared.supervised_loop import SupervisedLoop, model_source
+from shared.supervised_loop import LoopTrainer, SupervisedLoop, model_source
 from torch_rlhf.checkpoint import CheckpointManager
 from torch_rlhf.distributed import all_reduce_sum, barrier, is_main, rank_rows, world_size
 from torch_rlhf.optim import (
@@ -42,7 +42,7 @@ from torch_rlhf.saving import save_hf
 __all__ = ["SupervisedTrainer"]
 
 
-class SupervisedTrainer:
+class SupervisedTrainer(LoopTrainer):
     """Base trainer of steps 1 (SFT) and 2 (reward model) on a DeepSpeed engine.
 
     Args:
@@ -91,18 +91,6 @@ class SupervisedTrainer:
         self.checkpoints = CheckpointManager(self.loop.checkpoints.root,
                                              keep=config.logging.keep_checkpoints)
         self.last_grad_norm: float | None = None
-
-    @property
-    def iterator(self):
-        return self.loop.iterator
-
-    @property
-    def total_steps(self) -> int:
-        return self.loop.total_steps
-
-    @property
-    def data(self):
-        return self.loop.data
 
     def run(self, *, resume: bool = False) -> dict[str, Any]:
         """Train, evaluate, export ``<run>/<step>/final``; returns the ``summary.json``

@@ -40,7 +40,7 @@ from jax_rlhf.train.step import (
     stack_micro_batches,
 )
 from shared.data import build_step_data
-from shared.supervised_loop import SupervisedLoop, model_source
+from shared.supervised_loop import LoopTrainer, SupervisedLoop, model_source
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +83,7 @@ def _eval_step(spec: StepSpec, params, frozen, batch):
     return spec.trainer.eval_batch(spec, spec.mdef.merge(params, frozen), batch)
 
 
-class SupervisedTrainer:
+class SupervisedTrainer(LoopTrainer):
     """Base of `SFTTrainer` and `RewardTrainer`.
 
     Args:
@@ -136,18 +136,6 @@ class SupervisedTrainer:
         )
         self.saves_in_background = config.engine.jax.async_checkpointing
         self._checkpointer: DirectoryCheckpointer | None = None
-
-    @property
-    def iterator(self):
-        return self.loop.iterator
-
-    @property
-    def total_steps(self) -> int:
-        return self.loop.total_steps
-
-    @property
-    def data(self):
-        return self.loop.data
 
     def run(self, *, resume: bool = False) -> dict[str, Any]:
         """Train, evaluate, export `<run>/<step>/final`; returns the `summary.json` entry
