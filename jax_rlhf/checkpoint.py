@@ -1,9 +1,9 @@
 """Resumable checkpoints with orbax-checkpoint.
 
 `DirectoryCheckpointer` writes one checkpoint into a directory the caller names (the layout
-of `shared.checkpoints`: `<run>/<step>/checkpoints/step-00000002/`, marked `COMPLETE` by the
-loop once written); `Checkpointer` is orbax's `CheckpointManager` over numbered directories
-(`<run>/ppo/checkpoints/<n>/`). Either way a checkpoint holds two items:
+of `shared.checkpoints`: `<run>/<step>/checkpoints/step-00000002/` for SFT and the reward
+model, `<run>/ppo/checkpoints/iter-00000002/` for PPO, marked `COMPLETE` by the loop once
+written). A checkpoint holds two items:
 
 - `state`: a pytree of arrays (train states: parameters, optimiser state and step counter;
   the EMA weights), saved with `StandardSave` (sharded arrays are written by every process
@@ -72,60 +72,6 @@ class DirectoryCheckpointer:
         self._checkpointer.close()
 
 
-class Checkpointer:
-    """Periodic checkpoints of one training step."""
-
-    def __init__(self, directory: str | Path, *, keep: int = 2, async_save: bool = True):
-        self.directory = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=keep,
-            enable_async_checkpointing=async_save,
-            create=True,
-        )
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta")
-        )
-
-    def save(self, step: int, state: Any, meta: dict[str, Any]) -> None:
-        """Writes checkpoint `step` (skipped when it already exists)."""
-        if step in self._manager.all_steps():
-            return
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
-        logger.info("checkpoint %d -> %s", step, self.directory)
-
-    def latest_step(self) -> int | None:
-        return self._manager.latest_step()
-
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
-        """`(state, meta)` of checkpoint `step` (default: the latest), restored into the
-        shapes, dtypes and shardings of `abstract_state` (`jax.ShapeDtypeStruct` leaves)."""
-        step = self._manager.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.directory}")
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-            ),
-        )
-        logger.info("restored checkpoint %d from %s", step, self.directory)
-        return restored.state, restored.meta
-
-    def wait(self) -> None:
-        """Blocks until background writes have finished."""
-        self._manager.wait_until_finished()
-
-    def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
-
-
 def read_checkpoint(directory: str | Path, step: int | None = None) -> tuple[Any, dict, int]:
     """`(state as nested dicts of arrays, meta, step)` without a target structure (for export);
     `directory` is a step's `checkpoints/` folder (its latest complete checkpoint, or `step`)
@@ -136,26 +82,12 @@ def read_checkpoint(directory: str | Path, step: int | None = None) -> tuple[Any
         if step is not None:
             done = [p for p in done if _counter(p) == step]
         directory = done[-1] if done else directory
-    if (directory / COMPLETE).is_file():
-        restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
-            directory, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                               meta=ocp.args.JsonRestore()))
-        return restored.state, restored.meta, _counter(directory)
-    if directory.name.isdigit() and (directory / "meta").exists():
-        step, directory = int(directory.name), directory.parent
-    manager = ocp.CheckpointManager(
-        directory,
-        options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-        item_names=("state", "meta"),
-    )
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise FileNotFoundError(f"no checkpoint in {directory}")
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(), meta=ocp.args.JsonRestore())
-    )
-    manager.close()
-    return restored.state, restored.meta, step
+    if not (directory / COMPLETE).is_file():
+        raise FileNotFoundError(f"no complete checkpoint in {directory}")
+    restored = ocp.Checkpointer(ocp.CompositeCheckpointHandler()).restore(
+        directory, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                           meta=ocp.args.JsonRestore()))
+    return restored.state, restored.meta, _counter(directory)
 
 
 def key_data(key: jax.Array) -> list[int]:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from jax_tiny_runs import make_context
 
-from jax_rlhf.checkpoint import Checkpointer, read_checkpoint
+from jax_rlhf.checkpoint import DirectoryCheckpointer, read_checkpoint
 from jax_rlhf.models import read_hf_state_dict
 from jax_rlhf.params import to_host
 from jax_rlhf.train.ppo import PPOTrainer
@@ -142,12 +142,25 @@ def test_ppo_resume_is_exact(tiny_config, tmp_path):
             np.testing.assert_array_equal(x, y)
 
 
-def test_checkpointer_keeps_the_latest(tmp_path):
-    ckpt = Checkpointer(tmp_path / "ckpts", keep=2, async_save=True)
+def test_checkpoint_directories_keep_the_latest_complete(tmp_path):
+    """`shared.checkpoints` names, completes and prunes; `DirectoryCheckpointer` writes each
+    orbax tree in the background; `read_checkpoint` (rlhf export) reads the newest complete."""
+    from shared.checkpoints import CheckpointDir
+
+    directory = CheckpointDir(tmp_path / "ckpts", keep=2, prefix="iter")
+    ckpt = DirectoryCheckpointer(async_save=True)
     for step in (1, 2, 3):
-        ckpt.save(step, {"w": np.full((2,), step, np.float32)}, {"step": step})
+        path = directory.prepare(directory.tag(step))
+        ckpt.save(path, {"w": np.full((2,), step, np.float32)}, {"step": step})
+        ckpt.wait()
+        directory.commit(path)
+    partial = directory.prepare(directory.tag(4))  # a save killed before it completed
+    ckpt.save(partial, {"w": np.zeros((2,), np.float32)}, {"step": 4})
     ckpt.close()
     state, meta, step = read_checkpoint(tmp_path / "ckpts")
     assert step == 3 and meta == {"step": 3}
     np.testing.assert_array_equal(state["w"], [3, 3])
-    assert sorted(p.name for p in (tmp_path / "ckpts").iterdir() if p.name.isdigit()) == ["2", "3"]
+    names = sorted(p.name for p in (tmp_path / "ckpts").iterdir())
+    assert names == ["iter-00000002", "iter-00000003", "iter-00000004"]
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        read_checkpoint(partial)
