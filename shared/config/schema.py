@@ -182,8 +182,8 @@ class _StepConfig:
     num_train_epochs: int = 1
     # Stop after this many optimiser steps (null: run all epochs).
     max_steps: int | None = None
-    # Micro-batches accumulated per optimiser step; under the default
-    # conventions.accumulation_scaling (global) this never changes the gradient.
+    # Micro-batches accumulated per optimiser step; the loss is normalised by the global token
+    # count, so this never changes the gradient.
     gradient_accumulation_steps: int = 1
     optim: OptimizerConfig = field(default_factory=OptimizerConfig)
     model: ModuleConfig = field(default_factory=ModuleConfig)
@@ -445,6 +445,21 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class GuardConfig:
+    """What a non-finite number in training does (every backend, every step)."""
+
+    # A loss, gradient norm, reward score, value or log-prob that is NaN or infinite skips
+    # the optimiser step (counted as skipped_steps, as DeepSpeed's fp16 overflow does); this
+    # many skipped steps in a row stop the run, naming the step, the quantity and the last
+    # good checkpoint. No final model is written with a non-finite weight.
+    max_consecutive_skips: int = 3
+
+    def __post_init__(self):
+        _check(self.max_consecutive_skips >= 1, "max_consecutive_skips",
+               self.max_consecutive_skips, "must be >= 1")
+
+
+@dataclass(frozen=True)
 class EvalConfig:
     """Held-out evaluation run after each step (DS-Chat prompt_eval, the demo metric)."""
 
@@ -489,6 +504,7 @@ class RLHFConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self):
         if not self.pipeline_steps:
