@@ -187,7 +187,8 @@ _ADAPTIVE = shared.adaptive_kl_controller(init_kl_coef=0.1, target=6.0, horizon=
 _WITH_ALL = dataclasses.replace(shared.get_preset("default"), entropy_coef=0.01, kl_in="loss",
                                 dual_clip=3.0, clip_high=0.28, loss_agg_mode="seq-mean-token-mean")
 _DSCHAT = shared.get_preset("deepspeed_chat")
-_ADAPTIVE_PRESET = dataclasses.replace(_DSCHAT, kl_controller="adaptive", whiten_rewards=True)
+_ADAPTIVE_PRESET = dataclasses.replace(_DSCHAT, kl_controller="adaptive", whiten_rewards=True,
+                                       trim_answer_width=False)
 
 CASES: tuple[Case, ...] = (
     Case("token_logprobs", shared.token_logprobs, _logits_labels),

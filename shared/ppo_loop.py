@@ -40,6 +40,7 @@ from shared.config import RLHFConfig
 from shared.data import BatchIterator, PromptBatch, TextBatch, build_ptx_data, build_step_data
 from shared.evaluation import decode_answers
 from shared.experience import Experience
+from shared.guard import NonFiniteGuard, nonfinite_arrays, nonfinite_values
 from shared.masked import masked_whiten
 from shared.ppo_step import compute_advantages, make_kl_controller
 from shared.rollout import minibatch_schedule, ppo_update_counts, sampling_uniforms
@@ -173,6 +174,7 @@ class PPOLoop:
         self.critic_total_steps = steps
         self.kl_controller = make_kl_controller(self.conventions)
         self.kl_state = self.kl_controller.init()
+        self.guard = NonFiniteGuard("ppo", max_consecutive=config.guard.max_consecutive_skips)
         self.iteration = 0
         self.last_valid: Experience | None = None
         self.last_metrics: dict[str, Any] = {}
@@ -325,10 +327,17 @@ class PPOLoop:
                                       seed=self.config.seed, iteration=iteration)
         minibatches = [mb for epoch in schedule for mb in epoch]
         accumulation = ppo.gradient_accumulation_steps
+        groups = [minibatches[i:i + accumulation] for i in range(0, len(minibatches), accumulation)]
+        where = f"iteration {iteration + 1}"
+        # a non-finite score, value or log-prob in the rollout: no step trains on it
+        bad_rollout = self._nonfinite_rollout(experience)
         steps: list[dict[str, float]] = []
         with self.timer.phase("training"):
-            for start in range(0, len(minibatches), accumulation):
-                group = minibatches[start:start + accumulation]
+            if bad_rollout:
+                self._record_skip(where, [f"rollout {q}" for q in bad_rollout],
+                                  steps=len(groups))
+                groups = []
+            for group in groups:
                 micro = [experience.train_arrays(rows) for rows in group]
                 normalizers = self._normalizers([m["response_mask"] for m in micro],
                                                 c.loss_agg_mode)
@@ -344,12 +353,32 @@ class PPOLoop:
                     stats.update(self.ptx_step(ptx, ptx_normalizers=ptx_normalizers))
                 # EMA after every actor optimiser step (DeepSpeed-Chat's moving_average).
                 self.update_ema()
-                steps.append(stats)
+                # a non-finite loss or gradient norm: the backend did not apply the step
+                problems = nonfinite_values(stats, ("actor_loss", "critic_loss", "ptx_loss",
+                                                    "actor_grad_norm", "critic_grad_norm"))
+                if not self._record_skip(where, problems):
+                    steps.append(stats)
         metrics = self._metrics(experience, steps, kl_coef)
-        valid = ~experience.is_short
-        self.kl_state = self.kl_controller.update(self.kl_state, current_kl=metrics["kl"],
-                                                  n_steps=int(valid.sum()))
+        metrics["skipped_steps"] = self.guard.skipped
+        if not bad_rollout:
+            valid = ~experience.is_short
+            self.kl_state = self.kl_controller.update(self.kl_state, current_kl=metrics["kl"],
+                                                      n_steps=int(valid.sum()))
         return metrics
+
+    def _record_skip(self, where: str, problems: list[str], steps: int = 1) -> bool:
+        latest = self.checkpoints.latest() if problems else None
+        return self.guard.record(where, problems, steps=steps, last_checkpoint=latest)
+
+    @staticmethod
+    def _nonfinite_rollout(exp: Experience) -> list[str]:
+        """The rollout quantities with a NaN or an infinity where the advantages read them
+        (every slot up to one past each answer's end)."""
+        width = exp.response.shape[1]
+        episode = np.arange(width)[None, :] <= exp.sample_mask.sum(1)[:, None]
+        return nonfinite_arrays({"scores": exp.scores, "values": exp.values,
+                                 "logprobs": exp.logprobs, "ref_logprobs": exp.ref_logprobs},
+                                mask=episode)
 
     def _metrics(self, exp: Experience, steps: list[dict[str, float]],
                  kl_coef: float) -> dict[str, Any]:
@@ -394,6 +423,7 @@ class PPOLoop:
             "last_valid": None if self.last_valid is None else self.last_valid.to_state(),
             "last_metrics": self.last_metrics,
             "elapsed": dict(self.elapsed),
+            "guard": self.guard.state_dict(),
         }
 
     @property
@@ -438,6 +468,7 @@ class PPOLoop:
                            else Experience.from_state(state["last_valid"]))
         self.last_metrics = dict(state["last_metrics"])
         self.elapsed = Counter(state["elapsed"])
+        self.guard.load_state_dict(state.get("guard"))
         self._saved = self.iteration
         logger.info("ppo: resuming from %s", latest)
         if self.is_main:

@@ -40,6 +40,7 @@ import numpy as np
 
 from shared.checkpoints import CheckpointDir
 from shared.data import BatchIterator, StepData
+from shared.guard import NonFiniteGuard, nonfinite_values
 from shared.runlog import PhaseTimer, RunLogger, format_metrics, progress
 
 __all__ = ["LOG_KEYS", "LoopTrainer", "SupervisedBackend", "SupervisedLoop", "eval_metrics",
@@ -192,6 +193,7 @@ class SupervisedLoop:
         self.elapsed: dict[str, float] = {}  # seconds per phase, carried over a resume
         self._saved_at: int | None = None
         self._pending: Path | None = None  # saved in the background, not yet marked complete
+        self.guard = NonFiniteGuard(step, max_consecutive=config.guard.max_consecutive_skips)
 
     # ----------------------------------------------------------------- state
 
@@ -204,7 +206,7 @@ class SupervisedLoop:
         self._collect_times()
         return {"global_step": self.global_step, "iterator": self.iterator.state_dict(),
                 "elapsed": dict(self.elapsed), "eval_metrics": dict(self.eval_metrics),
-                "evaluated_at": self.evaluated_at}
+                "evaluated_at": self.evaluated_at, "guard": self.guard.state_dict()}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.global_step = int(state["global_step"])
@@ -213,6 +215,7 @@ class SupervisedLoop:
         self.eval_metrics = {k: float(v) for k, v in state["eval_metrics"].items()}
         evaluated_at = state["evaluated_at"]
         self.evaluated_at = None if evaluated_at is None else int(evaluated_at)
+        self.guard.load_state_dict(state.get("guard"))
 
     # ----------------------------------------------------------------- checkpoints
 
@@ -295,6 +298,11 @@ class SupervisedLoop:
                 with self.timer.phase("training"):
                     metrics = backend.train_step(self.iterator.next_batch())
                 self.global_step += 1
+                # a non-finite loss or gradient norm: the backend did not apply the step
+                problems = nonfinite_values(metrics, ("loss", "grad_norm"))
+                self.guard.record(f"step {self.global_step}", problems,
+                                  last_checkpoint=self.checkpoints.latest() if problems else None)
+                metrics = {**metrics, "skipped_steps": self.guard.skipped}
                 last = self.global_step == self.total_steps
                 if self.global_step % cfg.log_interval == 0 or last:
                     self.run_logger.log(self.step, self.global_step, metrics)

@@ -47,7 +47,9 @@ def _dtype_block(dtype: str, *, train: bool) -> dict[str, Any]:
         # DS-Chat: the loss scale may grow after 100 overflow-free steps (training only).
         return {"fp16": {"enabled": True, **({"loss_scale_window": 100} if train else {})}}
     if dtype == "bf16":
-        return {"bf16": {"enabled": True}}
+        # a step with a non-finite gradient norm is skipped (DeepSpeed's overflow path), as
+        # fp16 and fp32 ZeRO do without asking; see torch_rlhf.optim.optimizer_step
+        return {"bf16": {"enabled": True, "check_grad_overflow": True}}
     return {}
 
 

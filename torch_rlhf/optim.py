@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -147,11 +148,39 @@ def optimizer_step(engine) -> float | None:
     fallback = None
     if boundary and engine.zero_optimization_stage() == 0:
         fallback = _local_grad_norm(engine.module)
-    engine.step()
+    skipped = engine.skipped_steps
+    if fallback is not None and not math.isfinite(fallback):
+        _skip_step(engine)
+    else:
+        engine.step()
     if not boundary:
         return None
+    if engine.skipped_steps != skipped:
+        return float("nan")  # not applied: the non-finite guard counts it (shared.guard)
     norm = engine.get_global_grad_norm()
     return float(norm) if norm is not None else fallback
+
+
+def _skip_step(engine) -> None:
+    """``engine.step()`` without the update, as DeepSpeed skips an fp16 overflow: the
+    gradients are zeroed, the scheduler does not step, ``skipped_steps`` counts it.
+
+    DeepSpeed's ZeRO optimizers (stages 1-3, and bf16 with ``check_grad_overflow``) skip a
+    non-finite gradient norm themselves; a plain ZeRO-0 fp32 optimizer does not, so its
+    update is replaced by the overflow path here."""
+    optimizer = engine.optimizer
+    had_overflow = "overflow" in vars(optimizer)
+    previous = vars(optimizer).get("overflow")
+    optimizer.step = lambda *args, **kwargs: None  # shadows the bound method
+    optimizer.overflow = True
+    try:
+        engine.step()
+    finally:
+        del optimizer.step
+        if had_overflow:
+            optimizer.overflow = previous
+        else:
+            del optimizer.overflow
 
 
 def current_lr(engine) -> float:

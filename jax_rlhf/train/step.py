@@ -103,11 +103,21 @@ def accumulate_gradients(
 def apply_gradients(
     state: TrainState, grads: Params, tx: optax.GradientTransformation
 ) -> tuple[TrainState, jax.Array]:
-    """One optimiser update; returns the new state and the pre-clip global gradient norm."""
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, optax.tree.norm(grads)
+    """One optimiser update; returns the new state and the pre-clip global gradient norm.
+
+    Gradients with a NaN or an infinity (a non-finite norm) are not applied: the state comes
+    back unchanged (parameters, optimiser state and step counter, so the schedule does not
+    advance either), as DeepSpeed skips an overflowing step; the NaN norm tells the loop's
+    non-finite guard (`shared.guard`)."""
+    norm = optax.tree.norm(grads)
+
+    def update(state: TrainState) -> TrainState:
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+
+    new_state = jax.lax.cond(jnp.isfinite(norm), update, lambda state: state, state)
+    return new_state, norm
 
 
 def stack_micro_batches(batch: Mapping[str, np.ndarray], num_micro: int) -> dict[str, np.ndarray]:

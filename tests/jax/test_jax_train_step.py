@@ -27,6 +27,7 @@ from jax_rlhf.params import ModelDef
 from jax_rlhf.train.sft import SFTTrainer
 from jax_rlhf.train.step import (
     accumulate_gradients,
+    apply_gradients,
     init_train_state,
     jit_step,
     stack_micro_batches,
@@ -257,3 +258,21 @@ def test_pad_token_lookups_send_no_gradient_to_the_embedding():
 
     grad = np.asarray(embedding_grad(model))
     assert np.abs(grad[0]).max() == 0 and np.abs(grad[5]).max() > 0
+
+
+def test_non_finite_gradients_are_never_applied():
+    """`apply_gradients` with a NaN in the gradients keeps the state (parameters, optimiser
+    state, step counter: the schedule does not advance) and reports a NaN norm, which the
+    loops' non-finite guard counts (`shared.guard`)."""
+    params = {"w": jnp.ones((3,)), "b": jnp.zeros((2,))}
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-2))
+    state = init_train_state(params, {}, tx, sharding.make_mesh(MeshConfig()))
+    grads = {"w": jnp.asarray([1.0, jnp.nan, 0.0]), "b": jnp.ones((2,))}
+    skipped, norm = jax.jit(apply_gradients, static_argnums=2)(state, grads, tx)
+    assert np.isnan(norm) and int(skipped.step) == int(state.step)
+    for a, b in zip(jax.tree.leaves(skipped), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    finite = {"w": jnp.ones((3,)), "b": jnp.ones((2,))}
+    applied, norm = jax.jit(apply_gradients, static_argnums=2)(state, finite, tx)
+    assert np.isfinite(norm) and int(applied.step) == int(state.step) + 1
+    assert not np.array_equal(np.asarray(applied.params["w"]), np.asarray(state.params["w"]))

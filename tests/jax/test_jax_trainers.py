@@ -273,3 +273,22 @@ def test_offloaded_reference_scores_the_same(ppo_trainer, tmp_path, monkeypatch)
     prompts = offloaded.prompt_iterator.next_batch()
     exp = offloaded.generate_experience(prompts, iteration=5)
     np.testing.assert_allclose(exp.ref_logprobs, exp.logprobs, atol=1e-6)
+
+
+def test_a_non_finite_step_reaches_no_weight(ppo_trainer):
+    """A NaN advantage makes every actor gradient NaN: the jitted step keeps the actor's train
+    state (parameters, optimiser state, step counter) and reports a NaN gradient norm; the
+    critic, whose loss has no advantage in it, trains."""
+    tr = ppo_trainer
+    experience = tr.with_advantages([tr.generate_experience(tr.prompt_iterator.next_batch())])
+    rows = np.arange(tr.minibatch_rows)
+    micro = [experience.train_arrays(rows), experience.train_arrays(rows)]
+    micro[1]["advantages"][0, 0] = np.nan
+    actor, critic_step = to_host(tr.actor_state), int(tr.critic_state.step)
+    stats = tr.train_step(micro, normalizers=[10.0] * 2, ptx=None,
+                          ptx_normalizers=None, kl_coef=0.1)
+    assert np.isnan(stats["actor_grad_norm"]) and np.isfinite(stats["critic_grad_norm"])
+    for a, b in zip(jax.tree.leaves(actor), jax.tree.leaves(to_host(tr.actor_state)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(tr.critic_state.step) == critic_step + 1

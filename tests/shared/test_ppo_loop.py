@@ -27,7 +27,8 @@ def _config(tmp_path, **ppo):
                    "per_device_training_batch_size": 2, "generation_batches": 2,
                    "ppo_epochs": 2, "max_iterations": 3, "unsup_coef": 0.0,
                    "gradient_accumulation_steps": 2, "min_answer_tokens": 2,
-                   **{k: v for k, v in ppo.items() if k != "conventions"}}
+                   **{k: v for k, v in ppo.items() if k not in ("conventions", "guard")}}
+    base["guard"] = {**base.get("guard", {}), **ppo.get("guard", {})}
     conventions = {**base["ppo"]["conventions"], **ppo.get("conventions", {})}
     if "preset" in ppo:
         from shared.presets import get_preset
@@ -246,3 +247,47 @@ def test_trimmed_width_with_pad_eos_keeps_the_eos_column(tmp_path):
     scored = loop.with_advantages([exp])
     score_slot = np.argmax(np.abs(scored.token_rewards[0]))
     assert score_slot == 2  # the EOS slot, one past the last real token
+
+
+class NaNPPO(NumpyPPO):
+    """Scores NaN in iterations `nan_scores`; gradient norms NaN in iterations `nan_steps`
+    (1-based), where, as the backends do, the step is not applied."""
+
+    def __init__(self, *args, nan_scores=(), nan_steps=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.nan_scores, self.nan_steps = set(nan_scores), set(nan_steps)
+
+    def score(self, *args):
+        out = super().score(*args)
+        if self.iteration + 1 in self.nan_scores:
+            out["scores"] = out["scores"] * np.nan
+        return out
+
+    def train_step(self, micro_batches, **kwargs):
+        if self.iteration + 1 in self.nan_steps:
+            return {"actor_loss": 1.0, "critic_loss": 1.0, "tokens": 1.0,
+                    "actor_grad_norm": float("nan"), "critic_grad_norm": 1.0}
+        return super().train_step(micro_batches, **kwargs)
+
+
+def test_a_non_finite_rollout_trains_nothing(tmp_path):
+    config = _config(tmp_path, conventions={"kl_controller": "adaptive"}, max_iterations=3)
+    loop = NaNPPO(config, tmp_path / "run", nan_scores={2})
+    loop.train_iteration()
+    w, kl = loop.w, loop.kl_state
+    metrics = loop.train_iteration()
+    assert loop.w == w and loop.kl_state == kl  # no step, no KL-controller update
+    assert metrics["skipped_steps"] == 4  # the iteration's four optimiser steps
+    metrics = loop.train_iteration()
+    assert loop.w != w and metrics["skipped_steps"] == 4
+
+
+def test_non_finite_gradient_norms_stop_the_run_naming_the_checkpoint(tmp_path):
+    from shared.guard import NonFiniteError
+
+    config = _config(tmp_path, max_iterations=3, guard={"max_consecutive_skips": 2})
+    loop = NaNPPO(config, tmp_path / "run", nan_steps={2})
+    with pytest.raises(NonFiniteError, match=r"ppo iteration 2: actor_grad_norm not finite, 2 "
+                       r"skips in a row.*iter-00000001"):
+        loop.run()
+    assert not (tmp_path / "run" / "ppo" / "final.json").exists()

@@ -261,3 +261,33 @@ def test_pipeline_hands_models_over_and_skips_finished_steps(tmp_path):
     _Trainer.calls = []
     run_pipeline(backend, config, tmp_path, resume=True)
     assert _Trainer.calls == [("ppo", (sft, reward), True, ["run_logger"])]
+
+
+class NaNBackend(NumpyBackend):
+    """Steps `nan_steps` (1-based) report a non-finite gradient norm and, as the backends do
+    for such a step, leave the weights alone."""
+
+    def __init__(self, nan_steps, **kwargs):
+        super().__init__(**kwargs)
+        self.nan_steps = set(nan_steps)
+
+    def train_step(self, batch):
+        if self.calls + 1 in self.nan_steps:
+            self.calls += 1
+            return {"loss": float("nan"), "lr": 0.1, "grad_norm": float("nan"), "tokens": 8.0}
+        return super().train_step(batch)
+
+
+def test_non_finite_steps_are_counted_and_stop_the_run(tmp_path):
+    from shared.guard import NonFiniteError
+
+    config = _config(sft={"max_steps": 8}, logging={"save_interval": 2},
+                     guard={"max_consecutive_skips": 2})
+    entry = _loop(config, tmp_path / "a").run(NaNBackend({3, 6}))
+    assert entry["steps"] == 8
+    skipped = [r["skipped_steps"] for r in _rows(tmp_path / "a") if "loss" in r]
+    assert skipped == [0, 0, 1, 1, 1, 2, 2, 2]  # counted, not in a row: the run goes on
+    with pytest.raises(NonFiniteError, match=r"sft step 6: loss, grad_norm not finite, 2 skips "
+                       r"in a row.*step-00000004"):
+        _loop(config, tmp_path / "b").run(NaNBackend({5, 6}))
+    assert not (tmp_path / "b" / "sft" / "final").exists()  # no final model written

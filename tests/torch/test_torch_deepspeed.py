@@ -39,7 +39,8 @@ def test_train_config_matches_dschat_layout():
     assert zero["offload_param"] == {"device": "none"}
     assert zero["offload_optimizer"] == {"device": "none"}
     assert zero["stage3_param_persistence_threshold"] == 1e4
-    assert config["bf16"] == {"enabled": True} and "fp16" not in config
+    assert config["bf16"] == {"enabled": True, "check_grad_overflow": True}
+    assert "fp16" not in config
     assert config["gradient_clipping"] == 0.5
     assert config["hybrid_engine"]["enabled"] is False
     assert config["zero_allow_untested_optimizer"] is True
@@ -183,3 +184,36 @@ def test_zero3_partitions_weights_while_loading(distributed, model_dirs):
     real = mask.bool()
     torch.testing.assert_close(got[real], causal_lm_logits(reference, ids, mask)[real],
                                rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage,dtype", [(0, "fp32"), (2, "fp32"), (3, "fp32"), (0, "bf16"),
+                                         (2, "bf16")])
+def test_non_finite_gradients_are_never_applied(stage, dtype, distributed, model_dirs):
+    """A NaN loss (hence NaN gradients) skips the step whatever the ZeRO stage and dtype:
+    the weights, the optimiser and the schedule stay; `optimizer_step` reports a NaN norm
+    (shared.guard counts it); the next finite step trains as usual."""
+    from torch_rlhf.optim import optimizer_step
+
+    model = build_causal_lm(model_dirs("llama_gqa_untied"), dtype=dtype)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    engine = initialize_engine(model, optimizer=optimizer, config=make_ds_config(
+        stage=stage, offload=False, dtype=dtype, **TRAIN))
+    ids, mask = left_padded_prompts()
+
+    def weights():
+        with gather_params_for(engine.module):
+            return {n: p.detach().float().clone() for n, p in engine.module.named_parameters()}
+
+    before, lr = weights(), engine.get_lr()[0]
+    loss = engine(input_ids=ids, attention_mask=mask,
+                  labels=ids.masked_fill(mask == 0, -100)).loss
+    engine.backward(loss * float("nan"))
+    assert math.isnan(optimizer_step(engine))
+    after = weights()
+    assert all(torch.equal(before[n], after[n]) for n in before)
+    assert engine.skipped_steps == 1 and engine.get_lr()[0] == lr
+    loss = engine(input_ids=ids, attention_mask=mask,
+                  labels=ids.masked_fill(mask == 0, -100)).loss
+    engine.backward(loss)
+    assert math.isfinite(optimizer_step(engine))
+    assert any(not torch.equal(before[n], w) for n, w in weights().items())

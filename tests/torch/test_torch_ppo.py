@@ -254,3 +254,23 @@ def test_ppo_iteration_under_other_conventions(ppo, tmp_path, distributed, model
     assert metrics["kl_coef"] == trainer.conventions.kl_coef
     if trainer.conventions.kl_controller == "adaptive":  # KL ~ 0 < target: beta shrinks
         assert trainer.kl_state.kl_coef < trainer.conventions.kl_coef
+
+
+def test_a_non_finite_step_reaches_no_weight(tmp_path, distributed, model_dirs, data_cache):
+    """A NaN advantage makes every actor gradient NaN: the actor engine does not apply the
+    step and reports a NaN gradient norm (the loop's guard counts it), its weights stay; the
+    critic, whose loss has no advantage in it, trains."""
+    trainer = _trainer(tmp_path, data_cache, model_dirs("llama_gqa_untied"))
+    experience = trainer.with_advantages([trainer.generate_experience(
+        trainer.prompt_iterator.next_batch())])
+    micro = [experience.train_arrays(np.arange(trainer.minibatch_rows))]
+    micro[0]["advantages"][0, 0] = np.nan
+    actor, critic = _weights(trainer.engine.actor), _weights(trainer.engine.critic)
+    stats = trainer.train_step(micro, normalizers=[10.0], ptx=None,
+                               ptx_normalizers=None, kl_coef=0.1)
+    assert np.isnan(stats["actor_grad_norm"]) and np.isfinite(stats["critic_grad_norm"])
+    after = _weights(trainer.engine.actor)
+    assert all(torch.equal(actor[n], after[n]) for n in actor)
+    assert trainer.engine.actor.skipped_steps == 1
+    after = _weights(trainer.engine.critic)
+    assert any(not torch.equal(critic[n], after[n]) for n in critic)
