@@ -11,11 +11,14 @@ import dataclasses
 import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
+from shared.errors import InputError
+
 __all__ = ["ConfigError", "build", "to_dict"]
 
 
-class ConfigError(ValueError):
-    """A configuration value or key is invalid; the message names the key."""
+class ConfigError(InputError):
+    """A configuration value or key is invalid; the message names the key (an InputError, so
+    also a ValueError: exit status 2)."""
 
 
 def _describe(tp: Any) -> str:

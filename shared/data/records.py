@@ -12,11 +12,14 @@ import json
 import logging
 from collections import Counter
 
+from shared.errors import InputError
+
 logger = logging.getLogger("shared.data")
 
 
-class DataError(ValueError):
-    """Bad input data; the message names the file and line (or dataset and row)."""
+class DataError(InputError):
+    """Bad input data; the message names the file and line (or dataset and row) (an
+    InputError, so also a ValueError: exit status 2)."""
 
 
 @dataclasses.dataclass(frozen=True)
