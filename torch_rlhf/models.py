@@ -32,6 +32,8 @@ import torch
 import transformers
 from torch import nn
 
+from shared.errors import check_model_source, loading
+
 __all__ = [
     "ValueModel",
     "build_causal_lm",
@@ -104,9 +106,11 @@ def load_tokenizer(
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side: {padding_side!r} is invalid; allowed: left, right")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        name_or_path, trust_remote_code=trust_remote_code
-    )
+    check_model_source(name_or_path, what="tokenizer")
+    with loading("tokenizer", name_or_path):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            name_or_path, trust_remote_code=trust_remote_code
+        )
     tokenizer.padding_side = padding_side
     if end_of_conversation_token and end_of_conversation_token not in tokenizer.get_vocab():
         tokenizer.add_tokens([end_of_conversation_token], special_tokens=True)
@@ -180,8 +184,10 @@ def _build_hf(auto_cls, name_or_path: str | None, *, config_dict: Mapping[str, A
         raise ValueError("give exactly one of name_or_path (load weights) and config_dict "
                          f"(build from scratch); got {name_or_path!r} and {config_dict!r}")
     if name_or_path is not None:
-        config = transformers.AutoConfig.from_pretrained(
-            name_or_path, trust_remote_code=trust_remote_code, **config_overrides)
+        check_model_source(name_or_path, what="model")
+        with loading("model", name_or_path):
+            config = transformers.AutoConfig.from_pretrained(
+                name_or_path, trust_remote_code=trust_remote_code, **config_overrides)
     else:
         sizes = dict(config_dict)
         if "model_type" not in sizes:
@@ -200,7 +206,8 @@ def _build_hf(auto_cls, name_or_path: str | None, *, config_dict: Mapping[str, A
               "trust_remote_code": trust_remote_code}
     with _zero3_init(ds_config):
         if name_or_path is not None:
-            model = auto_cls.from_pretrained(name_or_path, config=config, **kwargs)
+            with loading("model", name_or_path):
+                model = auto_cls.from_pretrained(name_or_path, config=config, **kwargs)
         else:
             model = auto_cls.from_config(config, **kwargs)
         if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:

@@ -27,6 +27,7 @@ from flax import nnx
 from jax_rlhf.models.causal_lm import FAMILY_SPECS, CausalLM, ValueHeadModel
 from jax_rlhf.models.config import ModelConfig
 from jax_rlhf.models.key_map import TRANSPOSE, Rule
+from shared.errors import InputError, ModelSourceError, is_hub_name, one_line
 
 HEAD_RULES = (
     Rule("lm_head.weight", "lm_head.kernel", TRANSPOSE),
@@ -42,14 +43,38 @@ HEAD_ALIASES = {"v_head.weight": "score.weight"}
 ModelClass = type[CausalLM] | type[ValueHeadModel]
 
 
-class CheckpointMismatchError(ValueError):
-    """A checkpoint does not fit the model: missing keys, unused keys or wrong shapes."""
+class CheckpointMismatchError(InputError):
+    """A checkpoint does not fit the model: missing keys, unused keys or wrong shapes (an
+    InputError, so also a ValueError)."""
 
 
 def read_config(path: str | Path, **overrides) -> ModelConfig:
-    """`ModelConfig` from `path/config.json`; `overrides` set e.g. `dtype`, `param_dtype`."""
-    with open(Path(path) / "config.json") as f:
-        return ModelConfig.from_hf(json.load(f), **overrides)
+    """`ModelConfig` from `path/config.json`; `overrides` set e.g. `dtype`, `param_dtype`.
+
+    Raises:
+      ModelSourceError: `path` is not a directory (the JAX backend reads local directories).
+      InputError: no `config.json`, invalid JSON, or a model type we do not build.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        hint = ""
+        if not path.exists() and is_hub_name(str(path)):
+            hint = (" (the JAX backend reads local directories only; fetch a Hub model with "
+                    f"`hf download {path} --local-dir DIR`)")
+        state = "is not a directory" if path.exists() else "does not exist"
+        raise ModelSourceError(f"model directory {path} {state}{hint}")
+    file = path / "config.json"
+    if not file.is_file():
+        raise InputError(f"{path} has no config.json: not a Hugging Face model directory")
+    try:
+        with open(file) as f:
+            hf_config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise InputError(f"{file}: not a valid JSON config ({one_line(str(err))})") from err
+    try:
+        return ModelConfig.from_hf(hf_config, **overrides)
+    except (ValueError, KeyError, TypeError) as err:
+        raise InputError(f"{file}: {one_line(str(err))}") from err
 
 
 def read_hf_state_dict(path: str | Path) -> dict[str, np.ndarray]:
@@ -68,18 +93,32 @@ def read_hf_state_dict(path: str | Path) -> dict[str, np.ndarray]:
         if (path / weights).exists():
             files = [path / weights]
         elif (path / index).exists():
-            with open(path / index) as f:
-                files = [path / name for name in sorted(set(json.load(f)["weight_map"].values()))]
+            try:
+                with open(path / index) as f:
+                    shards = sorted(set(json.load(f)["weight_map"].values()))
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError) as err:
+                raise InputError(f"{path / index}: not a valid weight index "
+                                 f"({type(err).__name__}: {one_line(str(err))})") from err
+            files = [path / name for name in shards]
         else:
             continue
         tensors = {}
         for file in files:
-            if file.suffix == ".safetensors":
-                from safetensors.torch import load_file
+            if not file.is_file():
+                raise InputError(f"{file}: no such file (listed in {path / index})")
+            try:
+                if file.suffix == ".safetensors":
+                    from safetensors.torch import load_file
 
-                tensors.update(load_file(file))
-            else:
-                tensors.update(torch.load(file, map_location="cpu", weights_only=True))
+                    tensors.update(load_file(file))
+                else:
+                    tensors.update(torch.load(file, map_location="cpu", weights_only=True))
+            except (OSError, MemoryError):
+                raise
+            except Exception as err:  # SafetensorError, UnpicklingError, torch's RuntimeError
+                raise InputError(f"{file}: corrupt or unreadable weights file "
+                                 f"({type(err).__name__}: {one_line(str(err), limit=300)})"
+                                 ) from err
         # bf16 has no numpy dtype: go through float32 (exact), cast to param_dtype later.
         return {k: v.detach().to(torch.float32).numpy() for k, v in tensors.items()}
     raise FileNotFoundError(f"no model.safetensors or pytorch_model.bin (or shards) in {path}")

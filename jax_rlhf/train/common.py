@@ -102,13 +102,16 @@ def load_tokenizer(config: Any, fallback: str | None = None):
     import transformers
 
     from shared.data import prepare_tokenizer
+    from shared.errors import InputError, check_model_source, loading
 
     path = config.model.tokenizer_name_or_path or config.model.actor_model_name_or_path or fallback
     if path is None:
-        raise ValueError("model.tokenizer_name_or_path is needed for a from-scratch actor")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(
-        path, trust_remote_code=config.model.trust_remote_code
-    )
+        raise InputError("model.tokenizer_name_or_path is needed for a from-scratch actor")
+    check_model_source(path, what="tokenizer")
+    with loading("tokenizer", path):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(
+            path, trust_remote_code=config.model.trust_remote_code
+        )
     return prepare_tokenizer(tokenizer, pad_with_eos=config.data.pad_with_eos)
 
 
