@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from shared.errors import InputError, Interrupted
+
 logger = logging.getLogger("jax_rlhf")
 
 ISSUE = "jax_rlhf: the JAX backend, flax NNX models, optax, orbax and a sharded jax.jit engine"
@@ -36,7 +38,11 @@ def run(command: str, config: Any, args: Any) -> int:
     if command == "export":
         return _export(config, args)
     if command == "chat":
-        return _chat(config, args)
+        try:
+            return _chat(config, args)
+        except KeyboardInterrupt:  # Ctrl-C is a way to leave a chat
+            print()
+            return 0
     raise ValueError(f"unknown command {command!r}")
 
 
@@ -53,8 +59,12 @@ def _train(command: str, config: Any, args: Any) -> int:
         resume=args.resume, is_main=is_main,
     )
     run_dir = agree_on_path(run_dir)
-    summary = run_command("jax", command, config, run_dir, resume=args.resume,
-                          actor=getattr(args, "actor", None), critic=getattr(args, "critic", None))
+    try:
+        summary = run_command("jax", command, config, run_dir, resume=args.resume,
+                              actor=getattr(args, "actor", None),
+                              critic=getattr(args, "critic", None))
+    except KeyboardInterrupt:
+        raise Interrupted(run_dir, command) from None
     if is_main:
         logger.info("run directory: %s", run_dir)
         print(json.dumps({k: summary[k] for k in summary if k != "timings"}, indent=2))
@@ -64,7 +74,8 @@ def _train(command: str, config: Any, args: Any) -> int:
 def _model_dir(config: Any, args: Any) -> str:
     path = getattr(args, "model", None) or config.model.actor_model_name_or_path
     if path is None:
-        raise ValueError("--model (an HF causal-LM directory) is required")
+        raise InputError("pass --model DIR (a Hugging Face causal-LM directory, e.g. "
+                         "<run>/ppo/final): the config builds its actor from scratch")
     return str(path)
 
 
@@ -101,7 +112,7 @@ def _export(config: Any, args: Any) -> int:
     from jax_rlhf.train.common import export_hf, load_tokenizer
 
     if args.checkpoint is None or args.out is None:
-        raise ValueError("rlhf export needs --checkpoint DIR and --out DIR")
+        raise InputError("rlhf export needs --checkpoint DIR and --out DIR")
     state, meta, step = read_checkpoint(args.checkpoint)
     tokenizer = load_tokenizer(config)
     models = meta["models"]

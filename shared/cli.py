@@ -6,6 +6,11 @@ Every subcommand takes ``--config FILE`` (default: the shipped demo),
 as ``actor_zero_stage=3``). The config is loaded and validated here, without
 importing either framework; the work itself is done by the backend's
 ``<backend>_rlhf.cli.run(command, config, args)``.
+
+Failures: every expected one is one line naming what and where (``shared.errors``), with
+exit status 2 for bad input (config, data, arguments, model, tokenizer, checkpoint), 1 for
+a run that failed, 130 for Ctrl-C; ``--debug`` (or ``RLHF_DEBUG=1``) adds the traceback. In a
+multi-process run rank 0 reports; the other ranks add one line only for run-time failures.
 """
 
 from __future__ import annotations
@@ -13,10 +18,24 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+import time
 from pathlib import Path
 
 from shared.config import ConfigError, load_config, to_dict
+from shared.errors import (
+    EXIT_INPUT,
+    EXIT_RUN,
+    InputError,
+    ModelSourceError,
+    check_model_source,
+    describe,
+    hub_offline,
+    hub_reachable,
+    one_line,
+    process_rank,
+)
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -59,13 +78,21 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+_DEBUG_HELP = ("on a failure, print the full traceback after the one-line message "
+               "(also RLHF_DEBUG=1)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf",
         description="SFT, reward modelling and PPO with PyTorch/DeepSpeed or JAX backends.",
         epilog="Overrides: trailing key=value pairs, e.g. `rlhf ppo ppo.ppo_epochs=2 "
-        "actor_zero_stage=3`. See docs/config.md for every key.",
+        "actor_zero_stage=3`. See docs/config.md for every key. Exit status: 0 success, "
+        "2 bad input (config, data, arguments, model, tokenizer, checkpoint), 1 a run that "
+        "failed, 130 interrupted (Ctrl-C); a failure is one line unless --debug.",
     )
+    parser.add_argument("--debug", action="store_true",
+                        help=_DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_line, description) in COMMANDS.items():
         p = sub.add_parser(name, help=help_line, description=description)
@@ -75,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="backend to run on (default: the config's `backend`)")
         p.add_argument("--print-config", action="store_true",
                        help="print the resolved, validated config as YAML and exit")
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help=_DEBUG_HELP)
         if name in ("pipeline", "sft", "rm", "ppo"):
             p.add_argument("--resume", action="store_true",
                            help="continue the run in --run-dir from its last checkpoint")
@@ -111,7 +140,7 @@ def _run_both_backends(command: str, config, args: argparse.Namespace) -> int:
     except ModuleNotFoundError as err:
         logger.error("rlhf %s needs both backends; %r is not installed: install with "
                      "`pip install -e .[torch,jax]` (or `make install`)", command, err.name)
-        return 2
+        return EXIT_INPUT
     if command == "bench":  # both backends unless --backend names one
         args = argparse.Namespace(**{**vars(args), "backend": args.explicit_backend})
     return int(entry(config, args) or 0)
@@ -134,28 +163,103 @@ def _run_backend(command: str, config, args: argparse.Namespace) -> int:
             logger.error("rlhf %s --backend %s needs the package %r, which is not installed; "
                          "install it with `pip install -e .[%s]` (or `make install`)",
                          command, backend, missing, extra)
-        return 2
+        return EXIT_INPUT
     run = getattr(module, "run", None)
     if run is None:
         logger.error("rlhf %s: %s has no run() entry point", command, module_name)
-        return 2
+        return EXIT_INPUT
     try:
         return int(run(command, config, args) or 0)
     except NotImplementedError as err:
         logger.error("rlhf %s: not available on the %s backend yet: %s", command, backend, err)
-        return 2
+        return EXIT_INPUT
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, datefmt="%H:%M:%S",
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+def _model_sources(command: str, config, args: argparse.Namespace) -> list[tuple[str, str]]:
+    """``(where, name_or_path)`` of every model and tokenizer ``command`` will load from a
+    directory or the Hub (``where``: the flag or config key that named it)."""
+    model = config.model
+    sources = []
+    if command in ("chat", "eval", "parity"):
+        if args.model is not None:
+            sources.append(("--model", args.model))
+        elif model.actor_model_name_or_path is not None:
+            sources.append(("model.actor_model_name_or_path", model.actor_model_name_or_path))
+    elif command in ("pipeline", "sft", "ppo"):
+        actor = getattr(args, "actor", None)
+        if actor is not None:
+            sources.append(("--actor", actor))
+        elif model.actor_model_name_or_path is not None:
+            sources.append(("model.actor_model_name_or_path", model.actor_model_name_or_path))
+    if command in ("pipeline", "rm", "ppo"):
+        critic = getattr(args, "critic", None)
+        if critic is not None:
+            sources.append(("--critic", critic))
+        elif model.critic_model_name_or_path is not None:
+            sources.append(("model.critic_model_name_or_path", model.critic_model_name_or_path))
+    if command not in ("export", "bench") and model.tokenizer_name_or_path is not None:
+        sources.append(("model.tokenizer_name_or_path", model.tokenizer_name_or_path))
+    if command in ("pipeline", "ppo") and model.reward_tokenizer_name_or_path is not None:
+        sources.append(("model.reward_tokenizer_name_or_path",
+                        model.reward_tokenizer_name_or_path))
+    return sources
+
+
+def _check_sources(command: str, config, args: argparse.Namespace) -> None:
+    """Fails in seconds, naming the flag or key, on a model or tokenizer that cannot be
+    loaded, before a framework is imported or a run directory made."""
+    cached = []
+    for where, name in _model_sources(command, config, args):
+        what = "tokenizer" if "tokenizer" in where else "model"
+        try:
+            if check_model_source(name, what=what) == "cache":
+                cached.append(name)
+        except ModelSourceError as err:
+            raise ModelSourceError(f"{where}: {err}") from None
+    checkpoint = getattr(args, "checkpoint", None)
+    if command == "export" and checkpoint is not None and not Path(checkpoint).exists():
+        raise InputError(f"--checkpoint: {checkpoint} does not exist")
+    if cached and not hub_offline() and "huggingface_hub" not in sys.modules \
+            and not hub_reachable():
+        # The Hub client would retry for minutes before falling back to the cache.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        logger.warning("the Hugging Face Hub is unreachable: loading %s from the local cache "
+                       "(HF_HUB_OFFLINE=1)", ", ".join(cached))
+
+
+_QUIET_RANK_EXIT_DELAY_S = 1.0
+
+
+def _report(exc: BaseException, *, command: str, debug: bool) -> int:
+    """Logs ``exc`` as one line (rank 0; other ranks only run-time failures) or, when it
+    is unexpected, with its traceback; returns the exit status."""
+    failure = describe(exc)
+    rank = process_rank()
+    prefix = f"rank {rank}: " if rank else ""
+    trace = exc if debug else None
+    if failure is None:  # not an expected failure: a bug, whose traceback is needed
+        if rank == 0 or debug:
+            logger.error("%srlhf %s: unexpected %s (please report it with this traceback):",
+                         prefix, command, type(exc).__name__, exc_info=exc)
+        else:
+            logger.error("%s%s: %s (rank 0 prints the traceback)", prefix, type(exc).__name__,
+                         one_line(str(exc), limit=300))
+        return EXIT_RUN
+    if rank == 0 or debug or failure.exit_code == EXIT_RUN:
+        logger.error("%s%s", prefix, failure.message, exc_info=trace)
+    else:
+        # Silent: rank 0 reports the same failure. Exiting at once could let the launcher
+        # stop rank 0 before it has printed it.
+        time.sleep(_QUIET_RANK_EXIT_DELAY_S)
+    return failure.exit_code
+
+
+def _run(args: argparse.Namespace) -> int:
     config_path = args.config or DEMO_CONFIG
     try:
         config = load_config(config_path, args.overrides)
     except ConfigError as err:
-        logger.error("invalid config %s: %s", config_path, err)
-        return 2
+        raise ConfigError(f"invalid config {config_path}: {err}") from err
     args.config = config_path
     # `rlhf bench` and `rlhf parity` cover both backends unless one is named explicitly.
     args.explicit_backend = args.backend
@@ -165,7 +269,22 @@ def main(argv: list[str] | None = None) -> int:
 
         sys.stdout.write(yaml.safe_dump(to_dict(config), sort_keys=False))
         return 0
+    _check_sources(args.command, config, args)
     return _run_backend(args.command, config, args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, datefmt="%H:%M:%S",
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    debug = bool(getattr(args, "debug", False)) or os.environ.get("RLHF_DEBUG", "") not in (
+        "", "0")
+    try:
+        return _run(args)
+    except SystemExit:
+        raise
+    except BaseException as exc:  # noqa: BLE001 (KeyboardInterrupt too: exit status 130)
+        return _report(exc, command=args.command, debug=debug)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from typing import Any, TextIO
 import torch
 
 from shared.config import RLHFConfig
+from shared.errors import InputError, Interrupted
 from shared.evaluation import decode_answers
 from shared.runlog import prepare_run_dir
 
@@ -73,7 +74,10 @@ def run(command: str, config: RLHFConfig, args: Any) -> int:
         return _eval(config, args)
     if command == "chat":
         model, tokenizer = _load_policy(config, getattr(args, "model", None))
-        chat(model, tokenizer, config)
+        try:
+            chat(model, tokenizer, config)
+        except KeyboardInterrupt:  # Ctrl-C is a way to leave a chat
+            sys.stdout.write("\n")
         return 0
     raise ValueError(f"unknown command {command!r}")
 
@@ -90,9 +94,12 @@ def _train(command: str, config: RLHFConfig, args: Any) -> int:
     run_dir = Path(broadcast_object(str(run_dir) if run_dir else None))
     resume = bool(getattr(args, "resume", False))
     logger.info("rlhf %s (torch): run directory %s", command, run_dir)
-    summary = run_command("torch", command, config, run_dir, resume=resume,
-                          actor=getattr(args, "actor", None),
-                          critic=getattr(args, "critic", None))
+    try:
+        summary = run_command("torch", command, config, run_dir, resume=resume,
+                              actor=getattr(args, "actor", None),
+                              critic=getattr(args, "critic", None))
+    except KeyboardInterrupt:
+        raise Interrupted(run_dir, command) from None
     if is_main():
         logger.info("summary (%s): %s", run_dir / "summary.json", json.dumps(summary))
     return 0
@@ -104,7 +111,7 @@ def _load_policy(config: RLHFConfig, model_dir: str | None):
 
     model_dir = model_dir or config.model.actor_model_name_or_path
     if model_dir is None:
-        raise ValueError("pass --model DIR (a Hugging Face model directory, e.g. "
+        raise InputError("pass --model DIR (a Hugging Face model directory, e.g. "
                          "<run>/ppo/final): the config builds its actor from scratch")
     tokenizer = resolve_tokenizer(config, model_dir)
     model = build_causal_lm(model_dir, dtype=config.model.dtype,
@@ -121,7 +128,7 @@ def _eval(config: RLHFConfig, args: Any) -> int:
     model, tokenizer = _load_policy(config, getattr(args, "model", None))
     prompts = load_eval_prompts(config, tokenizer)
     if prompts is None:
-        raise ValueError("eval.metric is none: set eval.metric (e.g. arithmetic_accuracy) "
+        raise InputError("eval.metric is none: set eval.metric (e.g. arithmetic_accuracy) "
                          "and eval.dataset")
     metrics = heldout_metrics(model, tokenizer, config, prompts)
     answers = generate_answers(model, prompts.take(slice(0, 8)), config, tokenizer,
@@ -179,7 +186,7 @@ def _export(args: Any) -> int:
 
     checkpoint = getattr(args, "checkpoint", None)
     if checkpoint is None:
-        raise ValueError("rlhf export needs --checkpoint: a checkpoint directory "
+        raise InputError("rlhf export needs --checkpoint: a checkpoint directory "
                          "(<run>/<step>/checkpoints/<tag>) or a step directory (<run>/<step>, "
                          "its latest checkpoint)")
     checkpoint = Path(checkpoint)

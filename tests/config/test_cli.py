@@ -90,7 +90,10 @@ def test_console_script_runs():
     assert "pipeline" in out
 
 
-def test_parity_runs_both_backends_not_one(monkeypatch):
+def test_parity_runs_both_backends_not_one(monkeypatch, tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
     seen = {}
     fake = types.ModuleType("parity_tests.run")
 
@@ -100,8 +103,8 @@ def test_parity_runs_both_backends_not_one(monkeypatch):
 
     fake.main = main
     monkeypatch.setitem(sys.modules, "parity_tests.run", fake)
-    assert cli.main(["parity", "--model", "some/dir"]) == 1
-    assert seen == {"model": "some/dir", "backend": "torch"}
+    assert cli.main(["parity", "--model", str(model)]) == 1
+    assert seen == {"model": str(model), "backend": "torch"}
 
 
 def test_bench_runs_both_backends_unless_one_is_named(monkeypatch):
