@@ -100,10 +100,24 @@ class Interrupted(RLHFError):
         self.run_dir = run_dir
         message = "interrupted"
         if run_dir is not None:
-            message += f"; {run_dir} keeps what was written so far"
+            latest = _latest_checkpoint(Path(run_dir))
+            message += (f"; {run_dir} keeps what was written so far (latest checkpoint: "
+                        f"{latest or 'none yet'})")
             if command is not None:
-                message += f" (continue with `rlhf {command} --resume --run-dir {run_dir}`)"
+                message += (f"; continue with the same `rlhf {command}` command plus "
+                            f"`--resume --run-dir {run_dir}`")
         super().__init__(message)
+
+
+def _latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of any step of the run (``shared.checkpoints``)."""
+    from shared.checkpoints import COMPLETE
+
+    with contextlib.suppress(OSError):
+        done = [marker.parent for marker in run_dir.glob(f"*/checkpoints/*/{COMPLETE}")]
+        if done:
+            return max(done, key=lambda path: (path / COMPLETE).stat().st_mtime)
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

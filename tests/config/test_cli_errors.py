@@ -165,7 +165,8 @@ def _fake_backend(monkeypatch, raise_: BaseException) -> None:
 
 @pytest.mark.parametrize("exc, status, words", [
     (errors.Interrupted("/runs/demo-1", "ppo"), EXIT_INTERRUPTED,
-     ("interrupted", "/runs/demo-1", "rlhf ppo --resume --run-dir /runs/demo-1")),
+     ("interrupted", "/runs/demo-1", "latest checkpoint: none yet",
+      "`rlhf ppo` command plus `--resume --run-dir /runs/demo-1`")),
     (KeyboardInterrupt(), EXIT_INTERRUPTED, ("interrupted",)),
     (errors.RunError("step 7: the loss is NaN"), EXIT_RUN, ("step 7",)),
     (OSError(errno.ENOSPC, "No space left on device", "/runs/x/model.safetensors"), EXIT_RUN,
@@ -294,6 +295,16 @@ def test_own_runtime_and_value_errors_are_one_line():
     failure = describe(_raised(get_backend, "tpu"))
     assert failure is not None and failure.exit_code == EXIT_INPUT
     assert "backend: 'tpu' is invalid" in failure.message
+
+
+def test_interrupt_names_the_latest_checkpoint(tmp_path):
+    for step, tag in (("sft", "step-00000004"), ("ppo", "iter-00000001"), ("ppo", "iter-2")):
+        (tmp_path / step / "checkpoints" / tag).mkdir(parents=True)
+    (tmp_path / "sft" / "checkpoints" / "step-00000004" / "COMPLETE").touch()
+    os.utime(tmp_path / "sft" / "checkpoints" / "step-00000004" / "COMPLETE", (1, 1))
+    (tmp_path / "ppo" / "checkpoints" / "iter-00000001" / "COMPLETE").touch()
+    message = str(errors.Interrupted(tmp_path, "pipeline"))
+    assert f"latest checkpoint: {tmp_path / 'ppo' / 'checkpoints' / 'iter-00000001'})" in message
 
 
 def test_taxonomy():
