@@ -21,13 +21,15 @@ from typing import Any
 
 import numpy as np
 
+from shared.errors import RunError
+
 __all__ = ["NonFiniteError", "NonFiniteGuard", "nonfinite_arrays", "nonfinite_values"]
 
 logger = logging.getLogger(__name__)
 
 
-class NonFiniteError(RuntimeError):
-    """Too many optimiser steps in a row saw a non-finite number; the run stops."""
+class NonFiniteError(RunError):
+    """Too many optimiser steps in a row saw a non-finite number; the run stops (exit 1)."""
 
 
 def nonfinite_values(values: Mapping[str, Any], keys: tuple[str, ...]) -> list[str]:
