@@ -36,6 +36,7 @@ Where each preset's formulas come from:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 
 from shared.advantages import GAE_MASK_MODES
@@ -130,17 +131,26 @@ class PPOConventions:
             _choice(name, getattr(self, name), (True, False))
         for name in ("kl_clamp", "reward_clip", "clip_high", "log_ratio_clamp", "value_clip"):
             _positive_or_none(name, getattr(self, name))
-        _check(self.kl_coef >= 0, "kl_coef", self.kl_coef, "a number >= 0")
-        _check(self.kl_target > 0, "kl_target", self.kl_target, "a number > 0")
-        _check(self.kl_horizon > 0, "kl_horizon", self.kl_horizon, "a number > 0")
-        _check(0 <= self.gamma <= 1, "gamma", self.gamma, "a number in [0, 1]")
-        _check(0 <= self.lam <= 1, "lam", self.lam, "a number in [0, 1]")
-        _check(0 < self.clip_low < 1, "clip_low", self.clip_low, "a number in (0, 1)")
+        # `math.isfinite` first: NaN fails every comparison, but an infinity passes `>= 0`.
+        _check(_finite(self.kl_coef) and self.kl_coef >= 0, "kl_coef", self.kl_coef,
+               "a finite number >= 0")
+        _check(_finite(self.kl_target) and self.kl_target > 0, "kl_target", self.kl_target,
+               "a finite number > 0")
+        _check(_finite(self.kl_horizon) and self.kl_horizon > 0, "kl_horizon", self.kl_horizon,
+               "a finite number > 0")
+        _check(_finite(self.gamma) and 0 <= self.gamma <= 1, "gamma", self.gamma,
+               "a number in [0, 1]")
+        _check(_finite(self.lam) and 0 <= self.lam <= 1, "lam", self.lam, "a number in [0, 1]")
+        _check(_finite(self.clip_low) and 0 < self.clip_low < 1, "clip_low", self.clip_low,
+               "a number in (0, 1)")
         _check(
-            self.dual_clip is None or self.dual_clip > 1,
-            "dual_clip", self.dual_clip, "None or a number > 1",
+            self.dual_clip is None or (_finite(self.dual_clip) and self.dual_clip > 1),
+            "dual_clip", self.dual_clip, "None or a finite number > 1",
         )
-        _check(self.value_loss_scale > 0, "value_loss_scale", self.value_loss_scale, "> 0")
+        _check(_finite(self.value_loss_scale) and self.value_loss_scale > 0, "value_loss_scale",
+               self.value_loss_scale, "a finite number > 0")
+        _check(_finite(self.entropy_coef) and self.entropy_coef >= 0, "entropy_coef",
+               self.entropy_coef, "a finite number >= 0")
         if self.trim_answer_width and self.whiten_rewards:
             raise ValueError(
                 "PPOConventions.trim_answer_width computes each generation batch's rewards on "
@@ -166,8 +176,13 @@ def _check(ok: bool, name: str, value: object, allowed: str) -> None:
         raise ValueError(f"PPOConventions.{name} = {value!r} is not allowed; expected {allowed}")
 
 
+def _finite(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _positive_or_none(name: str, value: float | None) -> None:
-    _check(value is None or value > 0, name, value, "None or a number > 0")
+    _check(value is None or (_finite(value) and value > 0), name, value,
+           "None or a finite number > 0 (None disables it)")
 
 
 DEEPSPEED_CHAT = PPOConventions(

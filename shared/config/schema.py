@@ -11,6 +11,7 @@ value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -43,6 +44,19 @@ Schedule = Literal["constant", "constant_with_warmup", "linear", "cosine"]
 def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {value!r} is invalid; {allowed}")
+
+
+def _check_number(key: str, value: float, low: float, high: float = math.inf, *,
+                  low_open: bool = False, high_open: bool = False, note: str = "") -> None:
+    """Refuses NaN, an infinity and anything outside the interval, naming the interval."""
+    ok = math.isfinite(value) and (low < value if low_open else low <= value) and (
+        value < high if high_open else value <= high)
+    if math.isinf(high):
+        allowed = f"must be a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        allowed = (f"must be a finite number in {'(' if low_open else '['}{low:g}, {high:g}"
+                   f"{')' if high_open else ']'}")
+    _check(ok, key, value, allowed + note)
 
 
 @dataclass(frozen=True)
@@ -104,13 +118,16 @@ class LoRAConfig:
     target_modules: tuple[str, ...] = ()
     # Train only the adapters (DS-Chat --only_optimize_lora).
     only_optimize: bool = False
-    # Learning rate of the adapters (DS-Chat --*_lora_learning_rate); null: the
+    # Learning rate of the adapters (DS-Chat --*_lora_learning_rate), in (0, 1]; null: the
     # model's learning rate.
     learning_rate: float | None = None
 
     def __post_init__(self):
         _check(self.dim >= 0, "dim", self.dim, "must be >= 0 (0 disables LoRA)")
-        _check(self.alpha > 0, "alpha", self.alpha, "must be > 0")
+        _check_number("alpha", self.alpha, 0, low_open=True)
+        if self.learning_rate is not None:
+            _check_number("learning_rate", self.learning_rate, 0, 1, low_open=True,
+                          note=", or null for the model's learning rate")
         if self.only_optimize and self.dim == 0:
             raise ConfigError("only_optimize: true needs dim > 0 (LoRA is disabled with dim 0)")
 
@@ -137,9 +154,9 @@ class ModuleConfig:
 class OptimizerConfig:
     """AdamW with a schedule from shared.schedules (identical in both backends)."""
 
-    # Peak learning rate (after warmup).
+    # Peak learning rate (after warmup), in (0, 1].
     learning_rate: float = 1e-5
-    # Decoupled (AdamW) weight decay.
+    # Decoupled (AdamW) weight decay, in [0, 1].
     weight_decay: float = 0.0
     # constant | constant_with_warmup | linear | cosine (DS-Chat --lr_scheduler_type).
     lr_scheduler_type: Schedule = "cosine"
@@ -149,20 +166,21 @@ class OptimizerConfig:
     min_lr_ratio: float = 0.0
     # DeepSpeed-Chat uses betas (0.9, 0.95).
     betas: tuple[float, ...] = (0.9, 0.95)
-    # Adam epsilon.
+    # Adam epsilon, in (0, 1].
     eps: float = 1e-8
-    # Global gradient-norm clip; 0 disables (DeepSpeed gradient_clipping).
+    # Global gradient-norm clip, finite; 0 disables (DeepSpeed gradient_clipping).
     max_grad_norm: float = 1.0
 
     def __post_init__(self):
-        _check(self.learning_rate >= 0, "learning_rate", self.learning_rate, "must be >= 0")
-        _check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "must be >= 0")
+        _check_number("learning_rate", self.learning_rate, 0, 1, low_open=True)
+        _check_number("weight_decay", self.weight_decay, 0, 1)
         _check(self.num_warmup_steps >= 0, "num_warmup_steps", self.num_warmup_steps,
                "must be >= 0")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas",
-               self.betas, "must be two numbers in [0, 1)")
-        _check(self.max_grad_norm >= 0, "max_grad_norm", self.max_grad_norm, "must be >= 0")
-        _check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "must be in [0, 1]")
+               self.betas, "must be two finite numbers in [0, 1)")
+        _check_number("eps", self.eps, 0, 1, low_open=True)
+        _check_number("max_grad_norm", self.max_grad_norm, 0, note=" (0 disables clipping)")
+        _check_number("min_lr_ratio", self.min_lr_ratio, 0, 1)
 
 
 def _check_batches(prefix: str, **sizes: int) -> None:
@@ -226,6 +244,9 @@ class RewardConfig(_StepConfig):
         super().__post_init__()
         if self.margin is not None and self.loss != "bradley_terry":
             raise ConfigError(f"margin: only used with loss bradley_terry, not {self.loss!r}")
+        if self.margin is not None:
+            _check(math.isfinite(self.margin), "margin", self.margin,
+                   "must be a finite number or null")
 
 
 @dataclass(frozen=True)
@@ -242,7 +263,7 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self):
-        _check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
+        _check_number("temperature", self.temperature, 0, low_open=True)
         _check(self.top_k >= 0, "top_k", self.top_k, "must be >= 0 (0 disables)")
         _check(0 < self.top_p <= 1, "top_p", self.top_p, "must be in (0, 1]")
 
@@ -334,8 +355,8 @@ class PPOConfig:
         if self.max_iterations is not None:
             _check(self.max_iterations >= 1, "max_iterations", self.max_iterations,
                    "must be >= 1 or null")
-        _check(self.unsup_coef >= 0, "unsup_coef", self.unsup_coef, "must be >= 0")
-        _check(0 < self.ema_beta < 1, "ema_beta", self.ema_beta, "must be in (0, 1)")
+        _check_number("unsup_coef", self.unsup_coef, 0)
+        _check_number("ema_beta", self.ema_beta, 0, 1, low_open=True, high_open=True)
         _check(self.min_answer_tokens >= 0, "min_answer_tokens", self.min_answer_tokens,
                "must be >= 0")
 

@@ -51,7 +51,19 @@ def test_get_preset_overrides_are_validated():
         ("gamma", 1.5, "[0, 1]"),
         ("clip_low", 0.0, "(0, 1)"),
         ("dual_clip", 1.0, "> 1"),
-        ("value_clip", -0.2, "None or a number > 0"),
+        ("value_clip", -0.2, "None or a finite number > 0"),
+        # NaN fails every comparison, an infinity passes `>= 0`: both are refused by name
+        ("kl_coef", float("inf"), "a finite number >= 0"),
+        ("kl_coef", float("nan"), "a finite number >= 0"),
+        ("kl_target", float("inf"), "a finite number > 0"),
+        ("kl_horizon", float("nan"), "a finite number > 0"),
+        ("entropy_coef", float("nan"), "a finite number >= 0"),
+        ("entropy_coef", float("-inf"), "a finite number >= 0"),
+        ("entropy_coef", -0.01, "a finite number >= 0"),
+        ("value_loss_scale", float("inf"), "a finite number > 0"),
+        ("reward_clip", float("inf"), "None disables it"),
+        ("log_ratio_clamp", float("nan"), "None or a finite number > 0"),
+        ("dual_clip", float("inf"), "None or a finite number > 1"),
     ],
 )
 def test_validation_names_field_value_and_allowed(field, value, fragment):
