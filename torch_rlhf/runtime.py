@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from shared.config import ModuleConfig, RLHFConfig
+from shared.model_limits import ROLE_CONFIG, ModelLimits, check_model, read_model_limits
 from shared.runlog import RunLogger
 from torch_rlhf.distributed import barrier, is_main
 from torch_rlhf.lora import apply_lora
@@ -67,6 +68,13 @@ def build_model(kind: str, config: RLHFConfig, tokenizer, *, name_or_path: str |
     """
     if kind not in ("causal_lm", "value"):
         raise ValueError(f"kind: {kind!r} is invalid; allowed: causal_lm, value")
+    # The tokenizer and the data lengths must fit the model (shared.model_limits; never a
+    # resize): checked before loading when its config can be read, else once it is built.
+    role = "actor" if kind == "causal_lm" else "critic"
+    limits = (read_model_limits(name_or_path) if name_or_path else
+              ModelLimits.from_hf_config(config_dict or {}, ROLE_CONFIG[role]))
+    fits = dict(tokenizer_size=len(tokenizer), tokenizer_name=tokenizer.name_or_path or None)
+    check_model(limits, config.data, role, **fits)
     module = module or ModuleConfig()
     lora = module.lora if trainable else None
     # Seeded for every build: a fresh model, or a fresh value head on a causal-LM backbone.
@@ -77,11 +85,14 @@ def build_model(kind: str, config: RLHFConfig, tokenizer, *, name_or_path: str |
         dtype=config.model.dtype, dropout=module.dropout if trainable else None,
         disable_dropout=module.disable_dropout if trainable else True,
         gradient_checkpointing=module.gradient_checkpointing and trainable,
-        trust_remote_code=config.model.trust_remote_code, vocab_size=len(tokenizer),
+        trust_remote_code=config.model.trust_remote_code,
         # with data.pad_with_eos the model keeps its own pad id (its embedding's padding_idx),
         # as DeepSpeed-Chat sets the tokenizer's pad only after building the model
         pad_token_id=None if config.data.pad_with_eos else tokenizer.pad_token_id,
         ds_config=None if lora is not None and lora.dim else ds_config)
+    if limits is None:
+        built = ModelLimits.from_hf_config(model.config.to_dict(), name_or_path)
+        check_model(built, config.data, role, **fits)
     if lora is not None and lora.dim:
         apply_lora(model, dim=lora.dim, alpha=lora.alpha, module_name=lora.module_name,
                    target_modules=lora.target_modules, only_optimize=lora.only_optimize,

@@ -75,8 +75,15 @@ class RunContext:
         """The context of a run in `run_dir`: the mesh of `engine.jax.mesh`, the run's
         tokenizer (or `tokenizer`) and a `RunLogger` writing on process 0 only. Without
         `run_dir` (eval, chat) nothing is written anywhere."""
+        from shared.model_limits import check_config_models
         from shared.runlog import RunLogger
 
+        tokenizer = tokenizer or load_tokenizer(config, fallback_tokenizer)
+        # The tokenizer and the data lengths must fit every model the config names (and the
+        # explicit one), before any is built: shared.model_limits, as the torch build_model.
+        check_config_models(config, tokenizer_size=len(tokenizer),
+                            tokenizer_name=tokenizer.name_or_path or None,
+                            extra_paths=(fallback_tokenizer,))
         is_main = jax.process_index() == 0 and run_dir is not None
         if is_main:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
@@ -85,8 +92,7 @@ class RunContext:
                                tensorboard_path=config.logging.tensorboard_path,
                                is_main=is_main)
         return cls(config, None if run_dir is None else Path(run_dir), run_logger,
-                   sharding.make_mesh(config.engine.jax.mesh),
-                   tokenizer or load_tokenizer(config, fallback_tokenizer))
+                   sharding.make_mesh(config.engine.jax.mesh), tokenizer)
 
 
 def open_session(config: Any, run_dir: Path):

@@ -20,6 +20,7 @@ import yaml
 from shared.config._build import ConfigError, build, to_dict
 from shared.config.aliases import NEMO_PPO_KEYS, resolve_alias
 from shared.config.schema import RLHFConfig
+from shared.model_limits import check_config_models
 from shared.presets import get_preset
 
 __all__ = [
@@ -176,12 +177,17 @@ def _normalise(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def config_from_dict(data: Mapping[str, Any], overrides: Iterable[str] = ()) -> RLHFConfig:
-    """Build a validated ``RLHFConfig`` from plain data plus ``key=value`` overrides."""
+    """Build a validated ``RLHFConfig`` from plain data plus ``key=value`` overrides.
+
+    Besides each key's own checks, the data lengths are checked against the context of every
+    model whose config can be read (``shared.model_limits``)."""
     data = copy.deepcopy(dict(data))
     for text in overrides:
         for dotted, value in parse_override(text):
             _set(data, dotted, value)
-    return build(RLHFConfig, _normalise(data))
+    config = build(RLHFConfig, _normalise(data))
+    check_config_models(config)  # the data lengths against every model context it can read
+    return config
 
 
 def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> RLHFConfig:
