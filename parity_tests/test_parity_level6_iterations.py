@@ -1,9 +1,11 @@
 """Level 6: whole runs through each backend's public trainers from the same SFT and reward-model
-HF directories and the same config: 3 SFT steps, 3 reward-model steps, 3 PPO iterations
-(2 generation batches, ppo_epochs 2 over 2 mini-batches, EMA, joint ptx, short answers
-masked), with the adaptive KL controller; the LoRA variant (fixed controller) is slow.
-Compared: per-step metrics, sampled tokens (exactly) and final parameters of every trained
-model."""
+HF directories and the same config: 3 PPO iterations (2 generation batches, ppo_epochs 2 over
+2 mini-batches, EMA, ptx, short answers), with 3 SFT and 3 reward-model steps where the case
+changes their config. One run per case of `iterations.LEVEL6_CASES` (every preset, both
+short-answer policies, ptx_mode separate, gradient accumulation, pad = EOS, LoRA with and
+without only_optimize); the default suite runs `default` and `deepspeed_chat`, the rest is
+slow. Compared: per-step metrics, sampled tokens and rollout masks (exactly), the tensors each
+backend trained, and final parameters of every trained model."""
 
 from __future__ import annotations
 
@@ -11,14 +13,26 @@ import pytest
 
 from parity_tests.harness import assert_passed
 from parity_tests.iterations import (
+    LEVEL6_CASES,
     LR_METRICS,
     TOKEN_WEIGHTED,
     build_level6_models,
+    exercised,
     known_different_rows,
-    level6_config,
     level6_rows,
-    run_level6,
+    run_case,
 )
+from shared.presets import get_preset
+
+KNOWN_DISAGREEMENTS = {
+    "lora_only_optimize": (
+        "backend disagreement (reported): under lora.only_optimize the torch backend trains "
+        "the value head of the reward model and the critic (torch_rlhf.lora.apply_lora keeps "
+        "score.weight trainable), the JAX backend freezes it (jax_rlhf.train.common."
+        "trainable_filter keeps LoRA matrices only): rows 'reward trained tensors' and "
+        "'critic trained tensors' show score.weight trained by torch only"),
+}
+"""Cases whose whole-run comparison fails on a real backend difference, with the rows."""
 
 
 @pytest.fixture(scope="module")
@@ -27,38 +41,94 @@ def level6_dirs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def adaptive_run(level6_dirs, tmp_path_factory):
+def case_run(level6_dirs, tmp_path_factory):
+    """`case_run(name) -> (torch result, JAX result)`, each case run once per module."""
     import jax
 
-    previous = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", False)
-    try:
-        tmp = tmp_path_factory.mktemp("level6-adaptive")
-        return run_level6(level6_config(tmp, level6_dirs, kl="adaptive"), tmp)
-    finally:
-        jax.config.update("jax_enable_x64", previous)
+    runs = {}
+
+    def get(name: str):
+        if name not in runs:
+            previous = jax.config.jax_enable_x64
+            jax.config.update("jax_enable_x64", False)
+            try:
+                runs[name] = run_case(name, level6_dirs,
+                                      tmp_path_factory.mktemp(f"level6-{name}"))
+            finally:
+                jax.config.update("jax_enable_x64", previous)
+        return runs[name]
+
+    return get
 
 
-def test_whole_runs_agree(adaptive_run):
-    torch_result, jax_result = adaptive_run
-    assert_passed(level6_rows(torch_result, jax_result, label="adaptive kl"))
+def _cases(names=tuple(LEVEL6_CASES), *, known: bool = True):
+    params = []
+    for name in names:
+        marks = [pytest.mark.slow] if LEVEL6_CASES[name].slow else []
+        if known and name in KNOWN_DISAGREEMENTS:
+            marks.append(pytest.mark.xfail(reason=KNOWN_DISAGREEMENTS[name], strict=True,
+                                           raises=AssertionError))
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+@pytest.mark.parametrize("name", _cases())
+def test_whole_runs_agree(case_run, name):
+    torch_result, jax_result = case_run(name)
+    assert_passed(level6_rows(torch_result, jax_result, label=name))
+    iterations = torch_result.config.ppo.max_iterations
+    assert len(torch_result.tokens) == iterations * torch_result.config.ppo.generation_batches
+
+
+@pytest.mark.parametrize("name", _cases([n for n, c in LEVEL6_CASES.items() if c.expect],
+                                        known=False))
+def test_case_exercises_its_settings(case_run, name):
+    """The evidence that the case's settings acted (`iterations.exercised`: trimmed widths,
+    masked pad tokens, reused batches, uneven micro-batch normalisers, mini-batch order) is
+    the same in both backends and what the case is for."""
+    torch_result, jax_result = case_run(name)
+    seen = exercised(torch_result)
+    assert seen == exercised(jax_result)
+    for key, wanted in LEVEL6_CASES[name].expect.items():
+        if isinstance(wanted, bool) or wanted == 0:
+            assert seen[key] == wanted, (key, seen)
+        else:
+            assert seen[key] >= wanted, (key, seen)
+
+
+def test_deepspeed_chat_case_runs_its_conventions(case_run):
+    torch_result, _ = case_run("deepspeed_chat")
+    ppo = torch_result.config.ppo
+    assert ppo.preset == "deepspeed_chat"
+    assert ppo.conventions == get_preset("deepspeed_chat")  # no override of the preset
+    assert ppo.conventions.accumulation_scaling == "micro_batch_mean"
+    assert ppo.conventions.mask_pad_tokens and ppo.conventions.trim_answer_width
+    assert not ppo.conventions.shuffle_minibatches
+    assert ppo.gradient_accumulation_steps == 2 and ppo.ptx_mode == "separate"
+    assert ppo.short_answer_policy == "dschat"
+    assert torch_result.config.data.pad_with_eos
+    assert all(len(step["normalizers"]) == 2 for step in torch_result.steps)
+    assert all(m["ptx_loss"] > 0 for m in torch_result.ppo)
+
+
+def test_adaptive_kl_moves(case_run):
+    torch_result, _ = case_run("default")
     kl_coefs = [m["kl_coef"] for m in torch_result.ppo]
     assert len(set(kl_coefs)) == len(kl_coefs)  # the adaptive controller moved every time
-    assert len(torch_result.tokens) == 6  # 3 iterations x 2 generation batches
 
 
-def test_token_weighted_ppo_statistics(adaptive_run):
+def test_token_weighted_ppo_statistics(case_run):
     """Both backends: the mean over optimiser steps of each step's token-weighted value."""
-    assert_passed(known_different_rows(*adaptive_run, keys=TOKEN_WEIGHTED))
+    assert_passed(known_different_rows(*case_run("default"), keys=TOKEN_WEIGHTED))
 
 
-def test_learning_rate_metrics(adaptive_run):
+def test_learning_rate_metrics(case_run):
     """Both backends: the learning rate of the iteration's last optimiser step."""
-    assert_passed(known_different_rows(*adaptive_run, keys=LR_METRICS))
+    assert_passed(known_different_rows(*case_run("default"), keys=LR_METRICS))
 
 
-def test_short_answers_and_ptx_are_exercised(adaptive_run):
-    torch_result, jax_result = adaptive_run
+def test_short_answers_and_ptx_are_exercised(case_run):
+    torch_result, jax_result = case_run("default")
     shorts = [m["short_answers"] for m in torch_result.ppo]
     assert shorts == [m["short_answers"] for m in jax_result.ppo]
     assert any(shorts) and all(s < 8 for s in shorts)  # some masked, some valid rows left
@@ -66,6 +136,14 @@ def test_short_answers_and_ptx_are_exercised(adaptive_run):
 
 
 @pytest.mark.slow
-def test_whole_runs_agree_with_lora(level6_dirs, tmp_path):
-    config = level6_config(tmp_path, level6_dirs, kl="fixed", lora=True)
-    assert_passed(level6_rows(*run_level6(config, tmp_path), label="lora, fixed kl"))
+def test_only_optimize_value_head_disagreement(case_run):
+    """The one difference behind the `lora_only_optimize` failure (KNOWN_DISAGREEMENTS): the
+    value head, trained by torch only; the causal LMs under only_optimize agree
+    (`lora_only_optimize_lm`). Fails once the backends agree: then drop the entry."""
+    torch_result, jax_result = case_run("lora_only_optimize")
+    for model in ("reward", "critic"):
+        only_torch = set(torch_result.trained[model]) - set(jax_result.trained[model])
+        assert only_torch == {"score.weight"}
+        assert set(jax_result.trained[model]) <= set(torch_result.trained[model])
+    for model in ("sft", "actor"):
+        assert torch_result.trained[model] == jax_result.trained[model]

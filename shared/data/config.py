@@ -12,6 +12,7 @@ no example trains two steps.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -41,12 +42,13 @@ def parse_data_split(data_split: str) -> tuple[float, float, float]:
         shares = [float(p) for p in parts]
     except ValueError:
         shares = []
-    if len(shares) != 3 or any(s < 0 for s in shares) or sum(shares) <= 0:
+    if (len(shares) != 3 or not all(math.isfinite(s) and s >= 0 for s in shares)
+            or sum(shares) <= 0):
         _fail(
             "DataConfig",
             "data_split",
             data_split,
-            "expected three comma-separated non-negative numbers with a positive sum, "
+            "expected three comma-separated finite non-negative numbers with a positive sum, "
             "the relative shares of sft,reward,ppo (e.g. '2,4,4' or '10,0,0')",
         )
     total = sum(shares)
@@ -108,9 +110,9 @@ class DatasetSpec:
             if self.format != "auto":
                 _fail(owner, "format", self.format, "must be 'auto' when an adapter is given")
         if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)):
-            _fail(owner, "weight", self.weight, "expected a positive number")
-        if not self.weight > 0:
-            _fail(owner, "weight", self.weight, "expected a positive number")
+            _fail(owner, "weight", self.weight, "expected a finite positive number")
+        if not (math.isfinite(self.weight) and self.weight > 0):
+            _fail(owner, "weight", self.weight, "expected a finite positive number")
         if self.steps is not None:
             if isinstance(self.steps, str) or not isinstance(self.steps, Sequence):
                 _fail(owner, "steps", self.steps, f"expected a list drawn from {STEPS}")
@@ -188,6 +190,23 @@ class DataConfig:
     train_on_prompt: bool = False
     """SFT loss on prompt tokens too (DeepSpeed-Chat does so); False masks the prompt."""
 
+    max_line_bytes: int = 16 * 2**20
+    """Longest line of a local .json/.jsonl/.txt file, in bytes (16 MiB); a longer one stops
+    the run with its file and line, before it is held in memory whole."""
+
+    max_truncated_fraction: float = 0.5
+    """Largest share of a step's training rows that may lose tokens to max_seq_len /
+    max_prompt_seq_len / max_answer_seq_len, in [0, 1]; above it the step stops before
+    training (1 never stops)."""
+
+    max_dropped_fraction: float = 0.5
+    """Largest share of the rows feeding a step that may be skipped (null fields, empty or
+    identical responses, empty prompts), in [0, 1]; above it the step stops before training."""
+
+    max_unk_fraction: float = 0.05
+    """Largest share of a step's text tokens that may be the tokenizer's unknown token, in
+    [0, 1]; above it the step stops before training (characters outside the vocabulary)."""
+
     def __post_init__(self) -> None:
         owner = "DataConfig"
         if isinstance(self.datasets, (str, DatasetSpec)) or not isinstance(self.datasets, Sequence):
@@ -229,6 +248,14 @@ class DataConfig:
             _fail(owner, "pad_with_eos", self.pad_with_eos, "expected true or false")
         if not isinstance(self.train_on_prompt, bool):
             _fail(owner, "train_on_prompt", self.train_on_prompt, "expected true or false")
+        limit = self.max_line_bytes
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            _fail(owner, "max_line_bytes", limit, "expected a positive integer (bytes)")
+        for field in ("max_truncated_fraction", "max_dropped_fraction", "max_unk_fraction"):
+            value = getattr(self, field)
+            if (isinstance(value, bool) or not isinstance(value, (int, float))
+                    or not (math.isfinite(value) and 0 <= value <= 1)):
+                _fail(owner, field, value, "expected a number in [0, 1] (1 never stops)")
 
     @property
     def step_shares(self) -> tuple[float, float, float]:

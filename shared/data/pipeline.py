@@ -24,6 +24,13 @@ from shared.data import cache
 from shared.data.batches import B, PairwiseBatch, TextBatch
 from shared.data.config import STEPS, DataConfig, DatasetSpec
 from shared.data.hf_adapters import ADAPTERS, hf_rows, load_hf_dataset
+from shared.data.quality import (
+    check_data_quality,
+    count_eval_overlap,
+    count_read_drops,
+    data_quality,
+    describe_quality,
+)
 from shared.data.readers import (
     LOCAL_SUFFIXES,
     Row,
@@ -68,6 +75,12 @@ class StepData(Generic[B]):
     eval: B | None
     report: DataReport
 
+    @property
+    def quality(self) -> dict[str, float]:
+        """The training rows' shares truncated, dropped and `<unk>`, and the train/eval
+        overlap (`shared.data.quality.data_quality`)."""
+        return data_quality(self.report, self.step)
+
 
 class _Source:
     """One DatasetSpec: where its rows come from and how they become records."""
@@ -106,7 +119,9 @@ class _Source:
 
     def _rows(self, report: DataReport) -> Iterator[Row]:
         if self.local_file:
-            return read_local_rows(self.spec.path, report, self.label)
+            return read_local_rows(
+                self.spec.path, report, self.label, max_line_bytes=self.config.max_line_bytes
+            )
         dataset = self._hf()
         rows = hf_rows(dataset, self.spec.path, self.spec.hf_split)
         if self.spec.format == "text" and "text" not in dataset.column_names:
@@ -189,6 +204,7 @@ def _select(sources: list[_Source], config: DataConfig, step: str, report: DataR
             fed.append((index, source))
     if not fed:
         raise DataError(f"no dataset feeds step {step!r}; check `steps` and `data_split`")
+    count_read_drops(report, [source.label for _, source in fed], step)
     eval_from_eval_only = any(s.spec.eval_only for _, s in fed)
     seed = config.shuffle_seed
     train: list[Record] = []
@@ -230,6 +246,7 @@ def _select(sources: list[_Source], config: DataConfig, step: str, report: DataR
             f"step {step!r}: eval set empty after split (eval_fraction "
             f"{config.eval_fraction}); add data or set eval_fraction to 0"
         )
+    count_eval_overlap(train, evals, report, step)
     return train, evals
 
 
@@ -286,6 +303,9 @@ def _cache_path(config: DataConfig, step: str, sources: list[_Source], tokenizer
     settings = dataclasses.asdict(config)
     settings.pop("cache_dir")
     settings.pop("pad_with_eos")  # it acts through the tokenizer, whose fingerprint is in the key
+    for limit in ("max_line_bytes", "max_truncated_fraction", "max_dropped_fraction",
+                  "max_unk_fraction"):  # they stop a run but never change a batch
+        settings.pop(limit)
     key = cache.cache_key(
         {
             "step": step,
@@ -297,20 +317,29 @@ def _cache_path(config: DataConfig, step: str, sources: list[_Source], tokenizer
     return os.path.join(config.cache_dir, f"{step}-{key}.npz")
 
 
-def _from_cache(step: str, path: str | None) -> StepData | None:
+def _from_cache(step: str, path: str | None, config: DataConfig) -> StepData | None:
     if path is None or not os.path.exists(path):
         return None
     batches, report = cache.load(path, ("train", "eval"))
     report.cache_hit, report.cache_path = True, path
     report.log()
+    check_data_quality(report, step, config)
     return StepData(step, batches["train"], batches["eval"], report)
 
 
-def _finish(step: str, path: str | None, train, eval_, report: DataReport) -> StepData:
+def _finish(
+    step: str, path: str | None, train, eval_, report: DataReport, config: DataConfig
+) -> StepData:
+    """Notes the data quality, caches, logs the report, then applies the quality limits (the
+    cache holds the batches either way: the limits are not part of its key)."""
+    report.note(describe_quality(step, data_quality(report, step)))
+    if eval_ is not None:
+        report.note(describe_quality(f"{step}_eval", data_quality(report, f"{step}_eval")))
     if path is not None:
         cache.save(path, {"train": train, "eval": eval_}, report)
         report.cache_path = path
     report.log()
+    check_data_quality(report, step, config)
     return StepData(step, train, eval_, report)
 
 
@@ -347,7 +376,7 @@ def build_step_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, step
         check_padding_at_beginning(tokenizer, config.num_padding_at_beginning)
     sources = [_Source(spec, config) for spec in config.datasets]
     path = _cache_path(config, step, sources, tokenizer)
-    cached = _from_cache(step, path)
+    cached = _from_cache(step, path, config)
     if cached is not None:
         return cached
     report = DataReport()
@@ -366,7 +395,7 @@ def build_step_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, step
             report.add(key.replace(f"{step}/", f"{step}_eval/", 1), n)
     report.add(f"{step}/train_examples", len(train))
     report.add(f"{step}/eval_examples", 0 if eval_ is None else len(eval_))
-    return _finish(step, path, train, eval_, report)
+    return _finish(step, path, train, eval_, report, config)
 
 
 def build_ptx_data(
@@ -385,11 +414,13 @@ def build_ptx_data(
     )
     source = _Source(spec, config)
     path = _cache_path(config, "ptx", [source], tokenizer)
-    cached = _from_cache("ptx", path)
+    cached = _from_cache("ptx", path, config)
     if cached is not None:
         return cached
     report = DataReport()
     texts = [record.text for record in source.records(report)]
+    count_read_drops(report, [source.label], "ptx")
+    report.add("ptx/rows", len(texts))
     eoc = end_of_conversation_ids(tokenizer, config.end_of_conversation_token)
     train = encode_text_blocks(
         tokenizer,
@@ -398,4 +429,4 @@ def build_ptx_data(
         report=report,
         block_len=config.max_prompt_seq_len + config.max_answer_seq_len,
     )
-    return _finish("ptx", path, train, None, report)
+    return _finish("ptx", path, train, None, report, config)

@@ -10,12 +10,14 @@ Local layouts (one JSON object per line in .jsonl; a JSON array or JSON lines in
 - sft: {"prompt", "response"} (or "chosen" in place of "response")
 - text: {"text"}, or a .txt file with one document per line (ptx data)
 
-A missing field, a wrong type or malformed JSON raises `DataError` naming file and line. A row
-with a null field, an empty response or identical chosen/rejected is skipped and counted.
+A missing field, a wrong type, malformed JSON, a line longer than `data.max_line_bytes` or bytes
+that are not UTF-8 raise `DataError` naming file and line. A row with a null field, an empty
+response or identical chosen/rejected is skipped and counted.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
@@ -46,35 +48,94 @@ class SkipRow(Exception):
         self.reason = reason
 
 
-def read_local_rows(path: str, report: DataReport, label: str) -> Iterator[Row]:
-    """Yields (fields, "path:line") from a .json, .jsonl or .txt file; errors name the line."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+DEFAULT_MAX_LINE_BYTES = 16 * 2**20
+"""`DataConfig.max_line_bytes`' default: 16 MiB."""
+
+
+def read_lines(
+    path: str, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES
+) -> Iterator[tuple[int, str]]:
+    """Yields (line number, text) of a UTF-8 file, split at "\\n" (a trailing "\\r" dropped).
+
+    A line longer than `max_line_bytes` raises `DataError` once that many bytes (and two for
+    the line end) are read, never holding more of it; bytes that are not UTF-8 raise one
+    naming the line, column and byte. A UTF-8 byte-order mark at the start is skipped.
+    """
+    with open(path, "rb") as f:
+        lineno = 0
+        while True:
+            raw = f.readline(max_line_bytes + 2)  # the limit, "\r\n", and nothing more
+            if not raw:
+                return
+            lineno += 1
+            body = raw[:-1] if raw.endswith(b"\n") else raw
+            if body.endswith(b"\r"):
+                body = body[:-1]
+            if len(body) > max_line_bytes:
+                raise DataError(
+                    f"{path}:{lineno}: line longer than data.max_line_bytes = {max_line_bytes} "
+                    "bytes; split the record, or raise data.max_line_bytes if it is meant to "
+                    "be this long"
+                )
+            if lineno == 1 and body.startswith(b"\xef\xbb\xbf"):
+                body = body[3:]
+            try:
+                text = body.decode("utf-8")
+            except UnicodeDecodeError as e:
+                column = len(body[: e.start].decode("utf-8", errors="replace")) + 1
+                raise DataError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte 0x{body[e.start]:02x} at column "
+                    f"{column}: {e.reason}); re-encode the file as UTF-8"
+                ) from None
+            yield lineno, text
+
+
+def read_local_rows(
+    path: str,
+    report: DataReport,
+    label: str,
+    *,
+    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+) -> Iterator[Row]:
+    """Yields (fields, "path:line") from a .json, .jsonl or .txt file; errors name the line.
+
+    Lines are read one at a time through `read_lines` (at most `max_line_bytes` each, UTF-8);
+    a .json file holding one JSON array is joined and decoded item by item.
+    """
+    lines = read_lines(path, max_line_bytes)
     rows = 0
     if path.endswith(".txt"):
-        for lineno, line in enumerate(text.splitlines(), start=1):
+        for lineno, line in lines:
             if not line.strip():
                 report.add(f"{label}/skipped/blank_line")
                 continue
             rows += 1
             yield {"text": line}, f"{path}:{lineno}"
-    elif path.endswith(".json") and text.lstrip().startswith("["):
-        for row, lineno in _json_array_items(text, path):
-            rows += 1
-            yield _as_object(row, f"{path}:{lineno}"), f"{path}:{lineno}"
     else:
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                report.add(f"{label}/skipped/blank_line")
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
-                ) from None
-            rows += 1
-            yield _as_object(row, f"{path}:{lineno}"), f"{path}:{lineno}"
+        head: list[str] = []
+        for _, line in lines:  # a .json file may hold an array: look at its first text
+            head.append(line)
+            if line.strip():
+                break
+        if path.endswith(".json") and head and head[-1].lstrip().startswith("["):
+            text = "\n".join(head + [line for _, line in lines])
+            for row, lineno in _json_array_items(text, path):
+                rows += 1
+                yield _as_object(row, f"{path}:{lineno}"), f"{path}:{lineno}"
+        else:
+            numbered = itertools.chain(enumerate(head, start=1), lines)
+            for lineno, line in numbered:
+                if not line.strip():
+                    report.add(f"{label}/skipped/blank_line")
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(
+                        f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno})"
+                    ) from None
+                rows += 1
+                yield _as_object(row, f"{path}:{lineno}"), f"{path}:{lineno}"
     if rows == 0:
         raise DataError(f"{path}: file is empty (no rows)")
 

@@ -193,6 +193,29 @@ def token_lists(
     return [ids[text] for text in texts]
 
 
+def unknown_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """The id text outside the vocabulary becomes, or None when there is no such token or it
+    doubles as the eos, bos or pad token (GPT-2's `<|endoftext|>`), so counting it would
+    count those."""
+    unk = getattr(tokenizer, "unk_token_id", None)
+    specials = {tokenizer.eos_token_id, tokenizer.bos_token_id, tokenizer.pad_token_id}
+    return None if unk is None or unk in specials else int(unk)
+
+
+def count_unknown(
+    tokenizer: PreTrainedTokenizerBase,
+    seqs: Sequence[Sequence[int]],
+    report: DataReport,
+    scope: str,
+) -> None:
+    """Adds `<scope>/text_tokens` (every token of `seqs`, before truncation) and
+    `<scope>/unk_tokens` (those that are `unknown_token_id`) to the report."""
+    report.add(f"{scope}/text_tokens", sum(len(seq) for seq in seqs))
+    unk = unknown_token_id(tokenizer)
+    if unk is not None:
+        report.add(f"{scope}/unk_tokens", sum(list(seq).count(unk) for seq in seqs))
+
+
 def pad_left(seqs: Sequence[Sequence[int]], length: int, pad_id: int) -> tuple[np.ndarray, ...]:
     """[N, length] ids and mask with each sequence at the right end; longer ones keep their end."""
     ids = np.full((len(seqs), length), pad_id, dtype=np.int32)
@@ -225,9 +248,14 @@ def encode_prompts(
     scope: str = "ppo",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Left-padded prompt ids and mask, [N, P]; prompts longer than P lose their beginning
-    (counted as `<scope>/prompt_truncated`)."""
+    (counted as `<scope>/prompt_truncated`, and `<scope>/truncated_rows` of `<scope>/rows`;
+    unknown tokens as in `count_unknown`)."""
     seqs = token_lists(tokenizer, prompts, add_special_tokens=True, desc=f"{scope} prompts")
-    report.add(f"{scope}/prompt_truncated", sum(len(s) > max_prompt_seq_len for s in seqs))
+    truncated = sum(len(s) > max_prompt_seq_len for s in seqs)
+    report.add(f"{scope}/prompt_truncated", truncated)
+    report.add(f"{scope}/truncated_rows", truncated)
+    report.add(f"{scope}/rows", len(seqs))
+    count_unknown(tokenizer, seqs, report, scope)
     return pad_left(seqs, max_prompt_seq_len, tokenizer.pad_token_id)
 
 
@@ -249,7 +277,8 @@ def encode_responses(
 
 
 class _SequenceEncoder:
-    """Builds prompt + response + eoc sequences of length L, counting truncations."""
+    """Builds prompt + response + eoc sequences of length L, counting truncations (per
+    sequence, and per example in `finish`) and unknown tokens."""
 
     def __init__(self, tokenizer, *, max_seq_len, max_prompt_seq_len, eoc_ids, report, scope):
         self.tokenizer = tokenizer
@@ -258,28 +287,44 @@ class _SequenceEncoder:
         self.eoc = list(eoc_ids)
         self.report = report
         self.scope = scope
+        self.truncated: set[int] = set()  # examples that lost a token anywhere
 
     def prompts(self, prompts: Sequence[str]) -> list[list[int]]:
         seqs = token_lists(
             self.tokenizer, prompts, add_special_tokens=True, desc=f"{self.scope} prompts"
         )
-        self.report.add(
-            f"{self.scope}/prompt_truncated", sum(len(s) > self.prompt_cap for s in seqs)
-        )
+        count_unknown(self.tokenizer, seqs, self.report, self.scope)
+        cut = [i for i, s in enumerate(seqs) if len(s) > self.prompt_cap]
+        self.report.add(f"{self.scope}/prompt_truncated", len(cut))
+        self.truncated.update(cut)
         return [s[-self.prompt_cap :] if len(s) > self.prompt_cap else s for s in seqs]
 
-    def join(self, prompts: list[list[int]], responses: Sequence[str]) -> list[list[int]]:
-        """Concatenates each prompt with its response + eoc, cutting the response to fit L."""
+    def join(
+        self,
+        prompts: list[list[int]],
+        responses: Sequence[str],
+        owners: Sequence[int] | None = None,
+    ) -> list[list[int]]:
+        """Concatenates each prompt with its response + eoc, cutting the response to fit L;
+        `owners[i]` is the example sequence i belongs to (default: i)."""
         seqs = token_lists(
             self.tokenizer, responses, add_special_tokens=False, desc=f"{self.scope} responses"
         )
+        count_unknown(self.tokenizer, seqs, self.report, self.scope)
+        owners = range(len(seqs)) if owners is None else owners
         joined = []
-        for p, r in zip(prompts, seqs, strict=True):
+        for p, r, owner in zip(prompts, seqs, owners, strict=True):
             full = p + r + self.eoc
             if len(full) > self.length:
                 self.report.add(f"{self.scope}/response_truncated")
+                self.truncated.add(owner)
             joined.append(full[: self.length])
         return joined
+
+    def finish(self, rows: int) -> None:
+        """Counts `<scope>/truncated_rows` (examples with any part cut) of `<scope>/rows`."""
+        self.report.add(f"{self.scope}/truncated_rows", len(self.truncated))
+        self.report.add(f"{self.scope}/rows", rows)
 
     def pad(self, seqs: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
         return pad_right(seqs, self.length, self.tokenizer.pad_token_id)
@@ -306,6 +351,7 @@ def encode_sft(
     )
     prompts = enc.prompts([e.prompt for e in examples])
     seqs = enc.join(prompts, [e.response for e in examples])
+    enc.finish(len(examples))
     ids, mask = enc.pad(seqs)
     loss_mask = mask.copy()
     if not train_on_prompt:
@@ -335,6 +381,7 @@ def encode_pairwise(
     prompts = enc.prompts([e.prompt for e in examples])
     chosen = enc.pad(enc.join(prompts, [e.chosen for e in examples]))
     rejected = enc.pad(enc.join(prompts, [e.rejected for e in examples]))
+    enc.finish(len(examples))
     return PairwiseBatch(chosen[0], chosen[1], rejected[0], rejected[1])
 
 
@@ -365,7 +412,9 @@ def encode_ranking(
     )
     prompts = enc.prompts([p for p, _ in rankings])
     flat_prompts = [p for p, (_, r) in zip(prompts, rankings, strict=True) for _ in r]
-    flat = enc.pad(enc.join(flat_prompts, [resp for _, r in rankings for resp in r]))
+    owners = [i for i, (_, r) in enumerate(rankings) for _ in r]
+    flat = enc.pad(enc.join(flat_prompts, [resp for _, r in rankings for resp in r], owners))
+    enc.finish(len(rankings))
     ids = np.full((len(rankings), k_max, max_seq_len), tokenizer.pad_token_id, dtype=np.int32)
     mask = np.zeros((len(rankings), k_max, max_seq_len), dtype=np.int32)
     num_valid = np.array([len(r) for _, r in rankings], dtype=np.int32)
@@ -412,7 +461,9 @@ def encode_text_blocks(
     """ptx blocks [N, block_len]: documents + eoc concatenated and cut into blocks (as
     DeepSpeed-Chat's `group_texts`); the last partial block is right-padded, not dropped."""
     stream: list[int] = []
-    for ids in token_lists(tokenizer, texts, add_special_tokens=False, desc="ptx"):
+    seqs = token_lists(tokenizer, texts, add_special_tokens=False, desc="ptx")
+    count_unknown(tokenizer, seqs, report, "ptx")
+    for ids in seqs:
         stream.extend(ids)
         stream.extend(eoc_ids)
     n_blocks = -(-len(stream) // block_len)

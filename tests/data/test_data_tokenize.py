@@ -276,7 +276,8 @@ def test_reward_step_mixes_rankings_and_pairs(write_jsonl, tokenizer):
 
 def test_eval_truncations_are_counted_apart(write_jsonl, tokenizer):
     path = write_jsonl("q.jsonl", [{"prompt": "x" * 10} for _ in range(10)])
-    config = DataConfig(datasets=(DatasetSpec(path),), eval_fraction=0.2, max_prompt_seq_len=4)
+    config = DataConfig(datasets=(DatasetSpec(path),), eval_fraction=0.2, max_prompt_seq_len=4,
+                        max_truncated_fraction=1.0)
     report = build_step_data(config, tokenizer, "ppo").report
     assert report.get("ppo/prompt_truncated") == 8
     assert report.get("ppo_eval/prompt_truncated") == 2
