@@ -5,23 +5,30 @@
     rows = run_parity(config, model_dir="out/sft")  # a saved HF directory instead
     exit_code = main(config, args)                  # args.model: optional directory
 
-`shared.cli` dispatches `rlhf parity --config FILE [--model DIR]` to `main`. The run prints a
-table (level, quantity, max abs diff, max rel diff, tolerance, pass/fail) and `main` returns 1
-when any row fails, so `rlhf parity` can gate a CI job. See docs/parity.md.
+`shared.cli` dispatches `rlhf parity --config FILE [--model DIR] [key=value ...]` to `main`
+with the config after the overrides (`ppo.preset=deepspeed_chat`, `ppo.ptx_mode=separate`,
+...). `main` runs every level (`command_levels`), `run_parity` levels 1-5 unless told
+otherwise. The run prints a table (level, quantity, max abs diff, max rel diff, tolerance,
+pass/fail) and `main` returns 1 when any row fails, so `rlhf parity` can gate a CI job. See
+docs/parity.md.
 
 What runs (fp32 on CPU, whatever the config's dtype):
   level 1  every public `shared` function, numpy vs torch vs jitted JAX;
   level 2  forward of the actor (logits, token log-probs, entropy) and of the critic (values,
            end scores) on the SFT rows (right-padded) and the PPO prompts (left-padded);
   level 3  SFT loss, the configured reward loss, PPO actor and critic losses under the
-           config's conventions, entropy, ptx: losses, statistics and parameter gradients;
+           config's conventions (`mask_pad_tokens` applied to the answers' mask), entropy,
+           ptx: losses, statistics and parameter gradients;
   level 4  3 AdamW steps of the actor with the config's `sft.optim` (schedule, decay,
            clipping) on the SFT rows, each backend's own optimiser: losses, lr, grad norms,
            parameters;
   level 5  greedy and sampled decoding with the config's sampling settings;
-  level 6  (on request, not by default: ~30 s) whole SFT / reward / PPO runs through both
-           backends' trainers on the built-in tiny Llama of `parity_tests.iterations` (it
-           checks the trainers, not your model).
+  level 6  (`rlhf parity`, or `run_parity(levels_to_run=(6,))`: ~30 s) whole SFT / reward /
+           PPO runs through both backends' trainers on the built-in tiny Llama of
+           `parity_tests.iterations` under the config's PPO choices
+           (`iterations.level6_settings`: preset, conventions, short-answer policy, ptx mode,
+           gradient accumulation, EMA, sampling, pad_with_eos, LoRA / only_optimize); it
+           checks the trainers under your conventions, not your model.
 A level or step the config cannot feed (no reward data, no JAX sampler yet) is listed as
 skipped with its reason.
 """
@@ -50,15 +57,19 @@ from parity_tests.harness import (
     load_pair,
 )
 
-__all__ = ["AVAILABLE_LEVELS", "DEFAULT_LEVELS", "main", "run_parity"]
+__all__ = ["AVAILABLE_LEVELS", "COMMAND_LEVELS", "DEFAULT_LEVELS", "command_levels", "main",
+           "run_parity"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_LEVELS = (1, 2, 3, 4, 5)
-"""What `rlhf parity` runs."""
+"""What `run_parity` runs unless told otherwise (the levels on the user's model)."""
 
 AVAILABLE_LEVELS = (1, 2, 3, 4, 5, 6)
 """Level 6 (whole runs of the trainers, on a built-in tiny model) runs only when asked for."""
+
+COMMAND_LEVELS = AVAILABLE_LEVELS
+"""What `rlhf parity` runs: every level, level 6 with the config's PPO choices (~30 s more)."""
 
 
 def _is_local(path: str | None) -> bool:
@@ -111,6 +122,8 @@ def _model_dirs(config, model_dir: str | None, tmp: Path) -> tuple[Path | None, 
 def _tokenizer(config, model_dir: str | None, actor: Path | None, critic: Path | None):
     from transformers import AutoTokenizer
 
+    from shared.data import prepare_tokenizer
+
     candidates = [model_dir] if model_dir is not None else []
     candidates += [config.model.tokenizer_name_or_path, actor, critic]
     for candidate in candidates:
@@ -119,7 +132,8 @@ def _tokenizer(config, model_dir: str | None, actor: Path | None, critic: Path |
         local = Path(candidate)
         if local.is_dir() and not (local / "tokenizer_config.json").is_file():
             continue
-        return AutoTokenizer.from_pretrained(str(candidate))
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(str(candidate)),
+                                 pad_with_eos=config.data.pad_with_eos)
     raise ValueError("no tokenizer: set model.tokenizer_name_or_path or save one with the model")
 
 
@@ -190,7 +204,8 @@ def run_parity(
       model_dir: a saved HF directory (causal LM, or sequence-classification value model) to
         check instead of the config's models. A causal LM also serves as the critic's backbone
         (with a fresh score head, seeded by `config.seed`).
-      levels_to_run: which of levels 1 to 6 (default 1-5).
+      levels_to_run: which of levels 1 to 6 (default 1-5; level 6 runs the built-in tiny
+        Llama under the config's PPO choices, `iterations.level6_settings`).
       num_rows: examples taken from the start of each step's training data.
       print_table: print the table and the skipped items to stdout.
 
@@ -224,15 +239,29 @@ def _run_levels(config, model_dir, levels_to_run, num_rows, rows, skipped) -> No
             rows += _model_levels(config, model_dir, Path(tmp), levels_to_run, num_rows,
                                   skipped)
     if 6 in levels_to_run:
-        from parity_tests import iterations
+        rows += _level6(config, skipped)
 
-        with tempfile.TemporaryDirectory(prefix="rlhf-parity-6-") as tmp:
-            dirs = iterations.build_level6_models(tmp)
-            level6 = iterations.level6_config(tmp, dirs, kl="adaptive")
-            rows += iterations.level6_rows(*iterations.run_level6(level6, tmp),
-                                           label="built-in tiny llama")
+
+def _level6(config, skipped: list[str]) -> list[Row]:
+    """Whole SFT / reward / PPO runs on the built-in tiny Llama under the config's PPO
+    choices (`iterations.level6_settings`: preset and conventions, short-answer policy, ptx
+    mode, gradient accumulation, EMA, sampling, pad_with_eos, LoRA / only_optimize)."""
+    from parity_tests import iterations
+
+    settings = iterations.level6_settings(config)
+    with tempfile.TemporaryDirectory(prefix="rlhf-parity-6-") as tmp:
+        dirs = iterations.build_level6_models(tmp)
+        level6 = iterations.level6_config(tmp, dirs, **settings)
+        label = f"built-in tiny llama, preset {level6.ppo.preset}"
+        try:
+            rows = iterations.level6_rows(*iterations.run_level6(level6, tmp), label=label)
+        except RuntimeError as err:  # e.g. the dschat policy with no valid batch to reuse
+            skipped.append(f"level 6: {err}")
+            return []
+    if iterations.KNOWN_DIFFERENT:
         skipped.append("level 6: PPO metrics " + ", ".join(iterations.KNOWN_DIFFERENT)
                        + " are aggregated differently by the backends (docs/parity.md)")
+    return rows
 
 
 def _model_levels(config, model_dir, tmp, levels_to_run, num_rows, skipped) -> list[Row]:
@@ -313,8 +342,12 @@ def _level3(config, tokenizer, actor, critic, sft_rows, reward, prompt_rows, num
     answers, mask = _synthetic_answers(tokenizer, actor.vocab_size, prompt_ids.shape[0],
                                        config.data.max_answer_seq_len, config.seed)
     conventions = config.ppo.conventions
-    rollout = levels.rollout_for(actor, critic, prompt_ids, prompt_rows["prompt_attention_mask"],
-                                 answers, mask, conventions=conventions, seed=config.seed)
+    prompt_mask = prompt_rows["prompt_attention_mask"]
+    if conventions.mask_pad_tokens:  # as the PPO loop does: with pad == EOS, the EOS too
+        mask = mask * (answers != tokenizer.pad_token_id)
+        prompt_mask = prompt_mask * (prompt_ids != tokenizer.pad_token_id)
+    rollout = levels.rollout_for(actor, critic, prompt_ids, prompt_mask, answers, mask,
+                                 conventions=conventions, seed=config.seed)
     ptx = _ptx_rows(config, tokenizer, num_rows, skipped) or sft_rows
     ptx = {k: ptx[k] for k in ("input_ids", "attention_mask")} if ptx is not None else None
     unsup_coef = config.ppo.unsup_coef or 1.0  # a zero coefficient would hide the gradient
@@ -349,9 +382,22 @@ def _ptx_rows(config, tokenizer, num_rows, skipped) -> dict[str, np.ndarray] | N
     return None if data is None else B.rows_of(data.train, num_rows)
 
 
+def command_levels(args: argparse.Namespace) -> tuple[int, ...]:
+    """The levels `rlhf parity` runs: `args.levels` when the command line has it (a sequence,
+    or text such as "1,2,6"), else `COMMAND_LEVELS`."""
+    levels_arg = getattr(args, "levels", None)
+    if levels_arg is None:
+        return COMMAND_LEVELS
+    if isinstance(levels_arg, str):
+        levels_arg = [part for part in levels_arg.replace(",", " ").split() if part]
+    return tuple(int(level) for level in levels_arg)
+
+
 def main(config: Any, args: argparse.Namespace) -> int:
-    """Entry point of `rlhf parity`: 0 when every row passes, 1 otherwise."""
-    rows = run_parity(config, model_dir=getattr(args, "model", None))
+    """Entry point of `rlhf parity`: 0 when every row passes, 1 otherwise. Runs
+    `command_levels(args)` (every level by default, level 6 under the config's PPO choices)."""
+    rows = run_parity(config, model_dir=getattr(args, "model", None),
+                      levels_to_run=command_levels(args))
     failed = [r for r in rows if not r.passed]
     if not rows:
         logger.error("rlhf parity: nothing was compared")

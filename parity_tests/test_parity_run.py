@@ -10,8 +10,11 @@ import pytest
 from transformers import AutoTokenizer
 
 import jax_rlhf.models
+from parity_tests import iterations
+from parity_tests import run as parity_run
 from parity_tests.harness import assert_passed, build_checkpoint
-from parity_tests.run import main, run_parity
+from parity_tests.run import COMMAND_LEVELS, DEFAULT_LEVELS, command_levels, main, run_parity
+from shared import cli
 from shared.config import load_config
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
@@ -88,7 +91,8 @@ def test_perturbed_weight_fails(demo_config, saved_model, monkeypatch):
 
 
 def test_main_exit_code(demo_config, saved_model, monkeypatch):
-    args = argparse.Namespace(model=str(saved_model), config=DEMO, backend="torch")
+    args = argparse.Namespace(model=str(saved_model), config=DEMO, backend="torch",
+                              levels=DEFAULT_LEVELS)
     assert main(demo_config, args) == 0
     _perturbing_loader(monkeypatch, 1e-2)
     assert main(demo_config, args) == 1
@@ -120,3 +124,79 @@ def test_value_model_dir_runs_the_value_levels_only(demo_config, tmp_path, capsy
     assert rows and all(r.quantity.startswith(("values", "end_scores")) for r in rows)
     assert_passed(rows)
     assert "skipped: actor levels" in capsys.readouterr().out
+
+
+USER_CHOICES = ["ppo.preset=deepspeed_chat", "ppo.conventions.kl_coef=0.3",
+                "ppo.short_answer_policy=dschat", "ppo.ptx_mode=separate",
+                "ppo.gradient_accumulation_steps=2", "data.pad_with_eos=true",
+                "ppo.enable_ema=true", "ppo.sampling.temperature=0.9"]
+"""`key=value` overrides a user passes to `rlhf parity` (DeepSpeed-Chat's conventions with one
+field changed)."""
+
+
+def test_cli_overrides_reach_run_parity(monkeypatch):
+    """`rlhf parity key=value ...`: the config after the overrides reaches `run_parity`, with
+    every level (level 6 included)."""
+    seen = {}
+
+    def fake_run_parity(config, **kwargs):
+        seen.update(config=config, **kwargs)
+        return [parity_run.Row("1", "stub", 0.0, 0.0, None, True)]
+
+    monkeypatch.setattr(parity_run, "run_parity", fake_run_parity)
+    assert cli.main(["parity", *USER_CHOICES]) == 0
+    config = seen["config"]
+    assert config.ppo.preset == "deepspeed_chat" and config.ppo.conventions.kl_coef == 0.3
+    assert config.ppo.short_answer_policy == "dschat" and config.data.pad_with_eos
+    assert tuple(seen["levels_to_run"]) == COMMAND_LEVELS and 6 in COMMAND_LEVELS
+
+
+def test_level6_runs_the_users_conventions(monkeypatch):
+    """`run_parity(levels_to_run=(6,))` runs the built-in level-6 models under the config's
+    PPO choices (the runs themselves are stubbed: level 6 is tested in its own module)."""
+    config = load_config(DEMO, USER_CHOICES)
+    used = []
+
+    def fake_run_level6(level6_config, tmp, **kwargs):
+        used.append(level6_config)
+        empty = iterations.Level6Result(sft=[], reward=[], ppo=[], tokens=[], weights={})
+        return empty, empty
+
+    monkeypatch.setattr(iterations, "run_level6", fake_run_level6)
+    assert run_parity(config, levels_to_run=(6,), print_table=False) == []
+    (level6,) = used
+    ppo = level6.ppo
+    assert ppo.preset == "deepspeed_chat"
+    assert ppo.conventions == config.ppo.conventions  # every field, the override included
+    assert (ppo.short_answer_policy, ppo.ptx_mode, ppo.gradient_accumulation_steps) == (
+        "dschat", "separate", 2)
+    assert ppo.enable_ema and ppo.ema_beta == config.ppo.ema_beta
+    assert ppo.sampling == config.ppo.sampling and level6.data.pad_with_eos
+    # the level-6 models, not the demo's
+    assert Path(level6.model.actor_model_name_or_path).name == "sft-model"
+
+
+def test_level6_settings_lora_and_accumulation():
+    config = load_config(DEMO, ["ppo.actor.lora.dim=8", "ppo.critic.lora.dim=8",
+                                "only_optimize_lora=true", "ppo.gradient_accumulation_steps=3"])
+    settings = iterations.level6_settings(config)
+    assert settings["lora"] == settings["only_optimize"] == ("actor", "critic")
+    # 3 does not divide the 4 mini-batches of 2 generation batches: 3 generation batches
+    assert settings["generation_batches"] == 3
+    assert settings["conventions"]["shuffle_minibatches"] is True  # the demo's default preset
+
+
+def test_command_levels():
+    assert command_levels(argparse.Namespace()) == COMMAND_LEVELS
+    assert command_levels(argparse.Namespace(levels="1, 6")) == (1, 6)
+    assert command_levels(argparse.Namespace(levels=[2, 3])) == (2, 3)
+
+
+def test_level3_with_pad_as_eos_and_deepspeed_chat(capsys):
+    """data.pad_with_eos reaches the parity tokenizer (the data levels run) and level 3 masks
+    the EOS out of the answers as the deepspeed_chat conventions' mask_pad_tokens does."""
+    config = load_config(DEMO, ["ppo.preset=deepspeed_chat", "data.pad_with_eos=true"])
+    rows = run_parity(config, levels_to_run=(3,))
+    assert "skipped" not in capsys.readouterr().out
+    assert any(r.quantity.startswith("ppo actor") for r in rows)
+    assert_passed(rows)
