@@ -6,12 +6,15 @@ One layout for both backends::
         step-00000002/        one checkpoint, named after its counter (zero-padded, so names
                               sort in order); inside, whatever the backend writes
                               (DeepSpeed engine states, an orbax tree, ...)
+            MANIFEST.json     the backend, the config (and its sha256), the library versions
+                              and the size and sha256 of every other file (`shared.manifest`)
             COMPLETE          written last, once every process has finished writing: a
                               directory without it (a run killed while saving) is ignored
 
-The backend writes into the directory; this module names, finds, completes and prunes
-them. Only the main process deletes or marks; every process calls `prepare` and `commit`
-(they synchronise through the backend's `barrier`). Nothing here imports torch or jax.
+The backend writes into the directory; this module names, finds, completes, verifies and
+prunes them. Only the main process deletes, hashes or marks; every process calls `prepare`
+and `commit` (they synchronise through the backend's `barrier`). Nothing here imports torch
+or jax.
 """
 
 from __future__ import annotations
@@ -19,8 +22,11 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["COMPLETE", "CheckpointDir"]
+from shared.manifest import MANIFEST, verify_manifest, write_manifest
+
+__all__ = ["COMPLETE", "MANIFEST", "CheckpointDir"]
 
 COMPLETE = "COMPLETE"
 """The marker file of a finished checkpoint."""
@@ -77,15 +83,28 @@ class CheckpointDir:
         self.barrier()
         return path
 
-    def commit(self, path: str | Path) -> None:
+    def commit(self, path: str | Path, *, backend: str | None = None,
+               config: Any = None) -> None:
         """Marks ``path`` complete once every process has written its share, then deletes
-        the checkpoints beyond ``keep`` and partial ones older than ``path``."""
+        the checkpoints beyond ``keep`` and partial ones older than ``path``.
+
+        With ``backend`` and ``config`` (the run's ``RLHFConfig``), ``MANIFEST.json`` is
+        written first (``shared.manifest.write_manifest``), so ``verify`` can check it.
+        """
         path = Path(path)
         self.barrier()
         if self.is_main:
+            if backend is not None:
+                write_manifest(path, backend=backend, config=config)
             (path / COMPLETE).write_text(path.name + "\n")
             self._prune()
         self.barrier()
+
+    def verify(self, path: str | Path, *, backend: str, config: Any) -> None:
+        """Refuses to resume from ``path`` when another backend or another config wrote it, or
+        when a file changed since (``shared.manifest.verify_manifest``); every process checks
+        (each reads the files it restores)."""
+        verify_manifest(path, backend=backend, config=config)
 
     def _prune(self) -> None:
         done = self.complete()

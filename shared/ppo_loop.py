@@ -128,6 +128,9 @@ class PPOLoop:
     """
 
     step = "ppo"
+    backend = "unknown"
+    """``"torch"`` or ``"jax"`` (set by each backend's trainer): checkpoint manifests record
+    it, and a resume refuses a checkpoint another backend wrote."""
 
     def _init_loop(self, config: RLHFConfig, run_dir: str | Path, *, tokenizer, world_size: int,
                    pad_token_id: int | None = None) -> None:
@@ -447,7 +450,7 @@ class PPOLoop:
     def _commit(self) -> None:
         if self._pending is not None:
             self.wait_until_saved()
-            self.checkpoints.commit(self._pending)
+            self.checkpoints.commit(self._pending, backend=self.backend, config=self.config)
             self._pending = None
 
     def resume(self) -> bool:
@@ -458,6 +461,7 @@ class PPOLoop:
             logger.info("ppo: no checkpoint in %s; starting from iteration 0",
                         self.checkpoints.root)
             return False
+        self.checkpoints.verify(latest, backend=self.backend, config=self.config)
         state = self.load_checkpoint(latest)
         self.iteration = int(state["iteration"])
         self.prompt_iterator.load_state_dict(state["prompt_iterator"])

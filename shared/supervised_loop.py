@@ -234,20 +234,22 @@ class SupervisedLoop:
     def _commit(self, backend: SupervisedBackend) -> None:
         if self._pending is not None:
             backend.wait_until_saved()
-            self.checkpoints.commit(self._pending)
+            self.checkpoints.commit(self._pending, backend=backend.backend, config=self.config)
             self._pending = None
 
     def resume(self, backend: SupervisedBackend) -> bool:
         """Continue from the latest complete checkpoint; False when there is none.
 
         ``metrics.jsonl`` loses the records this step logged after that checkpoint, which
-        the resumed run logs again.
+        the resumed run logs again. A checkpoint of another backend or config, or with a
+        changed file, is refused (``CheckpointDir.verify``).
         """
         latest = self.checkpoints.latest()
         if latest is None:
             logger.info("%s: no checkpoint in %s; starting from step 0", self.step,
                         self.checkpoints.root)
             return False
+        self.checkpoints.verify(latest, backend=backend.backend, config=self.config)
         self.load_state_dict(backend.restore(latest))
         self._saved_at = self.global_step
         self.run_logger.truncate(self.step, self.global_step + 1)

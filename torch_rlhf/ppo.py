@@ -75,6 +75,8 @@ class PPOTrainer(PPOLoop):
       engine: an already built RLHFEngine (its LR schedules must fit this run).
     """
 
+    backend = "torch"
+
     def __init__(self, config: RLHFConfig, *, run_dir: str | Path,
                  actor_model_name_or_path: str | None = None,
                  critic_model_name_or_path: str | None = None, tokenizer=None,

@@ -75,6 +75,8 @@ class PPOTrainer(PPOLoop):
         the config.
     """
 
+    backend = "jax"
+
     def __init__(self, config: Any, *, run_dir: str | Path,
                  actor_model_name_or_path: str | Path | None = None,
                  critic_model_name_or_path: str | Path | None = None,
