@@ -40,6 +40,7 @@ from shared.config import RLHFConfig
 from shared.data import BatchIterator, PromptBatch, TextBatch, build_ptx_data, build_step_data
 from shared.evaluation import decode_answers
 from shared.experience import Experience
+from shared.exports import verify_export
 from shared.guard import NonFiniteGuard, nonfinite_arrays, nonfinite_values
 from shared.masked import masked_whiten
 from shared.ppo_step import compute_advantages, make_kl_controller
@@ -529,6 +530,10 @@ class PPOLoop:
         entry: dict[str, Any] = {}
         with self.timer.phase("export"):
             paths = self.export(self.step_dir)
+            if self.is_main:  # read back: a non-finite or truncated model is never final
+                for path in paths.values():
+                    if Path(path).is_dir():
+                        verify_export(path)
         with self.timer.phase("heldout_evaluation"):
             heldout = self.heldout_metrics("actor")
             if heldout:

@@ -40,6 +40,7 @@ import numpy as np
 
 from shared.checkpoints import CheckpointDir
 from shared.data import BatchIterator, StepData
+from shared.exports import verify_export
 from shared.guard import NonFiniteGuard, nonfinite_values
 from shared.runlog import PhaseTimer, RunLogger, format_metrics, progress
 
@@ -338,6 +339,8 @@ class SupervisedLoop:
         final = self.step_dir / "final"
         with self.timer.phase("export"):
             backend.export(final)
+            if self.is_main:  # read back: a non-finite or truncated model is never final
+                verify_export(final)
         with self.timer.phase("heldout_evaluation"):
             heldout = backend.heldout_metrics()
         self._collect_times()
