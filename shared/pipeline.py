@@ -9,7 +9,8 @@ actor and reference (and the reward model when the config names neither
 the PPO critic and reward model. Each step reads its own share of the data
 (``data.data_split``, ``datasets[].steps``). With ``resume``, a step whose final model and
 ``summary.json`` entry exist is skipped, and an unfinished one continues from its latest
-checkpoint.
+checkpoint; a run another backend wrote is refused (``shared.runlog.check_run_backend``).
+The main process holds the run directory's lock (``shared.runlock``) while steps run.
 
 A backend is a :class:`Backend` record naming its three trainer classes and its session
 factory by module path, imported only when used, so this module never imports torch or
@@ -27,17 +28,19 @@ with its mesh and tokenizer).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
 import importlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from shared.runlog import RunLogger
+from shared.runlock import hold_run_dir
+from shared.runlog import RunLogger, check_run_backend
 
 __all__ = ["BACKENDS", "COMMAND_STEPS", "Backend", "Session", "final_model", "get_backend",
            "run_command", "run_pipeline", "run_step", "step_done"]
@@ -163,21 +166,34 @@ def run_step(backend: str | Backend, config: Any, run_dir: str | Path, step: str
     own = session is None
     session = session or backend.open_session(config, run_dir)
     try:
-        start = time.perf_counter()
-        logger.info("%s: step %s in %s", backend.name, step, run_dir)
-        trainer = _trainer(backend, config, run_dir, step, session, actor=actor, critic=critic)
-        entry = trainer.run(resume=resume)
-        del trainer
-        gc.collect()  # the step's engines and device buffers
-        session.barrier()
-        summary = session.run_logger.update_summary(**{step: entry, "backend": backend.name})
-        timings = dict(summary.get("timings", {}))
-        timings[f"{step}_wall_time"] = round(time.perf_counter() - start, 3)
-        session.run_logger.update_summary(timings=timings)
-        return entry
+        with _writing(run_dir, backend, session, resume=resume):
+            start = time.perf_counter()
+            logger.info("%s: step %s in %s", backend.name, step, run_dir)
+            trainer = _trainer(backend, config, run_dir, step, session, actor=actor,
+                               critic=critic)
+            entry = trainer.run(resume=resume)
+            del trainer
+            gc.collect()  # the step's engines and device buffers
+            session.barrier()
+            summary = session.run_logger.update_summary(**{step: entry, "backend": backend.name})
+            timings = dict(summary.get("timings", {}))
+            timings[f"{step}_wall_time"] = round(time.perf_counter() - start, 3)
+            session.run_logger.update_summary(timings=timings)
+            return entry
     finally:
         if own:
             session.close()
+
+
+@contextlib.contextmanager
+def _writing(run_dir: Path, backend: Backend, session: Session, *,
+             resume: bool) -> Iterator[None]:
+    """Holds the run directory's lock (main process) and, on ``resume``, refuses a run
+    another backend wrote."""
+    with hold_run_dir(run_dir, is_main=session.run_logger.is_main):
+        if resume:
+            check_run_backend(run_dir, backend.name)
+        yield
 
 
 def run_pipeline(backend: str | Backend, config: Any, run_dir: str | Path, *,
@@ -190,16 +206,17 @@ def run_pipeline(backend: str | Backend, config: Any, run_dir: str | Path, *,
     session = session or backend.open_session(config, run_dir)
     start = time.perf_counter()
     try:
-        session.run_logger.update_summary(backend=backend.name)
-        for step in config.pipeline_steps:
-            if resume and step_done(run_dir, step):
-                logger.info("pipeline: %s already finished in %s; skipping", step, run_dir)
-                continue
-            run_step(backend, config, run_dir, step, resume=resume, session=session)
-        summary = session.run_logger.update_summary()
-        timings = dict(summary.get("timings", {}))
-        timings["pipeline_wall_time"] = round(time.perf_counter() - start, 3)
-        return session.run_logger.update_summary(timings=timings)
+        with _writing(run_dir, backend, session, resume=resume):
+            session.run_logger.update_summary(backend=backend.name)
+            for step in config.pipeline_steps:
+                if resume and step_done(run_dir, step):
+                    logger.info("pipeline: %s already finished in %s; skipping", step, run_dir)
+                    continue
+                run_step(backend, config, run_dir, step, resume=resume, session=session)
+            summary = session.run_logger.update_summary()
+            timings = dict(summary.get("timings", {}))
+            timings["pipeline_wall_time"] = round(time.perf_counter() - start, 3)
+            return session.run_logger.update_summary(timings=timings)
     finally:
         if own:
             session.close()
@@ -213,13 +230,14 @@ def run_command(backend: str | Backend, command: str, config: Any, run_dir: str 
     backend = get_backend(backend)
     session = backend.open_session(config, Path(run_dir))
     try:
-        if command == "pipeline":
-            return run_pipeline(backend, config, run_dir, resume=resume, session=session)
-        if command not in COMMAND_STEPS:
-            raise ValueError(f"command: {command!r} is invalid; allowed: pipeline, "
-                             f"{', '.join(COMMAND_STEPS)}")
-        run_step(backend, config, run_dir, COMMAND_STEPS[command], resume=resume, actor=actor,
-                 critic=critic, session=session)
-        return session.run_logger.update_summary()
+        with _writing(Path(run_dir), backend, session, resume=resume):
+            if command == "pipeline":
+                return run_pipeline(backend, config, run_dir, resume=resume, session=session)
+            if command not in COMMAND_STEPS:
+                raise ValueError(f"command: {command!r} is invalid; allowed: pipeline, "
+                                 f"{', '.join(COMMAND_STEPS)}")
+            run_step(backend, config, run_dir, COMMAND_STEPS[command], resume=resume,
+                     actor=actor, critic=critic, session=session)
+            return session.run_logger.update_summary()
     finally:
         session.close()

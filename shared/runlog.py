@@ -7,6 +7,7 @@ Layout of ``<output_dir>/<run_name>/``::
     tensorboard/         TensorBoard events (tensorboardX), scalars named "<step>/<metric>"
     summary.json         the held-out metric after each step, final reward, KL, timings
     sft/ reward/ ppo/    each step's final Hugging Face model and its checkpoints/
+    .lock                the owner (pid, host, start) of the run writing it (shared.runlock)
 
 Only the main process (rank 0) writes. Nothing here imports torch or jax.
 """
@@ -17,6 +18,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -27,39 +29,107 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from shared.config import RLHFConfig, load_config, save_config
+from shared.manifest import MANIFEST, ResumeMismatchError, backend_hint, config_diff, describe_diff
+from shared.runlock import check_run_dir_free
 
-__all__ = ["PhaseTimer", "RunLogger", "format_metrics", "prepare_run_dir", "progress",
-           "truncate_metrics"]
+__all__ = ["PhaseTimer", "RunLogger", "check_run_backend", "find_run", "format_metrics",
+           "prepare_run_dir", "progress", "truncate_metrics"]
 
 logger = logging.getLogger(__name__)
 
 
 def prepare_run_dir(config: RLHFConfig, *, config_path: str | Path | None = None,
                     run_dir: str | Path | None = None, resume: bool = False,
-                    is_main: bool = True) -> Path:
+                    is_main: bool = True, backend: str | None = None) -> Path:
     """Create (or, with ``resume``, reopen) the run directory and snapshot the config.
+
+    Without ``run_dir``: ``<output_dir>/<run_name>``, else a new
+    ``<output_dir>/<config stem>-<UTC time>``; with ``resume``, the newest existing run of
+    that name (``find_run``). A directory another live run owns is refused at once
+    (``shared.runlock``), before anything is written.
 
     Resuming requires the snapshot to equal ``config``: continuing a run under
     different settings would silently break the "same losses as an
-    uninterrupted run" promise, so a difference is an error naming the file.
+    uninterrupted run" promise, so a difference is an error naming each differing key.
+    With ``backend``, a run another backend wrote is refused too (``check_run_backend``).
     """
-    if run_dir is None:
+    if run_dir is None and resume:
+        run_dir = find_run(config, config_path=config_path)
+    elif run_dir is None:
         stem = Path(config_path).stem if config_path else "run"
         name = config.run_name or f"{stem}-{datetime.now(timezone.utc):%Y%m%d-%H%M%S}"
         run_dir = Path(config.output_dir) / name
     run_dir = Path(run_dir)
     snapshot = run_dir / "config.yaml"
+    if is_main:
+        check_run_dir_free(run_dir)
     if resume:
         if not snapshot.exists():
             raise FileNotFoundError(f"--resume: no run to resume at {run_dir} ({snapshot} missing)")
-        if load_config(snapshot) != config:
-            raise ValueError(f"--resume: the config differs from the run's snapshot {snapshot}; "
-                             "resume with `--config {snapshot}`")
+        saved = load_config(snapshot)
+        if saved != config:
+            what = describe_diff(config_diff(saved, config)) or "they differ"
+            raise ResumeMismatchError(
+                f"--resume: the config differs from the run's snapshot {snapshot} "
+                f"(run -> now): {what}; resume with `--config {snapshot}` and no overrides, "
+                "or start a new run")
+        if backend is not None:
+            check_run_backend(run_dir, backend)
         return run_dir
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, snapshot)
     return run_dir
+
+
+def find_run(config: RLHFConfig, *, config_path: str | Path | None = None) -> Path:
+    """The run ``--resume`` without ``--run-dir`` continues: ``<output_dir>/<run_name>`` when
+    the config names one, else the newest ``<output_dir>/<config stem>-<UTC time>`` holding a
+    ``config.yaml`` (the names sort by time); logs which one."""
+    output = Path(config.output_dir)
+    if config.run_name:
+        run_dir = output / config.run_name
+        logger.info("--resume: continuing %s (run_name %r)", run_dir, config.run_name)
+        return run_dir
+    stem = Path(config_path).stem if config_path else "run"
+    timestamped = re.compile(re.escape(stem) + r"-\d{8}-\d{6}")
+    runs = sorted(p for p in output.glob(f"{stem}-*")
+                  if timestamped.fullmatch(p.name) and (p / "config.yaml").is_file())
+    if not runs:
+        raise FileNotFoundError(
+            f"--resume: no run of {stem!r} to continue in {output} (looked for "
+            f"{output / stem}-YYYYmmdd-HHMMSS/config.yaml); pass --run-dir")
+    logger.info("--resume: continuing %s, the newest of %d run(s) of %r in %s", runs[-1],
+                len(runs), stem, output)
+    return runs[-1]
+
+
+def _run_backends(run_dir: Path) -> list[tuple[str, str]]:
+    """``(backend, where it is recorded)`` from ``summary.json`` and checkpoint manifests."""
+    found = []
+    summary = run_dir / "summary.json"
+    if summary.is_file():
+        backend = json.loads(summary.read_text()).get("backend")
+        if backend:
+            found.append((backend, str(summary)))
+    for manifest in sorted(run_dir.glob(f"*/checkpoints/*/{MANIFEST}")):
+        try:
+            backend = json.loads(manifest.read_text()).get("backend")
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue  # the checkpoint's own verification names it
+        if backend:
+            found.append((backend, str(manifest)))
+    return found
+
+
+def check_run_backend(run_dir: str | Path, backend: str) -> None:
+    """Refuse (``ResumeMismatchError``) to resume ``run_dir`` on ``backend`` when its
+    ``summary.json`` or a checkpoint manifest says another backend wrote it."""
+    run_dir = Path(run_dir)
+    for written, where in _run_backends(run_dir):
+        if written != backend:
+            raise ResumeMismatchError(f"--resume: cannot continue {run_dir} ({where}): "
+                                      f"{backend_hint(written, backend)}")
 
 
 def _plain(value: Any) -> Any:
