@@ -24,14 +24,7 @@ from parity_tests.iterations import (
 )
 from shared.presets import get_preset
 
-KNOWN_DISAGREEMENTS = {
-    "lora_only_optimize": (
-        "backend disagreement (reported): under lora.only_optimize the torch backend trains "
-        "the value head of the reward model and the critic (torch_rlhf.lora.apply_lora keeps "
-        "score.weight trainable), the JAX backend freezes it (jax_rlhf.train.common."
-        "trainable_filter keeps LoRA matrices only): rows 'reward trained tensors' and "
-        "'critic trained tensors' show score.weight trained by torch only"),
-}
+KNOWN_DISAGREEMENTS: dict[str, str] = {}
 """Cases whose whole-run comparison fails on a real backend difference, with the rows."""
 
 
@@ -136,14 +129,11 @@ def test_short_answers_and_ptx_are_exercised(case_run):
 
 
 @pytest.mark.slow
-def test_only_optimize_value_head_disagreement(case_run):
-    """The one difference behind the `lora_only_optimize` failure (KNOWN_DISAGREEMENTS): the
-    value head, trained by torch only; the causal LMs under only_optimize agree
-    (`lora_only_optimize_lm`). Fails once the backends agree: then drop the entry."""
+def test_only_optimize_trains_the_same_tensors(case_run):
+    """Under lora.only_optimize both backends train the adapters and a value model's head
+    (torch's `score`, JAX's `v_head`) and nothing else."""
     torch_result, jax_result = case_run("lora_only_optimize")
+    for model in ("sft", "reward", "actor", "critic"):
+        assert torch_result.trained[model] == jax_result.trained[model], model
     for model in ("reward", "critic"):
-        only_torch = set(torch_result.trained[model]) - set(jax_result.trained[model])
-        assert only_torch == {"score.weight"}
-        assert set(jax_result.trained[model]) <= set(torch_result.trained[model])
-    for model in ("sft", "actor"):
-        assert torch_result.trained[model] == jax_result.trained[model]
+        assert "score.weight" in torch_result.trained[model]

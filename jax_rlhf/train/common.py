@@ -184,11 +184,12 @@ def configure_module(model: nnx.Module, module_cfg: Any, *, seed: int,
 
 
 def trainable_filter(module_cfg: Any, adapted: Sequence[str] = ()):
-    """Which parameters train: only the adapters under `lora.only_optimize`, else all but the
-    base kernels of the `adapted` layers (frozen, as DeepSpeed-Chat's LoRA layers and the torch
-    backend freeze them; their biases train)."""
+    """Which parameters train: only the adapters (and a value model's head, which must learn
+    its scale: `v_head`, as the torch backend keeps `score` trainable) under
+    `lora.only_optimize`, else all but the base kernels of the `adapted` layers (frozen, as
+    DeepSpeed-Chat's LoRA layers and the torch backend freeze them; their biases train)."""
     if module_cfg.lora.dim > 0 and module_cfg.lora.only_optimize:
-        return is_lora_param
+        return lambda name: is_lora_param(name) or name.startswith("v_head.")
     frozen = {f"{layer}.kernel" for layer in adapted}
     return lambda name: name not in frozen
 
