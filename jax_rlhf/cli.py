@@ -56,7 +56,7 @@ def _train(command: str, config: Any, args: Any) -> int:
     is_main = jax.process_index() == 0
     run_dir = prepare_run_dir(
         config, config_path=args.config, run_dir=agree_on_path(args.run_dir),
-        resume=args.resume, is_main=is_main,
+        resume=args.resume, is_main=is_main, backend="jax",
     )
     run_dir = agree_on_path(run_dir)
     try:

@@ -90,7 +90,7 @@ def _train(command: str, config: RLHFConfig, args: Any) -> int:
     if is_main():
         run_dir = prepare_run_dir(config, config_path=getattr(args, "config", None),
                                   run_dir=getattr(args, "run_dir", None),
-                                  resume=bool(getattr(args, "resume", False)))
+                                  resume=bool(getattr(args, "resume", False)), backend="torch")
     run_dir = Path(broadcast_object(str(run_dir) if run_dir else None))
     resume = bool(getattr(args, "resume", False))
     logger.info("rlhf %s (torch): run directory %s", command, run_dir)

@@ -470,9 +470,10 @@ class GuardConfig:
     """What a non-finite number in training does (every backend, every step)."""
 
     # A loss, gradient norm, reward score, value or log-prob that is NaN or infinite skips
-    # the optimiser step (counted as skipped_steps, as DeepSpeed's fp16 overflow does); this
-    # many skipped steps in a row stop the run, naming the step, the quantity and the last
-    # good checkpoint. No final model is written with a non-finite weight.
+    # the optimiser step (counted as skipped_steps, as DeepSpeed's fp16 overflow does; a PPO
+    # rollout that holds one trains nothing); this many skips in a row stop the run, naming
+    # the step, the quantity and the last good checkpoint. No final model is written with a
+    # non-finite weight.
     max_consecutive_skips: int = 3
 
     def __post_init__(self):
