@@ -543,7 +543,7 @@ class PPOLoop:
         self.elapsed.update(self.timer.pop())
         timings = {k: round(v, 3) for k, v in sorted(self.elapsed.items())}
         timings["wall_time"] = round(seconds, 3)
-        entry.update(paths)
+        entry.update(paths, data_quality=self.data.quality)
         entry.update(final_reward=self.last_metrics.get("reward_score"),
                      final_kl=self.last_metrics.get("kl"), iterations=self.iteration,
                      rollout_path=self.rollout_path, timings=timings)

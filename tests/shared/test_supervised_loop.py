@@ -122,7 +122,8 @@ def test_cadences_checkpoints_and_summary(tmp_path):
     names = [p.name for p in loop.checkpoints.complete()]
     assert names == ["step-00000006", "step-00000007"]  # 2, 4 pruned (keep 2)
     assert set(entry) == {"eval_loss", "eval_perplexity", "heldout", "steps", "final_model",
-                          "timings"}
+                          "timings", "data_quality"}
+    assert entry["data_quality"]["truncated_fraction"] == 0.0
     assert entry["steps"] == 7 and entry["final_model"] == str(tmp_path / "sft" / "final")
     assert {"training_time", "evaluation_time", "checkpoint_time", "export_time",
             "heldout_evaluation_time", "wall_time"} <= set(entry["timings"])
