@@ -38,6 +38,7 @@ from shared.aggregation import loss_normalizer
 from shared.checkpoints import CheckpointDir
 from shared.config import RLHFConfig
 from shared.data import BatchIterator, PromptBatch, TextBatch, build_ptx_data, build_step_data
+from shared.errors import RunError
 from shared.evaluation import decode_answers
 from shared.experience import Experience
 from shared.exports import verify_export
@@ -179,6 +180,7 @@ class PPOLoop:
         self.kl_controller = make_kl_controller(self.conventions)
         self.kl_state = self.kl_controller.init()
         self.guard = NonFiniteGuard("ppo", max_consecutive=config.guard.max_consecutive_skips)
+        self._all_short = 0  # iterations in a row whose every answer was too short
         self.iteration = 0
         self.last_valid: Experience | None = None
         self.last_metrics: dict[str, Any] = {}
@@ -362,6 +364,7 @@ class PPOLoop:
                                                     "actor_grad_norm", "critic_grad_norm"))
                 if not self._record_skip(where, problems):
                     steps.append(stats)
+        self._check_answers(experience, where)
         metrics = self._metrics(experience, steps, kl_coef)
         metrics["skipped_steps"] = self.guard.skipped
         if not bad_rollout:
@@ -369,6 +372,23 @@ class PPOLoop:
             self.kl_state = self.kl_controller.update(self.kl_state, current_kl=metrics["kl"],
                                                       n_steps=int(valid.sum()))
         return metrics
+
+    def _check_answers(self, experience: Experience, where: str) -> None:
+        """An iteration whose every answer is too short trains nothing: warned about, and
+        ``guard.max_consecutive_skips`` of them in a row stop the run."""
+        if (~experience.is_short).any():
+            self._all_short = 0
+            return
+        self._all_short += 1
+        limit = self.config.ppo.min_answer_tokens
+        message = (f"ppo {where}: every answer is shorter than ppo.min_answer_tokens={limit} "
+                   f"({self._all_short} iterations in a row): PPO trains on nothing")
+        if self._all_short >= self.config.guard.max_consecutive_skips:
+            raise RunError(f"{message}; the run stops (guard.max_consecutive_skips: "
+                           f"{self.config.guard.max_consecutive_skips}); lower "
+                           "ppo.min_answer_tokens or check that the actor ends its answers "
+                           "with the tokenizer's EOS")
+        logger.warning(message)
 
     def _record_skip(self, where: str, problems: list[str], steps: int = 1) -> bool:
         latest = self.checkpoints.latest() if problems else None
@@ -427,7 +447,7 @@ class PPOLoop:
             "last_valid": None if self.last_valid is None else self.last_valid.to_state(),
             "last_metrics": self.last_metrics,
             "elapsed": dict(self.elapsed),
-            "guard": self.guard.state_dict(),
+            "guard": {**self.guard.state_dict(), "all_short": self._all_short},
         }
 
     @property
@@ -474,6 +494,7 @@ class PPOLoop:
         self.last_metrics = dict(state["last_metrics"])
         self.elapsed = Counter(state["elapsed"])
         self.guard.load_state_dict(state.get("guard"))
+        self._all_short = int((state.get("guard") or {}).get("all_short", 0))
         self._saved = self.iteration
         logger.info("ppo: resuming from %s", latest)
         if self.is_main:

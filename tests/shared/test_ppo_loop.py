@@ -291,3 +291,14 @@ def test_non_finite_gradient_norms_stop_the_run_naming_the_checkpoint(tmp_path):
                        r"skips in a row.*iter-00000001"):
         loop.run()
     assert not (tmp_path / "run" / "ppo" / "final.json").exists()
+
+
+def test_iterations_of_only_too_short_answers_stop_the_run(tmp_path):
+    from shared.errors import RunError
+
+    config = _config(tmp_path, min_answer_tokens=5, guard={"max_consecutive_skips": 2})
+    loop = NumpyPPO(config, tmp_path / "run", lengths=np.array([1, 2, 3, 4]))
+    loop.train_iteration()  # warned: nothing to train on
+    with pytest.raises(RunError, match=r"iteration 2: every answer is shorter than "
+                       r"ppo.min_answer_tokens=5 \(2 iterations in a row\)"):
+        loop.train_iteration()
