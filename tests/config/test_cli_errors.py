@@ -83,7 +83,8 @@ CASES = ["bad config key", "config is a directory", "config not UTF-8", "missing
 
 
 def _rlhf(argv: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("RLHF_DEBUG", "RANK")}
+    launcher = ("RLHF_DEBUG", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    full_env = {k: v for k, v in os.environ.items() if k not in launcher}
     full_env.update(HF_HUB_CACHE=str(cwd / "hf-cache"), **env)
     return subprocess.run([sys.executable, "-m", "shared.cli", *argv], capture_output=True,
                           text=True, env=full_env, cwd=cwd, timeout=300)
