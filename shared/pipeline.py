@@ -4,9 +4,9 @@
     run_step("jax", config, run_dir, "reward")        # rlhf rm
 
 Each step feeds the next through its final model: ``<run>/sft/final`` initialises the PPO
-actor and reference (and the reward model when the config names neither
-``model.critic_model_name_or_path`` nor ``model.critic_config``); ``<run>/reward/final``
-the PPO critic and reward model. Each step reads its own share of the data
+actor and reference, ``<run>/reward/final`` the PPO critic and reward model. The reward
+model itself starts from a base model (``ModelConfig.reward_model_source``), never from
+``<run>/sft/final``. Each step reads its own share of the data
 (``data.data_split``, ``datasets[].steps``). With ``resume``, a step whose final model and
 ``summary.json`` entry exist is skipped, and an unfinished one continues from its latest
 checkpoint; a run another backend wrote is refused (``shared.runlog.check_run_backend``).
@@ -140,12 +140,9 @@ def _trainer(backend: Backend, config: Any, run_dir: Path, step: str, session: S
     if step == "sft":
         return cls(config, **kwargs)
     if step == "reward":
-        # Neither a reward-model directory nor a fresh config: start from this run's SFT model.
-        model = config.model
-        start = None
-        if model.critic_model_name_or_path is None and model.critic_config is None:
-            start = final_model(run_dir, "sft")
-        return cls(config, model_name_or_path=None if start is None else str(start), **kwargs)
+        # ModelConfig.reward_model_source: a base model, never this run's SFT model
+        # (DeepSpeed-Chat's step 2 starts from its own pretrained --model_name_or_path).
+        return cls(config, **kwargs)
     actor = actor or final_model(run_dir, "sft")
     critic = critic or final_model(run_dir, "reward")
     return cls(config, actor_model_name_or_path=None if actor is None else str(actor),

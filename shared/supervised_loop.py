@@ -94,16 +94,15 @@ def model_source(config: Any, step: str) -> tuple[str | None, Mapping[str, Any] 
     ``(None, hf_config)`` to build a fresh one.
 
     SFT: ``model.actor_model_name_or_path``, else a fresh ``model.actor_config``. Reward:
-    ``model.critic_model_name_or_path``, else a fresh ``model.critic_config``, else the
-    actor's directory with a fresh value head.
+    ``ModelConfig.reward_model_source`` (``model.critic_model_name_or_path``, else a fresh
+    ``model.critic_config``, else the actor's base model with a fresh value head), the rule
+    both backends and the PPO critic share.
     """
     model = config.model
     if step == "sft":
         path, fresh = model.actor_model_name_or_path, model.actor_config
     elif step == "reward":
-        path, fresh = model.critic_model_name_or_path, model.critic_config
-        if path is None and fresh is None:
-            path = model.actor_model_name_or_path
+        path, fresh = model.reward_model_source()
     else:
         raise ValueError(f"step: {step!r} is invalid; allowed: sft, reward")
     if path is None and fresh is None:

@@ -70,7 +70,9 @@ class PPOTrainer(PPOLoop):
       actor_model_name_or_path: the SFT model (actor and reference); default
         ``model.actor_model_name_or_path`` (or a fresh ``actor_config`` model).
       critic_model_name_or_path: the reward model (critic and reward); default
-        ``model.critic_model_name_or_path`` (or a fresh ``critic_config`` model).
+        ``model.critic_model_name_or_path``, else a fresh ``critic_config`` model, else
+        the actor's base model ``model.actor_model_name_or_path``
+        (``ModelConfig.reward_model_source``).
       tokenizer, run_logger: defaults built from the config.
       engine: an already built RLHFEngine (its LR schedules must fit this run).
     """
@@ -84,7 +86,8 @@ class PPOTrainer(PPOLoop):
                  data: StepData | None = None):
         ppo = config.ppo
         actor_path = actor_model_name_or_path or config.model.actor_model_name_or_path
-        critic_path = critic_model_name_or_path or config.model.critic_model_name_or_path
+        # ModelConfig.reward_model_source: a (None, critic_config) source builds it fresh
+        critic_path = critic_model_name_or_path or config.model.reward_model_source()[0]
         self.tokenizer = tokenizer or resolve_tokenizer(config, actor_path)
         self.is_main = is_main()
         self._init_loop(config, run_dir, tokenizer=self.tokenizer, world_size=world_size())

@@ -117,7 +117,8 @@ class RewardTrainer(SupervisedTrainer):
     model_name_or_path=None)`` (see :class:`SupervisedTrainer`).
 
     Starts from ``model.critic_model_name_or_path``, else a fresh ``critic_config`` model,
-    else the actor's directory with a fresh value head; the final model is an
+    else the actor's base model ``model.actor_model_name_or_path`` with a fresh value head
+    (``ModelConfig.reward_model_source``); the final model is an
     ``AutoModelForSequenceClassification`` directory.
     """
 

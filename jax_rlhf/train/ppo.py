@@ -70,7 +70,9 @@ class PPOTrainer(PPOLoop):
       actor_model_name_or_path: the SFT model (actor and reference); default
         `model.actor_model_name_or_path` (or a fresh `actor_config` model).
       critic_model_name_or_path: the reward model (critic and reward); default
-        `model.critic_model_name_or_path` (or a fresh `critic_config` model).
+        `model.critic_model_name_or_path`, else a fresh `critic_config` model, else
+        the actor's base model `model.actor_model_name_or_path`
+        (`ModelConfig.reward_model_source`).
       ctx: an open `RunContext` of `run_dir` (mesh, tokenizer, logger); default built from
         the config.
     """
@@ -87,7 +89,8 @@ class PPOTrainer(PPOLoop):
                 "reward model directly (one shared tokenizer)"
             )
         actor_path = actor_model_name_or_path or config.model.actor_model_name_or_path
-        critic_path = critic_model_name_or_path or config.model.critic_model_name_or_path
+        # ModelConfig.reward_model_source: a (None, critic_config) source builds it fresh
+        critic_path = critic_model_name_or_path or config.model.reward_model_source()[0]
         ctx = ctx or RunContext.open(config, run_dir, fallback_tokenizer=actor_path)
         self.ctx, self.tokenizer, self.run_logger = ctx, ctx.tokenizer, ctx.logger
         self.is_main, self.rollout_path = ctx.is_main, ROLLOUT_PATH

@@ -13,8 +13,9 @@ Each micro-batch's mean loss is weighted by its share of the optimiser batch's c
 so accumulation never changes the gradient. Metrics: loss, accuracy, chosen_score,
 rejected_score (for K-way: best and worst valid response), lr; eval adds `eval_` to the last
 three. The model is initialised from `model_name_or_path`, else
-`model.critic_model_name_or_path`, a from-scratch `model.critic_config`, or (neither set) the
-actor's backbone with a fresh head (the pipeline passes its SFT model).
+`ModelConfig.reward_model_source` (`model.critic_model_name_or_path`, a from-scratch
+`model.critic_config`, or the actor's base model `model.actor_model_name_or_path` with a
+fresh head; never the SFT model).
 """
 
 from __future__ import annotations

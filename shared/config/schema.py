@@ -68,7 +68,10 @@ class ModelConfig:
     # `actor_config` set builds a fresh model from that config (the demo).
     actor_model_name_or_path: str | None = None
     # Step-2 initialisation and the PPO critic/reward (DS-Chat
-    # --critic_model_name_or_path). null with `critic_config` set builds one fresh.
+    # --critic_model_name_or_path). null with `critic_config` set builds one fresh; null
+    # with both null: the actor's base model `actor_model_name_or_path` with a fresh value
+    # head (as DS-Chat's step 2 starts from a pretrained base, never from step 1's output);
+    # all three null is an error at load.
     critic_model_name_or_path: str | None = None
     # Hugging Face config kwargs (`model_type` plus sizes) for a from-scratch actor.
     actor_config: dict[str, Any] | None = None
@@ -95,6 +98,14 @@ class ModelConfig:
             )
         if self.actor_config is not None and "model_type" not in self.actor_config:
             raise ConfigError("model.actor_config: needs a `model_type` key (llama, opt, gpt2)")
+        if (self.critic_model_name_or_path is None and self.critic_config is None
+                and self.actor_model_name_or_path is None):
+            raise ConfigError(
+                "model.critic_model_name_or_path: null is invalid while model.critic_config "
+                "and model.actor_model_name_or_path are also null (the reward model defaults "
+                "to the actor's base model, and a fresh actor_config is not one); set a reward "
+                "model directory / hub name or model.critic_config"
+            )
         if self.critic_config is not None and "model_type" not in self.critic_config:
             raise ConfigError("model.critic_config: needs a `model_type` key (llama, opt, gpt2)")
         if self.reward_tokenizer_name_or_path and not self.retokenize_for_reward:
@@ -102,6 +113,21 @@ class ModelConfig:
                 "model.reward_tokenizer_name_or_path: a separate reward tokenizer needs "
                 "model.retokenize_for_reward: true"
             )
+
+    def reward_model_source(self) -> tuple[str | None, dict[str, Any] | None]:
+        """Where the reward model (step 2, and PPO's critic and reward without a trained
+        one) starts: ``(path, None)`` to load a directory or hub name, ``(None, hf_config)``
+        to build a fresh one.
+
+        The one rule of both backends: ``critic_model_name_or_path``, else a fresh
+        ``critic_config``, else the actor's base model ``actor_model_name_or_path`` (a
+        fresh value head on it). ``__post_init__`` refuses a config where none is set.
+        """
+        if self.critic_model_name_or_path is not None:
+            return self.critic_model_name_or_path, None
+        if self.critic_config is not None:
+            return None, self.critic_config
+        return self.actor_model_name_or_path, None
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,30 @@ def test_missing_actor_is_an_error():
         config_from_dict({"model": {}})
 
 
+FRESH = {"model_type": "llama", "vocab_size": 32}
+
+
+@pytest.mark.parametrize(("model", "source"), [
+    ({"actor_model_name_or_path": "base", "critic_model_name_or_path": "rm"}, ("rm", None)),
+    ({"actor_model_name_or_path": "base", "critic_config": FRESH}, (None, FRESH)),
+    ({"actor_model_name_or_path": "base"}, ("base", None)),  # DS-Chat: a base model
+    ({"actor_config": FRESH, "critic_model_name_or_path": "rm"}, ("rm", None)),
+], ids=["critic_path", "critic_config", "actor_base_model", "fresh_actor_named_critic"])
+def test_reward_model_source_is_one_rule(model, source):
+    from shared.supervised_loop import model_source
+
+    config = config_from_dict({"model": model})
+    assert config.model.reward_model_source() == source
+    assert model_source(config, "reward") == source
+
+
+def test_no_reward_model_source_is_an_error_at_load():
+    # a fresh actor is no base model to start the reward model from
+    with pytest.raises(ConfigError, match=r"model.critic_model_name_or_path: null is invalid.*"
+                                          r"model.critic_config"):
+        config_from_dict({"model": {"actor_config": FRESH}})
+
+
 def test_dotted_override_and_scientific_notation():
     config = config_from_dict(MINIMAL, ["ppo.actor_optim.learning_rate=1e-5", "seed=7"])
     assert config.ppo.actor_optim.learning_rate == 1e-5

@@ -248,7 +248,7 @@ def test_pipeline_hands_models_over_and_skips_finished_steps(tmp_path):
     summary = run_pipeline(backend, config, tmp_path)
     sft, reward = str(tmp_path / "sft" / "final"), str(tmp_path / "reward" / "final")
     assert _Trainer.calls == [("sft", None, False, ["run_logger"]),
-                              ("reward", sft, False, ["run_logger"]),
+                              ("reward", None, False, ["run_logger"]),
                               ("ppo", (sft, reward), False, ["run_logger"])]
     assert summary["backend"] == "fake"
     assert set(summary["timings"]) == {"sft_wall_time", "reward_wall_time", "ppo_wall_time",
