@@ -15,7 +15,9 @@ from jax_rlhf.models.layers import MLP, Attention, GatedMLP, LayerNorm, RMSNorm
 
 
 class DecoderBlock(nnx.Module):
-    """Attention then MLP, each inside a residual; norms before (pre-LN) or after (post-LN)."""
+    """Attention then MLP, each inside a residual; norms before (pre-LN) or after (post-LN).
+
+    `sliding_window` restricts this layer's attention to the last W key slots (`Attention`)."""
 
     def __init__(
         self,
@@ -26,10 +28,11 @@ class DecoderBlock(nnx.Module):
         pre_norm: bool,
         use_rope: bool,
         rngs: nnx.Rngs,
+        sliding_window: int | None = None,
     ):
         self.pre_norm = pre_norm
         self.attn_norm = norm(cfg, cfg.hidden_size)
-        self.attn = Attention(cfg, use_rope=use_rope, rngs=rngs)
+        self.attn = Attention(cfg, use_rope=use_rope, rngs=rngs, sliding_window=sliding_window)
         self.mlp_norm = norm(cfg, cfg.hidden_size)
         self.mlp = mlp(cfg, rngs=rngs)
 

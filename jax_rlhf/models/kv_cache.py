@@ -123,6 +123,18 @@ def attention_context(
     return AttentionContext(allowed, positions, kv_mask, index)
 
 
+def window_mask(ctx: AttentionContext, window: int) -> jax.Array:
+    """`[T, S]` bool: key slot `s` is one of the last `window` slots up to query `t`'s own.
+
+    HF's `sliding_window_overlay` (`kv_idx > q_idx - window`) on cache slots, which count
+    padding as HF's cache positions do; combine it with `ctx.allowed` (causal and not padding).
+    """
+    num_new, num_slots = ctx.allowed.shape[1], ctx.allowed.shape[2]
+    query_slots = ctx.index + jnp.arange(num_new)  # [T]
+    key_slots = jnp.arange(num_slots)  # [S]
+    return key_slots[None, :] > query_slots[:, None] - window
+
+
 def write_layer(
     layer_cache: tuple[jax.Array, jax.Array], keys: jax.Array, values: jax.Array, index
 ) -> tuple[jax.Array, jax.Array]:

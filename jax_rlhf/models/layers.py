@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_rlhf.models.config import ModelConfig
-from jax_rlhf.models.kv_cache import AttentionContext, write_layer
+from jax_rlhf.models.kv_cache import AttentionContext, window_mask, write_layer
 
 ACTIVATION_FNS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "silu": jax.nn.silu,
@@ -105,16 +105,20 @@ class LayerNorm(nnx.Module):
 
 
 def rope_cos_sin(
-    positions: jax.Array, *, head_dim: int, theta: float, dtype: jnp.dtype
+    positions: jax.Array, *, head_dim: int, theta: float, dtype: jnp.dtype, factor: float = 1.0
 ) -> tuple[jax.Array, jax.Array]:
     """RoPE tables as `LlamaRotaryEmbedding`: `inv_freq` and angles in float32, cast at the end.
 
     Args:
       positions: `[B, T]` integer position ids.
+      head_dim: the rotated width (`rotary_dim` under partial rotary, GPT-NeoX).
+      factor: HF `rope_type="linear"` scaling, `inv_freq / factor` (1 = no scaling).
     Returns:
       cos, sin: `[B, T, head_dim]`, the two halves repeated (HF `cat((freqs, freqs))`).
     """
     inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if factor != 1.0:
+        inv_freq = inv_freq / factor
     freqs = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # [B, T, D/2]
     angles = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
     return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
@@ -127,21 +131,60 @@ def rotate_half(x: jax.Array) -> jax.Array:
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """`x * cos + rotate_half(x) * sin`; `cos`/`sin` must already broadcast to `x`'s rank."""
-    return x * cos + rotate_half(x) * sin
+    """`x * cos + rotate_half(x) * sin`; `cos`/`sin` must already broadcast to `x`'s rank.
+
+    When `cos` is narrower than `x` (partial rotary, GPT-NeoX `rotary_pct`), only the first
+    `cos.shape[-1]` features rotate and the rest pass through, as HF `apply_rotary_pos_emb`.
+    """
+    rot = cos.shape[-1]
+    if rot == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return jnp.concatenate([x_rot * cos + rotate_half(x_rot) * sin, x_pass], axis=-1)
 
 
 class Attention(nnx.Module):
     """Causal multi-head attention with grouped-query heads, optional RoPE and a KV cache.
 
     Query head `h` reads key/value head `h // (num_heads // num_kv_heads)` (HF `repeat_kv`).
+    The keyword options default to plain Llama attention; each names the family that needs it:
+
+    - `sliding_window` W: a query sees only the last W key slots, itself included (HF
+      `sliding_window_overlay`, counted in cache slots as HF counts them; Mistral, Qwen2,
+      Gemma 2/3 local layers).
+    - `scale`: score scale instead of `head_dim**-0.5` (Gemma 2/3 `query_pre_attn_scalar**-0.5`).
+    - `logit_softcap` c: scores become `c * tanh(scores / c)` before masking (Gemma 2).
+    - `qk_norm`: a norm class `(cfg, head_dim)` applied per head to queries and keys before
+      RoPE, as `q_norm` / `k_norm` (Gemma 3, Qwen3).
+    - `rope_theta`, `rope_factor`, `rotary_dim`: RoPE base (default `cfg.rope_theta`), linear
+      scaling factor, and the rotated width (partial rotary; default `head_dim`).
     """
 
-    def __init__(self, cfg: ModelConfig, *, use_rope: bool, rngs: nnx.Rngs):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        *,
+        use_rope: bool,
+        rngs: nnx.Rngs,
+        sliding_window: int | None = None,
+        scale: float | None = None,
+        logit_softcap: float | None = None,
+        qk_norm: Callable[[ModelConfig, int], nnx.Module] | None = None,
+        rope_theta: float | None = None,
+        rope_factor: float = 1.0,
+        rotary_dim: int | None = None,
+    ):
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
-        self.rope_theta = cfg.rope_theta if use_rope else None
+        self.rope_theta = (rope_theta or cfg.rope_theta) if use_rope else None
+        self.rope_factor = rope_factor
+        self.rotary_dim = rotary_dim or cfg.head_dim
+        self.sliding_window = sliding_window
+        self.scale = cfg.head_dim**-0.5 if scale is None else scale
+        self.logit_softcap = logit_softcap
+        self.q_norm = qk_norm(cfg, cfg.head_dim) if qk_norm is not None else None
+        self.k_norm = qk_norm(cfg, cfg.head_dim) if qk_norm is not None else None
         hidden = cfg.hidden_size
         q_dim, kv_dim = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
         self.q_proj = dense(cfg, hidden, q_dim, use_bias=cfg.attention_bias, rngs=rngs)
@@ -162,18 +205,29 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(batch, length, kv_heads, groups, head_dim)  # [B, T, K, G, D]
         k = self.k_proj(x).reshape(batch, length, kv_heads, head_dim)  # [B, T, K, D]
         v = self.v_proj(x).reshape(batch, length, kv_heads, head_dim)  # [B, T, K, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_theta is not None:
             cos, sin = rope_cos_sin(
-                ctx.positions, head_dim=head_dim, theta=self.rope_theta, dtype=x.dtype
-            )  # [B, T, D]
+                ctx.positions,
+                head_dim=self.rotary_dim,
+                theta=self.rope_theta,
+                dtype=x.dtype,
+                factor=self.rope_factor,
+            )  # [B, T, R]
             q = apply_rope(q, cos[:, :, None, None, :], sin[:, :, None, None, :])
             k = apply_rope(k, cos[:, :, None, :], sin[:, :, None, :])
         if layer_cache is not None:
             k, v = write_layer(layer_cache, k, v, ctx.index)  # [B, S, K, D]
 
-        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * head_dim**-0.5  # [B, K, G, T, S]
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * self.scale  # [B, K, G, T, S]
+        if self.logit_softcap is not None:
+            scores = jnp.tanh(scores / self.logit_softcap) * self.logit_softcap
+        allowed = ctx.allowed  # [B, T, S]
+        if self.sliding_window is not None:
+            allowed = allowed & window_mask(ctx, self.sliding_window)[None]
         scores = jnp.where(
-            ctx.allowed[:, None, None, :, :],
+            allowed[:, None, None, :, :],
             scores.astype(jnp.float32),
             jnp.finfo(jnp.float32).min,  # finite: fully padded query rows stay NaN-free
         )
