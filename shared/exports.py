@@ -4,9 +4,11 @@
 directory the loops just wrote (``<run>/<step>/final``, PPO's ``critic`` and ``ema``): the
 header through ``safetensors.safe_open`` (which refuses a truncated file or one whose header
 does not cover it), the tensors a sharded index names, and every floating-point tensor for
-NaN and infinity. A bad export is moved aside to ``<name>.rejected`` (so no later step or
-``--resume`` takes it for a final model) and :class:`ExportError` names the file and the
-tensor. Tensors are read one at a time; nothing here imports torch or jax.
+NaN and infinity; a ``tokenizer.json`` must load, and a final directory must carry its
+tokenizer, model card and generation config (``complete=True``). A bad export is moved
+aside to ``<name>.rejected`` (so no later step or ``--resume`` takes it for a final model)
+and :class:`ExportError` names the file and the tensor. Tensors are read one at a time;
+nothing here imports torch or jax.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
+from tokenizers import Tokenizer
+
+from shared.model_card import GENERATION_CONFIG, MODEL_CARD
 
 __all__ = ["ExportError", "verify_export"]
 
@@ -84,12 +89,44 @@ def _check_file(file: Path) -> tuple[int, list[str]]:
     return len(names), problems
 
 
-def verify_export(directory: str | os.PathLike, *, reject: bool = True) -> dict[str, int]:
+def _check_companions(directory: Path, *, complete: bool) -> list[str]:
+    """Problems of the files beside the weights: a ``tokenizer.json`` must load (with the
+    ``tokenizers`` library, milliseconds); with ``complete``, the tokenizer, the model card
+    and (a causal LM) ``generation_config.json`` must be there."""
+    problems = []
+    fast = directory / "tokenizer.json"
+    if fast.is_file():
+        try:
+            Tokenizer.from_file(str(fast))
+        except Exception as err:  # the Rust library raises a bare Exception
+            problems.append(f"{fast} does not load as a tokenizer ({err})")
+    if not complete:
+        return problems
+    if not (directory / "tokenizer_config.json").is_file():
+        problems.append(f"{directory} carries no tokenizer (tokenizer_config.json)")
+    if not (directory / MODEL_CARD).is_file():
+        problems.append(f"{directory} carries no model card ({MODEL_CARD})")
+    config = directory / "config.json"
+    if not config.is_file():
+        return [*problems, f"{directory} carries no config.json"]
+    architectures = json.loads(config.read_text()).get("architectures") or []
+    causal_lm = any(str(a).endswith("ForCausalLM") for a in architectures)
+    if causal_lm and not (directory / GENERATION_CONFIG).is_file():
+        problems.append(f"{directory} carries no {GENERATION_CONFIG} (a causal LM)")
+    return problems
+
+
+def verify_export(directory: str | os.PathLike, *, reject: bool = True,
+                  complete: bool = False) -> dict[str, int]:
     """Check the Hugging Face directory ``directory`` just written; ``{file: tensors}``.
 
     Every ``*.safetensors`` file must open (header complete, data covered), every tensor a
     ``model.safetensors.index.json`` maps must be in the file it names, and every floating
-    point tensor must be finite. A directory without safetensors weights is only logged.
+    point tensor must be finite; a ``tokenizer.json`` must load. With ``complete`` (the
+    loops' final directories) the tokenizer, ``config.json``, the model card ``README.md``
+    and, for a causal LM, ``generation_config.json`` must be there
+    (``shared.model_card.complete_export``). A directory without safetensors weights is
+    only logged.
 
     Raises:
       ExportError: naming each bad file and tensor; with ``reject`` the directory is first
@@ -113,6 +150,7 @@ def verify_export(directory: str | os.PathLike, *, reject: bool = True) -> dict[
             elif counts.get(shard) and name not in _header(directory / shard)[0]:
                 problems.append(f"{directory / shard} lacks tensor {name} (the index maps it "
                                 "there)")
+    problems += _check_companions(directory, complete=complete)
     if not files:
         logger.warning("export %s holds no *.safetensors file: its weights are not verified",
                        directory)

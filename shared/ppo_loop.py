@@ -43,7 +43,9 @@ from shared.evaluation import decode_answers
 from shared.experience import Experience
 from shared.exports import verify_export
 from shared.guard import NonFiniteGuard, nonfinite_arrays, nonfinite_values
+from shared.manifest import config_fingerprint
 from shared.masked import masked_whiten
+from shared.model_card import ExportCard, complete_export, describe_source
 from shared.ppo_step import compute_advantages, make_kl_controller
 from shared.rollout import minibatch_schedule, ppo_update_counts, sampling_uniforms
 from shared.runlog import PhaseTimer, RunLogger, progress, truncate_metrics
@@ -552,9 +554,10 @@ class PPOLoop:
         with self.timer.phase("export"):
             paths = self.export(self.step_dir)
             if self.is_main:  # read back: a non-finite or truncated model is never final
-                for path in paths.values():
+                for key, path in paths.items():
                     if Path(path).is_dir():
-                        verify_export(path)
+                        complete_export(path, self._card(key))
+                        verify_export(path, complete=True)
         with self.timer.phase("heldout_evaluation"):
             heldout = self.heldout_metrics("actor")
             if heldout:
@@ -573,6 +576,22 @@ class PPOLoop:
                     entry["final_reward"] or 0.0, entry["final_kl"] or 0.0,
                     entry.get("final_model"))
         return entry
+
+    def _card(self, path_key: str) -> ExportCard:
+        """The model card of the export ``path_key`` names (final_model, critic_model,
+        ema_model); the base models are the trainer's ``start_models`` (actor, critic)."""
+        role = path_key.removesuffix("_model")
+        starts = getattr(self, "start_models", {})
+        model = self.config.model
+        if role == "critic":
+            path, fresh, key = starts.get("critic"), model.critic_config, "model.critic_config"
+        else:
+            path, fresh, key = starts.get("actor"), model.actor_config, "model.actor_config"
+        return ExportCard(backend=self.backend, step=self.step, role=role,
+                          run_dir=str(self.run_dir),
+                          progress=f"iteration {self.iteration} of {self.total_iterations}",
+                          base_model=describe_source(path and str(path), fresh, key),
+                          config_sha256=config_fingerprint(self.config)[1])
 
     def _log_lines(self, metrics: dict[str, Any], seconds: float) -> None:
         # DeepSpeed-Chat's step-3 run log: losses, average reward, then the timings.

@@ -42,6 +42,8 @@ from shared.checkpoints import CheckpointDir
 from shared.data import BatchIterator, StepData
 from shared.exports import verify_export
 from shared.guard import NonFiniteGuard, nonfinite_values
+from shared.manifest import config_fingerprint
+from shared.model_card import ExportCard, complete_export, describe_source
 from shared.runlog import PhaseTimer, RunLogger, format_metrics, progress
 
 __all__ = ["LOG_KEYS", "LoopTrainer", "SupervisedBackend", "SupervisedLoop", "eval_metrics",
@@ -328,6 +330,18 @@ class SupervisedLoop:
             self._commit(backend)
         return self.eval_metrics
 
+    def _card(self, backend: SupervisedBackend) -> ExportCard:
+        path = getattr(backend, "model_name_or_path", None)
+        fresh = None
+        if path is None:
+            path, fresh = model_source(self.config, self.step)
+        key = "model.actor_config" if self.step == "sft" else "model.critic_config"
+        return ExportCard(backend=backend.backend, step=self.step, role="final",
+                          run_dir=str(self.run_dir),
+                          progress=f"step {self.global_step} of {self.total_steps}",
+                          base_model=describe_source(path and str(path), fresh, key),
+                          config_sha256=config_fingerprint(self.config)[1])
+
     def run(self, backend: SupervisedBackend, *, resume: bool = False) -> dict[str, Any]:
         """``fit``, then export ``<run>/<step>/final``, the held-out metric and this step's
         ``summary.json`` entry, which it returns: the final eval metrics, ``heldout`` (when
@@ -339,7 +353,8 @@ class SupervisedLoop:
         with self.timer.phase("export"):
             backend.export(final)
             if self.is_main:  # read back: a non-finite or truncated model is never final
-                verify_export(final)
+                complete_export(final, self._card(backend))
+                verify_export(final, complete=True)
         with self.timer.phase("heldout_evaluation"):
             heldout = backend.heldout_metrics()
         self._collect_times()

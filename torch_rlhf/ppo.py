@@ -88,6 +88,7 @@ class PPOTrainer(PPOLoop):
         actor_path = actor_model_name_or_path or config.model.actor_model_name_or_path
         # ModelConfig.reward_model_source: a (None, critic_config) source builds it fresh
         critic_path = critic_model_name_or_path or config.model.reward_model_source()[0]
+        self.start_models = {"actor": actor_path, "critic": critic_path}  # model cards
         self.tokenizer = tokenizer or resolve_tokenizer(config, actor_path)
         self.is_main = is_main()
         self._init_loop(config, run_dir, tokenizer=self.tokenizer, world_size=world_size())

@@ -91,6 +91,7 @@ class PPOTrainer(PPOLoop):
         actor_path = actor_model_name_or_path or config.model.actor_model_name_or_path
         # ModelConfig.reward_model_source: a (None, critic_config) source builds it fresh
         critic_path = critic_model_name_or_path or config.model.reward_model_source()[0]
+        self.start_models = {"actor": actor_path, "critic": critic_path}  # model cards
         ctx = ctx or RunContext.open(config, run_dir, fallback_tokenizer=actor_path)
         self.ctx, self.tokenizer, self.run_logger = ctx, ctx.tokenizer, ctx.logger
         self.is_main, self.rollout_path = ctx.is_main, ROLLOUT_PATH

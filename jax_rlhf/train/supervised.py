@@ -108,6 +108,7 @@ class SupervisedTrainer(LoopTrainer):
         path, fresh = model_source(config, self.step)
         if model_name_or_path is not None:
             path, fresh = str(model_name_or_path), None
+        self.model_name_or_path = path  # the model card's base model
         if ctx is None:
             ctx = RunContext.open(config, run_dir, fallback_tokenizer=path)
         elif ctx.config != config or Path(ctx.run_dir).resolve() != Path(run_dir).resolve():

@@ -33,7 +33,7 @@ PPO_METRICS = {
 def pipeline_run(tiny_config, tmp_path_factory):
     """`rlhf pipeline --backend jax` on the tiny config; returns the run directory."""
     run_dir = tmp_path_factory.mktemp("pipeline") / "run"
-    config = tiny_config(logging={"save_interval": 1})
+    config = tiny_config(logging={"save_interval": 1}, ppo={"enable_ema": True})
     assert rlhf(["pipeline", "--backend", "jax", "--config", str(config),
                  "--run-dir", str(run_dir)]) == 0
     return run_dir, config
@@ -86,12 +86,28 @@ def test_pipeline_metric_names(pipeline_run):
 
 
 def test_exported_models_load_in_transformers(pipeline_run):
+    """Every final directory carries its tokenizer, generation config (causal LMs) and model
+    card, loads with AutoTokenizer and AutoModelFor*, and a causal LM generates."""
     run_dir, _ = pipeline_run
-    for step in ("sft", "ppo"):
-        model = transformers.AutoModelForCausalLM.from_pretrained(run_dir / step / "final")
+    exports = {"sft/final": "lm", "reward/final": "value", "ppo/final": "lm",
+               "ppo/critic": "value", "ppo/ema": "lm"}
+    for name, kind in exports.items():
+        directory = run_dir / name
+        tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+        card = (directory / "README.md").read_text()
+        assert "backend `jax`" in card and str(run_dir) in card, card
+        if kind == "value":
+            rm = transformers.AutoModelForSequenceClassification.from_pretrained(directory)
+            assert rm.config.num_labels == 1
+            assert not (directory / "generation_config.json").exists()
+            continue
+        model = transformers.AutoModelForCausalLM.from_pretrained(directory)
         assert model.config.model_type == "llama"
-    rm = transformers.AutoModelForSequenceClassification.from_pretrained(run_dir / "reward/final")
-    assert rm.config.num_labels == 1
+        assert model.generation_config.eos_token_id == model.config.eos_token_id
+        prompt = tokenizer("1 + 1 =", return_tensors="pt")
+        out = model.generate(**prompt, max_new_tokens=3, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        assert out.shape[1] > prompt["input_ids"].shape[1]
 
 
 def test_export_command_rebuilds_the_final_models(pipeline_run, tmp_path):

@@ -1,7 +1,8 @@
 """Exports are read back after writing: a truncated safetensors file, a tensor the index
 names but no file holds, or a NaN / infinite weight (float32 or bfloat16) is an ExportError
 naming the file and the tensor, and the directory is moved aside so nothing takes it for a
-final model."""
+final model. A final directory also carries a tokenizer that loads, a model card and (a causal
+LM) a generation config."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from safetensors.numpy import save_file
 from shared.config import config_from_dict
 from shared.data import DataReport, SFTBatch, StepData
 from shared.exports import ExportError, verify_export
+from shared.model_card import GPT2_POSITION_NOTE, ExportCard, complete_export
 from shared.runlog import RunLogger
 from shared.supervised_loop import SupervisedLoop
 
@@ -114,3 +116,60 @@ def test_the_loop_never_leaves_a_non_finite_final_model(tmp_path):
     assert not (tmp_path / "sft" / "final").exists()
     assert (tmp_path / "sft" / "final.rejected").is_dir()
     assert not (tmp_path / "summary.json").exists()  # the step is not recorded as done
+
+
+# -- what a final directory carries besides its weights (shared.model_card) -----------------
+
+CARD = ExportCard(backend="jax", step="ppo", role="final", run_dir="runs/a",
+                  progress="iteration 2 of 2", base_model="`runs/a/sft/final`",
+                  config_sha256="ab" * 32)
+
+
+def _causal_lm(directory, model_type: str = "llama") -> None:
+    _model(directory)
+    (directory / "config.json").write_text(json.dumps({
+        "model_type": model_type, "architectures": ["LlamaForCausalLM"], "bos_token_id": 1,
+        "eos_token_id": 2, "pad_token_id": 0}))
+
+
+def test_complete_export_writes_generation_config_and_card(tmp_path):
+    final = tmp_path / "final"
+    _causal_lm(final)
+    complete_export(final, CARD)
+    generation = json.loads((final / "generation_config.json").read_text())
+    assert {k: generation[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")} == {
+        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+    card = (final / "README.md").read_text()
+    for text in ("backend `jax`", "iteration 2 of 2", "`runs/a`", "`runs/a/sft/final`",
+                 "ab" * 32, "parity between the backends: not measured"):
+        assert text in card
+    assert "position_ids" not in card  # the GPT-2 note only on GPT-2
+
+
+def test_gpt2_card_says_how_to_score_left_padded_batches(tmp_path):
+    _causal_lm(tmp_path / "final", model_type="gpt2")
+    complete_export(tmp_path / "final", CARD)
+    assert GPT2_POSITION_NOTE in (tmp_path / "final" / "README.md").read_text()
+
+
+def test_a_value_model_gets_no_generation_config(tmp_path):
+    _model(tmp_path / "rm")
+    (tmp_path / "rm" / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "architectures": ["LlamaForSequenceClassification"]}))
+    complete_export(tmp_path / "rm", CARD)
+    assert not (tmp_path / "rm" / "generation_config.json").exists()
+
+
+def test_a_final_directory_must_carry_tokenizer_card_and_generation_config(tmp_path):
+    _causal_lm(tmp_path / "final")
+    with pytest.raises(ExportError, match=r"no tokenizer.*no model card.*no "
+                                          r"generation_config\.json"):
+        verify_export(tmp_path / "final", reject=False, complete=True)
+    verify_export(tmp_path / "final", reject=False)  # what a non-final directory needs
+
+
+def test_a_tokenizer_that_does_not_load_is_named(tmp_path):
+    _model(tmp_path / "final")
+    (tmp_path / "final" / "tokenizer.json").write_text('{"version": "1.0"')  # truncated
+    with pytest.raises(ExportError, match=r"tokenizer\.json does not load"):
+        verify_export(tmp_path / "final", reject=False)

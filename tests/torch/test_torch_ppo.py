@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from export_checks import assert_export_complete
 from rlhf_configs import family_models, merge, write_config
 from tiny_hf import LORA_MODULE_NAME
 
@@ -110,6 +111,8 @@ def test_zero3_ppo_with_offloaded_reference_and_ema(tmp_path, distributed, model
     state = saved.state_dict()
     torch.testing.assert_close(state["model.norm.weight"],
                                engine.ema_state.ema["model.norm.weight"])
+    for name, kind in (("final", "lm"), ("critic", "value"), ("ema", "lm")):
+        assert_export_complete(tmp_path / "run" / "ppo" / name, kind=kind)
 
 
 def test_reference_offload_below_zero3_keeps_a_cpu_module(tmp_path, distributed, model_dirs,

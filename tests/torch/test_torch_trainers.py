@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from export_checks import assert_export_complete
 from rlhf_configs import family_models, merge, write_config
 from tiny_hf import LORA_MODULE_NAME
 
@@ -47,7 +48,7 @@ def test_sft_step_every_family(family, tmp_path, distributed, model_dirs, data_c
     assert math.isfinite(entry["eval_loss"])
     assert entry["eval_perplexity"] == pytest.approx(math.exp(entry["eval_loss"]))
     assert "arithmetic_accuracy" in entry["heldout"]
-    assert (tmp_path / "run" / "sft" / "final" / "config.json").is_file()
+    assert_export_complete(tmp_path / "run" / "sft" / "final", kind="lm")
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").open()]
     assert {r["step"] for r in records} == {"sft"}
     train = [r for r in records if "loss" in r]
@@ -151,6 +152,7 @@ def test_reward_every_loss(loss, extra, tmp_path, distributed, model_dirs, data_
     saved = AutoModelForSequenceClassification.from_pretrained(tmp_path / "run" / "reward" /
                                                                "final")
     assert saved.config.num_labels == 1
+    assert_export_complete(tmp_path / "run" / "reward" / "final", kind="value")
 
 
 def test_lr_follows_the_shared_schedule():
