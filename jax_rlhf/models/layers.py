@@ -192,6 +192,17 @@ class Attention(nnx.Module):
         self.v_proj = dense(cfg, hidden, kv_dim, use_bias=cfg.attention_bias, rngs=rngs)
         self.o_proj = dense(cfg, q_dim, hidden, use_bias=cfg.attention_out_bias, rngs=rngs)
 
+    def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Queries `[B, T, K, G, D]`, keys and values `[B, T, K, D]` of `[B, T, H]` inputs
+        (a family with fused projections, GPT-NeoX, overrides this)."""
+        batch, length, _ = x.shape
+        kv_heads, head_dim = self.num_kv_heads, self.head_dim
+        groups = self.num_heads // kv_heads
+        q = self.q_proj(x).reshape(batch, length, kv_heads, groups, head_dim)  # [B, T, K, G, D]
+        k = self.k_proj(x).reshape(batch, length, kv_heads, head_dim)  # [B, T, K, D]
+        v = self.v_proj(x).reshape(batch, length, kv_heads, head_dim)  # [B, T, K, D]
+        return q, k, v
+
     def __call__(
         self,
         x: jax.Array,
@@ -200,11 +211,8 @@ class Attention(nnx.Module):
     ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
         """Attends `[B, T, H]` inputs; returns `[B, T, H]` and this layer's (new) keys/values."""
         batch, length, _ = x.shape
-        kv_heads, head_dim = self.num_kv_heads, self.head_dim
-        groups = self.num_heads // kv_heads
-        q = self.q_proj(x).reshape(batch, length, kv_heads, groups, head_dim)  # [B, T, K, G, D]
-        k = self.k_proj(x).reshape(batch, length, kv_heads, head_dim)  # [B, T, K, D]
-        v = self.v_proj(x).reshape(batch, length, kv_heads, head_dim)  # [B, T, K, D]
+        head_dim = self.head_dim
+        q, k, v = self.project(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_theta is not None:
