@@ -75,6 +75,30 @@ class ModelConfig:
     """Beginning-of-sequence token id."""
     eos_token_id: int | tuple[int, ...] | None = None
     """End-of-sequence token id(s)."""
+    use_parallel_residual: bool = True
+    """GPT-NeoX: `x + attn(ln1(x)) + mlp(ln2(x))` blocks (Pythia) when True, sequential when
+    False."""
+    rotary_dim: int | None = None
+    """Width of the rotated part of each head (GPT-NeoX `int(head_dim * rotary_pct)`); None
+    rotates the whole head."""
+    sliding_window: int | None = None
+    """Local layers attend to the last `sliding_window` slots only (themselves included)."""
+    layer_types: tuple[str, ...] | None = None
+    """Per layer "sliding_attention" (local, `sliding_window`) or "full_attention" (HF's
+    `layer_types`); None: every layer global."""
+    query_pre_attn_scalar: float | None = None
+    """Gemma 2/3: attention scores scale by `query_pre_attn_scalar**-0.5` (else `head_dim`)."""
+    attn_logit_softcapping: float | None = None
+    """Gemma 2: attention scores become `c * tanh(scores / c)`."""
+    final_logit_softcapping: float | None = None
+    """Gemma 2/3: LM logits become `c * tanh(logits / c)` (not the value head's outputs)."""
+    qk_norm: bool = False
+    """Gemma 3: per-head RMSNorms on queries and keys before RoPE (`q_norm`, `k_norm`)."""
+    rope_local_theta: float | None = None
+    """Gemma 3: RoPE base of the local layers (`rope_local_base_freq`); global layers use
+    `rope_theta`."""
+    rope_factor: float = 1.0
+    """Linear RoPE scaling (`rope_type="linear"`, inv_freq / factor); Gemma 3: global layers."""
     dtype: str = "float32"
     """Computation dtype of activations: one of `DTYPES`."""
     param_dtype: str = "float32"
@@ -99,6 +123,8 @@ class ModelConfig:
             raise ValueError("word_embed_proj_dim is an OPT option")
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if isinstance(self.layer_types, list):
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
 
     @property
     def embed_dim(self) -> int:
