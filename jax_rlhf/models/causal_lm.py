@@ -97,8 +97,13 @@ class CausalLM(_WithBackbone):
         elif logits_to_keep > 0:
             hidden = hidden[:, -logits_to_keep:]
         if self.lm_head is None:
-            return self.model.embed_tokens.attend(hidden), cache  # [B, T, V]
-        return self.lm_head(hidden), cache  # [B, T, V]
+            logits = self.model.embed_tokens.attend(hidden)  # [B, T, V]
+        else:
+            logits = self.lm_head(hidden)  # [B, T, V]
+        cap = self.config.final_logit_softcapping
+        if cap is not None:  # Gemma 2/3, as HF's *ForCausalLM head
+            logits = jnp.tanh(logits / cap) * cap
+        return logits, cache
 
 
 class ValueHeadModel(_WithBackbone):
