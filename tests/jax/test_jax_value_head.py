@@ -72,3 +72,36 @@ def test_deepspeed_chat_reward_checkpoint(hf_checkpoint, token_ids, apply):
     reference = from_state_dict(ValueHeadModel, cfg, read_hf_state_dict(ckpt.path))
     ids, mask = jnp.asarray(token_ids(2, 8)), jnp.ones((2, 8), jnp.int32)
     np.testing.assert_array_equal(apply(model, ids, mask)[0], apply(reference, ids, mask)[0])
+
+
+def test_exported_gpt2_reward_model_scores_left_padding_with_position_ids(
+    hf_checkpoint, tmp_path, token_ids, apply
+):
+    """docs/architecture.md (GPT-2 and left padding), the model card's note: HF's GPT-2
+    forward without `position_ids` counts positions from the first column, padding included;
+    with `position_ids = cumsum(mask) - 1` an exported reward model scores a left-padded batch
+    as the backend did."""
+    import torch
+
+    model = load_value_head_model(hf_checkpoint("gpt2", value_head=True).path)
+    save_hf(model, tmp_path)
+    hf = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path, attn_implementation="eager"
+    ).eval()
+    mask = np.array([[1] * 8, [0] * 3 + [1] * 5, [0] * 6 + [1] * 2])  # left padding
+    ids = token_ids(*mask.shape)
+    values, _ = apply(model, jnp.asarray(ids), jnp.asarray(mask))
+    backend_scores = np.asarray(values)[:, -1]  # the last real token of every row
+
+    def hf_scores(**position) -> np.ndarray:
+        ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+        with torch.no_grad():
+            hidden = hf.base_model(input_ids=ids_t, attention_mask=mask_t, **position)
+            return hf.score(hidden.last_hidden_state)[:, -1, 0].numpy()
+
+    position_ids = (torch.from_numpy(mask).cumsum(-1) - 1).clamp(min=0)
+    np.testing.assert_allclose(hf_scores(position_ids=position_ids), backend_scores,
+                               atol=VALUE_TOL, rtol=0)
+    plain = hf_scores()
+    assert plain[0] == pytest.approx(backend_scores[0], abs=VALUE_TOL)  # no padding: same
+    assert np.abs(plain[1:] - backend_scores[1:]).min() > 100 * VALUE_TOL  # padded: not
