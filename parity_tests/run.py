@@ -9,8 +9,10 @@
 with the config after the overrides (`ppo.preset=deepspeed_chat`, `ppo.ptx_mode=separate`,
 ...). `main` runs every level (`command_levels`), `run_parity` levels 1-5 unless told
 otherwise. The run prints a table (level, quantity, max abs diff, max rel diff, tolerance,
-pass/fail) and `main` returns 1 when any row fails, so `rlhf parity` can gate a CI job. See
-docs/parity.md.
+pass/fail), the pass count split into rows on the model (levels 2-5) and rows independent of
+it (levels 1 and 6), and `main` returns 1 when any row fails, so `rlhf parity` can gate a CI
+job; a model one backend cannot build is refused first with status 2 and one line
+(`check_model_support`). See docs/parity.md.
 
 What runs (fp32 on CPU, whatever the config's dtype):
   level 1  every public `shared` function, numpy vs torch vs jitted JAX;
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -56,9 +59,11 @@ from parity_tests.harness import (
     format_table,
     load_pair,
 )
+from shared.errors import EXIT_INPUT, InputError
 
-__all__ = ["AVAILABLE_LEVELS", "COMMAND_LEVELS", "DEFAULT_LEVELS", "command_levels", "main",
-           "run_parity"]
+__all__ = ["AVAILABLE_LEVELS", "COMMAND_LEVELS", "DEFAULT_LEVELS", "MODEL_LEVELS",
+           "UnsupportedModelError", "check_model_support", "command_levels", "main",
+           "model_dependent", "pass_counts", "run_parity"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,9 @@ AVAILABLE_LEVELS = (1, 2, 3, 4, 5, 6)
 
 COMMAND_LEVELS = AVAILABLE_LEVELS
 """What `rlhf parity` runs: every level, level 6 with the config's PPO choices (~30 s more)."""
+
+MODEL_LEVELS = ("2", "3", "4", "5")
+"""The levels whose rows compare the user's model (`Row.level`); 1 and 6 do not."""
 
 
 def _is_local(path: str | None) -> bool:
@@ -222,6 +230,7 @@ def run_parity(
         _run_levels(config, model_dir, levels_to_run, num_rows, rows, skipped)
     if print_table:
         print(format_table(rows))
+        print(pass_counts(rows))
         for item in skipped:
             print(f"skipped: {item}")
     return rows
@@ -382,6 +391,98 @@ def _ptx_rows(config, tokenizer, num_rows, skipped) -> dict[str, np.ndarray] | N
     return None if data is None else B.rows_of(data.train, num_rows)
 
 
+class UnsupportedModelError(InputError):
+    """The model cannot run on one of the backends: `rlhf parity` exits with 2 (an input
+    error, `shared.errors`), before running anything, not 1 (a failed comparison)."""
+
+
+def _hf_config(where: str, source: str | None, fresh: dict | None):
+    """The `transformers` config of a model directory, hub name or fresh config kwargs,
+    without loading any weights; None when there is no model."""
+    import transformers
+
+    if source is None and fresh is None:
+        return None
+    try:
+        if source is not None:
+            return transformers.AutoConfig.from_pretrained(source)
+        return transformers.AutoConfig.for_model(**fresh)
+    except ValueError:  # transformers lists every type it knows: too long for one line
+        if source is not None and Path(source, "config.json").is_file():
+            fresh = json.loads(Path(source, "config.json").read_text())
+        model_type = (fresh or {}).get("model_type")
+        raise UnsupportedModelError(
+            f"{where}: model_type {model_type!r} is unknown to transformers "
+            f"{transformers.__version__}, so the torch backend cannot build it") from None
+
+
+def _model_sources(config, model_dir: str | None) -> list[tuple[str, Any, str]]:
+    """`(where, HF config, kind)` of every model levels 2-5 build, `kind` "lm" or "value"
+    (a causal LM also serves as the critic's backbone, a fresh head on it)."""
+    m = config.model
+    if model_dir is not None:
+        hf_config = _hf_config("--model", model_dir, None)
+        kinds = ("value",) if checkpoint_kind(model_dir) == "value" else ("lm", "value")
+        return [("--model", hf_config, kind) for kind in kinds]
+    actor = ("model.actor_model_name_or_path" if m.actor_model_name_or_path is not None
+             else "model.actor_config")
+    critic_path, critic_fresh = m.reward_model_source()
+    critic = ("model.critic_config" if critic_fresh is not None
+              else "model.critic_model_name_or_path" if m.critic_model_name_or_path is not None
+              else "model.actor_model_name_or_path")
+    return [(actor, _hf_config(actor, m.actor_model_name_or_path, m.actor_config), "lm"),
+            (critic, _hf_config(critic, critic_path, critic_fresh), "value")]
+
+
+def check_model_support(config, model_dir: str | None = None) -> None:
+    """Refuse, in a second and before any level runs, a model one of the backends cannot
+    build: the torch backend (a `transformers` model class of its type) and the JAX backend
+    (its own `ModelConfig.from_hf`, whose message names the families it supports).
+
+    Raises:
+      UnsupportedModelError: one line naming the config key or flag, the model type and why.
+    """
+    import transformers
+
+    from jax_rlhf.models import ModelConfig
+
+    auto = {"lm": transformers.AutoModelForCausalLM,
+            "value": transformers.AutoModelForSequenceClassification}
+    for where, hf_config, kind in _model_sources(config, model_dir):
+        if hf_config is None:
+            continue
+        model_type = hf_config.model_type
+        if type(hf_config) not in auto[kind]._model_mapping:
+            raise UnsupportedModelError(
+                f"{where}: model_type {model_type!r} has no {auto[kind].__name__} in "
+                "transformers, so the torch backend cannot build it")
+        try:
+            ModelConfig.from_hf(hf_config)
+        except (ValueError, NotImplementedError) as err:
+            raise UnsupportedModelError(
+                f"{where}: model_type {model_type!r} cannot run on the JAX backend ({err}); "
+                "`rlhf parity` needs both backends (`--backend torch` trains it)") from None
+
+
+def model_dependent(row: Row) -> bool:
+    """Whether `row` compares the user's model (levels 2-5); level 1 (the `shared`
+    functions) and level 6 (the built-in tiny Llama) pass or fail whatever the model."""
+    return row.level in MODEL_LEVELS
+
+
+def pass_counts(rows: Sequence[Row]) -> str:
+    """The pass count split by whether a row depends on the model: the total alone would
+    overstate how much of the model was compared."""
+    on_model = [r for r in rows if model_dependent(r)]
+    other = [r for r in rows if not model_dependent(r)]
+
+    def count(part: list[Row]) -> str:
+        return f"{sum(r.passed for r in part)}/{len(part)}"
+
+    return (f"on your model (levels 2-5): {count(on_model)} passed; independent of it "
+            f"(level 1 shared functions, level 6 built-in tiny Llama): {count(other)} passed")
+
+
 def command_levels(args: argparse.Namespace) -> tuple[int, ...]:
     """The levels `rlhf parity` runs: `args.levels` when the command line has it (a sequence,
     or text such as "1,2,6"), else `COMMAND_LEVELS`."""
@@ -394,14 +495,24 @@ def command_levels(args: argparse.Namespace) -> tuple[int, ...]:
 
 
 def main(config: Any, args: argparse.Namespace) -> int:
-    """Entry point of `rlhf parity`: 0 when every row passes, 1 otherwise. Runs
-    `command_levels(args)` (every level by default, level 6 under the config's PPO choices)."""
-    rows = run_parity(config, model_dir=getattr(args, "model", None),
-                      levels_to_run=command_levels(args))
+    """Entry point of `rlhf parity`: 0 when every row passes, 1 when any fails, 2
+    (`EXIT_INPUT`) when the model cannot run on one of the backends, checked before any
+    level runs. Runs `command_levels(args)` (every level by default, level 6 under the
+    config's PPO choices)."""
+    model_dir = getattr(args, "model", None)
+    levels_to_run = command_levels(args)
+    if set(levels_to_run) & set(map(int, MODEL_LEVELS)):
+        try:
+            check_model_support(config, model_dir)
+        except UnsupportedModelError as err:
+            logger.error("rlhf parity: %s", err)
+            return EXIT_INPUT
+    rows = run_parity(config, model_dir=model_dir, levels_to_run=levels_to_run)
     failed = [r for r in rows if not r.passed]
     if not rows:
         logger.error("rlhf parity: nothing was compared")
         return 1
+    logger.info("rlhf parity: %s", pass_counts(rows))
     if failed:
         logger.error("rlhf parity: %d of %d comparisons failed", len(failed), len(rows))
         return 1

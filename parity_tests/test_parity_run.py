@@ -51,6 +51,7 @@ def test_demo_config_passes(demo_config, capsys):
     assert_passed(rows)
     table = capsys.readouterr().out
     assert "max abs diff" in table and f"{len(rows)}/{len(rows)} passed" in table
+    assert f"on your model (levels 2-5): {len(rows)}/{len(rows)} passed" in table
 
 
 def test_level1_through_run_parity(demo_config):
@@ -200,3 +201,55 @@ def test_level3_with_pad_as_eos_and_deepspeed_chat(capsys):
     assert "skipped" not in capsys.readouterr().out
     assert any(r.quantity.startswith("ppo actor") for r in rows)
     assert_passed(rows)
+
+
+def _refused_by_jax() -> str:
+    """A model type transformers builds as a causal LM and the JAX backend refuses, asked of
+    the backend itself (its family list grows)."""
+    import transformers
+
+    for model_type in ("bloom", "mpt", "gptj", "falcon", "mamba"):
+        try:
+            jax_rlhf.models.ModelConfig.from_hf(transformers.AutoConfig.for_model(model_type))
+        except ValueError:
+            return model_type
+    pytest.skip("the JAX backend supports every candidate model type")
+
+
+@pytest.mark.parametrize("where", ["--model", "model.actor_config"])
+def test_unsupported_model_exits_2_before_any_level(where, tmp_path, monkeypatch, caplog):
+    """`rlhf parity` on a model one backend cannot build: exit status 2 (an input error, not
+    1, a failed comparison) and one line naming the model type and the supported families,
+    before level 1 runs."""
+    import transformers
+
+    model_type = _refused_by_jax()
+    monkeypatch.setattr(parity_run, "run_parity", lambda *a, **k: pytest.fail("levels ran"))
+    if where == "--model":
+        transformers.AutoConfig.for_model(model_type).save_pretrained(tmp_path)
+        argv = ["parity", "--config", str(DEMO), "--model", str(tmp_path)]
+    else:
+        argv = ["parity", "--config", str(DEMO), f"model.actor_config={{model_type: {model_type}}}"]
+    assert cli.main(argv) == 2
+    message = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"][-1]
+    assert "\n" not in message and where in message
+    assert f"model_type {model_type!r}" in message and "supported" in message
+
+
+def test_model_unknown_to_transformers_exits_2(tmp_path, monkeypatch, caplog):
+    (tmp_path / "config.json").write_text('{"model_type": "no_such_model"}')
+    monkeypatch.setattr(parity_run, "run_parity", lambda *a, **k: pytest.fail("levels ran"))
+    args = argparse.Namespace(model=str(tmp_path), levels=None)
+    assert main(load_config(DEMO), args) == 2
+    assert "'no_such_model' is unknown to transformers" in caplog.text
+
+
+def test_pass_count_is_split_by_model_dependence():
+    rows = [parity_run.Row(level, "q", 0.0, 0.0, None, passed)
+            for level, passed in (("1", True), ("1", True), ("2", True), ("3", False),
+                                  ("5", True), ("6", True))]
+    assert [parity_run.model_dependent(r) for r in rows] == [False, False, True, True, True,
+                                                             False]
+    assert parity_run.pass_counts(rows) == (
+        "on your model (levels 2-5): 2/3 passed; independent of it (level 1 shared "
+        "functions, level 6 built-in tiny Llama): 3/3 passed")
