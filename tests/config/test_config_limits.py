@@ -104,11 +104,10 @@ def test_lengths_that_fit_load():
 
 def test_inline_config_without_context_takes_the_transformers_default():
     llama = {k: v for k, v in TINY_LLAMA.items() if k != "max_position_embeddings"}
-    config_from_dict({"model": {"actor_config": llama, "tokenizer_name_or_path": "t"},
-                      "data": {"max_seq_len": 2048}})
+    model = {"actor_config": llama, "critic_config": llama, "tokenizer_name_or_path": "t"}
+    config_from_dict({"model": model, "data": {"max_seq_len": 2048}})
     with pytest.raises(ConfigError, match="max_position_embeddings = 2048"):
-        config_from_dict({"model": {"actor_config": llama, "tokenizer_name_or_path": "t"},
-                          "data": {"max_seq_len": 2049}})
+        config_from_dict({"model": model, "data": {"max_seq_len": 2049}})
 
 
 def test_model_directory_context_is_read_from_config_json(tmp_path):
