@@ -24,7 +24,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 from tokenizers import Tokenizer
 
-from shared.model_card import GENERATION_CONFIG, MODEL_CARD
+from shared.model_card import GENERATION_CONFIG, MODEL_CARD, is_causal_lm
 
 __all__ = ["ExportError", "verify_export"]
 
@@ -109,9 +109,8 @@ def _check_companions(directory: Path, *, complete: bool) -> list[str]:
     config = directory / "config.json"
     if not config.is_file():
         return [*problems, f"{directory} carries no config.json"]
-    architectures = json.loads(config.read_text()).get("architectures") or []
-    causal_lm = any(str(a).endswith("ForCausalLM") for a in architectures)
-    if causal_lm and not (directory / GENERATION_CONFIG).is_file():
+    if is_causal_lm(json.loads(config.read_text())) \
+            and not (directory / GENERATION_CONFIG).is_file():
         problems.append(f"{directory} carries no {GENERATION_CONFIG} (a causal LM)")
     return problems
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["GENERATION_CONFIG", "GPT2_POSITION_NOTE", "MODEL_CARD", "ExportCard",
-           "complete_export", "describe_source", "write_generation_config",
+           "complete_export", "describe_source", "is_causal_lm", "write_generation_config",
            "write_model_card"]
 
 GENERATION_CONFIG = "generation_config.json"
@@ -92,8 +92,12 @@ def _read_config(directory: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def _is_causal_lm(config: dict) -> bool:
-    return any(str(a).endswith("ForCausalLM") for a in config.get("architectures") or ())
+def is_causal_lm(config: Mapping[str, Any]) -> bool:
+    """Whether a ``config.json`` (as a dict) is a causal LM's (``*ForCausalLM``, GPT-2's
+    ``GPT2LMHeadModel``) rather than a ``*ForSequenceClassification`` reward model or critic."""
+    architectures = [str(a) for a in config.get("architectures") or ()]
+    return bool(architectures) and not any("SequenceClassification" in a
+                                           for a in architectures)
 
 
 def write_generation_config(directory: str | os.PathLike) -> Path | None:
@@ -101,7 +105,7 @@ def write_generation_config(directory: str | os.PathLike) -> Path | None:
     (None for a sequence-classification model, or when one is there already)."""
     directory = Path(directory)
     config, path = _read_config(directory), directory / GENERATION_CONFIG
-    if path.exists() or not _is_causal_lm(config):
+    if path.exists() or not is_causal_lm(config):
         return None
     data = {k: config[k] for k in _GENERATION_KEYS if config.get(k) is not None}
     data["transformers_version"] = _version("transformers")
@@ -119,7 +123,7 @@ def write_model_card(directory: str | os.PathLike, card: ExportCard) -> Path:
     directory = Path(directory)
     config = _read_config(directory)
     model_type = config.get("model_type", "unknown")
-    kind = ("AutoModelForCausalLM" if _is_causal_lm(config)
+    kind = ("AutoModelForCausalLM" if is_causal_lm(config)
             else "AutoModelForSequenceClassification")
     lines = [
         "---",

@@ -127,8 +127,9 @@ CARD = ExportCard(backend="jax", step="ppo", role="final", run_dir="runs/a",
 
 def _causal_lm(directory, model_type: str = "llama") -> None:
     _model(directory)
+    architecture = "GPT2LMHeadModel" if model_type == "gpt2" else "LlamaForCausalLM"
     (directory / "config.json").write_text(json.dumps({
-        "model_type": model_type, "architectures": ["LlamaForCausalLM"], "bos_token_id": 1,
+        "model_type": model_type, "architectures": [architecture], "bos_token_id": 1,
         "eos_token_id": 2, "pad_token_id": 0}))
 
 
@@ -149,7 +150,9 @@ def test_complete_export_writes_generation_config_and_card(tmp_path):
 def test_gpt2_card_says_how_to_score_left_padded_batches(tmp_path):
     _causal_lm(tmp_path / "final", model_type="gpt2")
     complete_export(tmp_path / "final", CARD)
-    assert GPT2_POSITION_NOTE in (tmp_path / "final" / "README.md").read_text()
+    card = (tmp_path / "final" / "README.md").read_text()
+    assert GPT2_POSITION_NOTE in card and "AutoModelForCausalLM" in card
+    assert (tmp_path / "final" / "generation_config.json").is_file()  # GPT2LMHeadModel
 
 
 def test_a_value_model_gets_no_generation_config(tmp_path):
