@@ -142,6 +142,9 @@ def write_model_card(directory: str | os.PathLike, card: ExportCard) -> Path:
         f"- config sha256: `{card.config_sha256}`",
         f"- parity between the backends: {card.parity}",
     ]
+    if card.parity == "not measured":
+        lines.append(f"  (`rlhf parity --config {Path(card.run_dir) / 'config.yaml'} --model "
+                     "<this directory>` measures it)")
     if model_type == "gpt2":
         lines += ["", "## Left padding", "", GPT2_POSITION_NOTE]
     path = directory / MODEL_CARD
