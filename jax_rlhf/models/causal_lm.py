@@ -12,24 +12,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_rlhf.models import gpt2, llama, opt
+from jax_rlhf.models import registry
 from jax_rlhf.models.config import ModelConfig
 from jax_rlhf.models.decoder import Backbone
-from jax_rlhf.models.key_map import FamilySpec
 from jax_rlhf.models.kv_cache import KVCache
 from jax_rlhf.models.layers import dense
 
-FAMILY_SPECS: dict[str, FamilySpec] = {
-    "llama": llama.SPEC,
-    "opt": opt.SPEC,
-    "gpt2": gpt2.SPEC,
-}
-"""Backbone class and HF key map of each `ModelConfig.family`."""
-
 
 def build_backbone(cfg: ModelConfig, *, rngs: nnx.Rngs) -> Backbone:
-    """The family's backbone (`LlamaModel`, `OPTModel` or `GPT2Model`) for `cfg`."""
-    return FAMILY_SPECS[cfg.family].backbone(cfg, rngs=rngs)
+    """The family's backbone (`LlamaModel`, `OPTModel`, `GPT2Model`, ...) for `cfg`."""
+    return registry.family(cfg.family).spec.backbone(cfg, rngs=rngs)
 
 
 class _WithBackbone(nnx.Module):

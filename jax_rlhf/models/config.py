@@ -1,8 +1,10 @@
 """One frozen configuration for every decoder-only family, convertible to and from Hugging Face.
 
-`ModelConfig.from_hf` reads a `transformers` config (object or `config.json` dict) and rejects
-the options our modules do not implement rather than silently ignoring them; `to_hf` builds the
-matching `transformers` config so that exported checkpoints load with `AutoModelForCausalLM`.
+`ModelConfig.from_hf` reads a `transformers` config (object or `config.json` dict) through the
+family that declares its `model_type` (`registry.py`), which rejects the options our modules do
+not implement rather than silently ignoring them; `to_hf` builds the matching `transformers`
+config so that exported checkpoints load with `AutoModelForCausalLM`. Options of one family
+only are fields here too, defaulting to "off", so that one frozen config serves every family.
 """
 
 from __future__ import annotations
@@ -10,15 +12,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-FAMILIES = ("llama", "opt", "gpt2")
-HF_ARCHITECTURES = {  # model_type -> (causal LM class, value-head class) in transformers
-    "llama": ("LlamaForCausalLM", "LlamaForSequenceClassification"),
-    "qwen2": ("Qwen2ForCausalLM", "Qwen2ForSequenceClassification"),
-    "opt": ("OPTForCausalLM", "OPTForSequenceClassification"),
-    "gpt2": ("GPT2LMHeadModel", "GPT2ForSequenceClassification"),
-}
 ACTIVATIONS = ("silu", "relu", "gelu", "gelu_new", "gelu_pytorch_tanh")
 DTYPES = ("float32", "bfloat16", "float16")
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
+"""HF `rope_parameters["rope_type"]` values the RoPE of `layers.py` implements."""
+LAYER_TYPES = ("full_attention", "sliding_attention")
+"""HF `layer_types` entries: global attention, or attention within `sliding_window`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,8 +25,7 @@ class ModelConfig:
     """Architecture of a decoder-only causal LM; shared by the Llama, OPT and GPT-2 modules."""
 
     family: str
-    """Which module builds the backbone: one of `FAMILIES`. Qwen2 is the "llama" family with
-    q/k/v biases and no output-projection bias."""
+    """Which `registry.Family` builds the backbone ("llama", "opt", "gpt2", ...)."""
     vocab_size: int
     """Rows of the token embedding and of the LM head."""
     hidden_size: int
@@ -103,28 +101,78 @@ class ModelConfig:
     """Computation dtype of activations: one of `DTYPES`."""
     param_dtype: str = "float32"
     """Storage dtype of parameters: one of `DTYPES`."""
+    model_type: str | None = None
+    """HF `model_type` read and written back (the family reads several: "llama", "mistral",
+    "qwen2" are the "llama" family); None means the family's first one."""
+    rope_type: str = "default"
+    """HF `rope_parameters["rope_type"]`: one of `ROPE_TYPES`."""
+    rope_factor: float = 1.0
+    """RoPE scaling `factor` (linear: `inv_freq / factor`; llama3: of the low frequencies)."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 RoPE `low_freq_factor`."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 RoPE `high_freq_factor`."""
+    rope_original_max_position_embeddings: int | None = None
+    """llama3 / longrope `original_max_position_embeddings` (pre-training context length)."""
+    rope_short_factor: tuple[float, ...] | None = None
+    """longrope per-frequency divisors `[rotary_dim / 2]` within the original context."""
+    rope_long_factor: tuple[float, ...] | None = None
+    """longrope per-frequency divisors `[rotary_dim / 2]` beyond the original context."""
+    rope_attention_factor: float | None = None
+    """longrope scale of cos/sin; None derives it from the context extension as HF does."""
+    rotary_dim: int | None = None
+    """Rotated width of each head under partial rotary (GPT-NeoX `rotary_pct`, Phi-3
+    `partial_rotary_factor`); None rotates all of `head_dim`."""
+    sliding_window: int | None = None
+    """Attention window W (a query sees its own and the W - 1 previous slots) of the layers
+    `layer_types` marks "sliding_attention", or of every layer when `layer_types` is None
+    (Mistral); None: global attention everywhere."""
+    layer_types: tuple[str, ...] | None = None
+    """Per layer one of `LAYER_TYPES` (HF `layer_types`: Qwen2/Qwen3 `max_window_layers`,
+    Gemma 2/3 alternation); None: every layer alike."""
+    qk_norm: bool = False
+    """Per-head RMSNorm of queries and keys before RoPE (`q_norm` / `k_norm`: Qwen3, Gemma 3)."""
+    query_pre_attn_scalar: float | None = None
+    """Gemma 2/3: scores scaled by `query_pre_attn_scalar**-0.5` instead of `head_dim**-0.5`."""
+    attn_logit_softcapping: float | None = None
+    """Gemma 2: attention scores soft-capped at this value (`c * tanh(s / c)`)."""
+    final_logit_softcapping: float | None = None
+    """Gemma 2/3: LM-head logits soft-capped at this value."""
+    rope_local_theta: float | None = None
+    """Gemma 3: RoPE base of the sliding-window layers (`rope_theta` is the global one)."""
+    use_parallel_residual: bool = False
+    """GPT-NeoX: `x + attn(ln1(x)) + mlp(ln2(x))` instead of sequential residuals."""
 
     def __post_init__(self):
-        _check_choice("family", self.family, FAMILIES)
+        from jax_rlhf.models import registry  # the family modules import this module
+
+        family = registry.family(self.family)
+        if self.model_type is None:
+            object.__setattr__(self, "model_type", family.model_types[0])
+        _check_choice("model_type", self.model_type, family.model_types)
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("dtype", self.dtype, DTYPES)
         _check_choice("param_dtype", self.param_dtype, DTYPES)
+        _check_choice("rope_type", self.rope_type, ROPE_TYPES)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
             )
-        if self.family != "llama" and self.num_kv_heads != self.num_heads:
-            raise ValueError(f"family {self.family!r} has no grouped-query attention")
-        if self.family != "llama" and self.head_dim * self.num_heads != self.hidden_size:
-            raise ValueError(f"family {self.family!r} needs head_dim * num_heads == hidden_size")
-        if self.family == "llama" and self.attention_out_bias and not self.attention_bias:
-            raise ValueError("llama family: attention_out_bias requires attention_bias")
+        for name in ("eos_token_id", "layer_types", "rope_short_factor", "rope_long_factor"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.layer_types is not None:
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"layer_types has {len(self.layer_types)} entries, not "
+                                 f"num_layers={self.num_layers}")
+            for layer_type in self.layer_types:
+                _check_choice("layer_types entry", layer_type, LAYER_TYPES)
         if self.word_embed_proj_dim is not None and self.family != "opt":
             raise ValueError("word_embed_proj_dim is an OPT option")
-        if isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
-        if isinstance(self.layer_types, list):
-            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if self.rotary_dim is not None and (self.rotary_dim % 2 or self.rotary_dim > self.head_dim):
+            raise ValueError(f"rotary_dim={self.rotary_dim} must be even and <= head_dim")
+        if family.check is not None:
+            family.check(self)
 
     @property
     def embed_dim(self) -> int:
@@ -133,10 +181,14 @@ class ModelConfig:
 
     @property
     def hf_model_type(self) -> str:
-        """`model_type` of the matching transformers config."""
-        if self.family == "llama" and self.attention_bias and not self.attention_out_bias:
-            return "qwen2"
-        return self.family
+        """`model_type` of the matching transformers config (`model_type`, resolved)."""
+        return self.model_type
+
+    def layer_window(self, layer: int) -> int | None:
+        """Sliding window of layer `layer`, or None when it attends globally."""
+        if self.layer_types is not None and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
 
     def replace(self, **changes: Any) -> ModelConfig:
         """A copy with `changes` applied (e.g. `cfg.replace(dtype="bfloat16")`)."""
@@ -151,13 +203,12 @@ class ModelConfig:
         """
         import transformers
 
+        from jax_rlhf.models import registry
+
         if isinstance(hf_config, dict):
             hf_config = transformers.AutoConfig.for_model(**hf_config)
-        model_type = hf_config.model_type
-        readers = {"llama": _from_llama, "qwen2": _from_qwen2, "opt": _from_opt, "gpt2": _from_gpt2}
-        if model_type not in readers:
-            raise ValueError(f"unsupported model_type {model_type!r}; supported: {sorted(readers)}")
-        fields = readers[model_type](hf_config)
+        family = registry.family_for_model_type(hf_config.model_type)
+        fields = {"model_type": hf_config.model_type, **family.from_hf(hf_config)}
         eos = hf_config.eos_token_id
         fields.update(
             vocab_size=hf_config.vocab_size,
@@ -170,13 +221,14 @@ class ModelConfig:
         return cls(**fields)
 
     def to_hf(self, *, value_head: bool = False) -> Any:
-        """The equivalent `transformers` config: Llama-, Qwen2-, OPT- or GPT2Config.
+        """The equivalent `transformers` config (`LlamaConfig`, `Qwen2Config`, `OPTConfig`, ...).
 
         With `value_head` it describes a `*ForSequenceClassification` with `num_labels=1`, the
         layout in which value-head models are saved (as the torch backend saves them).
         """
-        import transformers
+        from jax_rlhf.models import registry
 
+        family = registry.family(self.family)
         eos = list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id
         common = dict(
             vocab_size=self.vocab_size,
@@ -185,162 +237,13 @@ class ModelConfig:
             bos_token_id=self.bos_token_id,
             eos_token_id=eos,
             dtype=self.param_dtype,
-            architectures=[HF_ARCHITECTURES[self.hf_model_type][int(value_head)]],
             **({"num_labels": 1} if value_head else {}),
         )
-        if self.family == "llama":
-            llama_like = dict(
-                hidden_size=self.hidden_size,
-                intermediate_size=self.intermediate_size,
-                num_hidden_layers=self.num_layers,
-                num_attention_heads=self.num_heads,
-                num_key_value_heads=self.num_kv_heads,
-                head_dim=self.head_dim,
-                hidden_act=self.activation,
-                max_position_embeddings=self.max_position_embeddings,
-                rms_norm_eps=self.norm_eps,
-                rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
-                attention_dropout=self.attention_dropout,
-                **common,
-            )
-            if self.hf_model_type == "qwen2":
-                if self.mlp_bias:
-                    raise ValueError("Qwen2 has no MLP bias")
-                return transformers.Qwen2Config(**llama_like)
-            return transformers.LlamaConfig(
-                attention_bias=self.attention_bias, mlp_bias=self.mlp_bias, **llama_like
-            )
-        if self.family == "opt":
-            return transformers.OPTConfig(
-                hidden_size=self.hidden_size,
-                num_hidden_layers=self.num_layers,
-                num_attention_heads=self.num_heads,
-                ffn_dim=self.intermediate_size,
-                max_position_embeddings=self.max_position_embeddings,
-                do_layer_norm_before=self.do_layer_norm_before,
-                word_embed_proj_dim=self.embed_dim,
-                dropout=self.dropout,
-                attention_dropout=self.attention_dropout,
-                activation_function=self.activation,
-                **common,
-            )
-        return transformers.GPT2Config(
-            n_embd=self.hidden_size,
-            n_layer=self.num_layers,
-            n_head=self.num_heads,
-            n_inner=self.intermediate_size,
-            n_positions=self.max_position_embeddings,
-            layer_norm_epsilon=self.norm_eps,
-            activation_function=self.activation,
-            resid_pdrop=self.dropout,
-            attn_pdrop=self.attention_dropout,
-            embd_pdrop=self.embedding_dropout,
-            **common,
-        )
+        hf_config = family.to_hf(self, common)
+        hf_config.architectures = [family.architectures[hf_config.model_type][int(value_head)]]
+        return hf_config
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not one of {allowed}")
-
-
-def _require(hf_config: Any, name: str, expected: Any) -> None:
-    """Rejects an HF option whose non-default value our modules do not implement."""
-    value = getattr(hf_config, name, expected)
-    if value != expected:
-        raise ValueError(
-            f"{hf_config.model_type}: {name}={value!r} is not supported (only {expected!r})"
-        )
-
-
-def _rope_theta(hf_config: Any) -> float:
-    rope = getattr(hf_config, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default")
-    if rope_type != "default":
-        raise ValueError(f"{hf_config.model_type}: rope_type={rope_type!r} is not supported")
-    return float(rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0)))
-
-
-def _llama_like(hf_config: Any) -> dict[str, Any]:
-    heads = hf_config.num_attention_heads
-    return dict(
-        family="llama",
-        hidden_size=hf_config.hidden_size,
-        num_layers=hf_config.num_hidden_layers,
-        num_heads=heads,
-        num_kv_heads=hf_config.num_key_value_heads or heads,
-        head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // heads,
-        intermediate_size=hf_config.intermediate_size,
-        max_position_embeddings=hf_config.max_position_embeddings,
-        norm_eps=hf_config.rms_norm_eps,
-        rope_theta=_rope_theta(hf_config),
-        activation=hf_config.hidden_act,
-        attention_dropout=float(hf_config.attention_dropout),
-    )
-
-
-def _from_llama(hf_config: Any) -> dict[str, Any]:
-    _require(hf_config, "pretraining_tp", 1)
-    return dict(
-        _llama_like(hf_config),
-        attention_bias=hf_config.attention_bias,
-        attention_out_bias=hf_config.attention_bias,
-        mlp_bias=hf_config.mlp_bias,
-    )
-
-
-def _from_qwen2(hf_config: Any) -> dict[str, Any]:
-    _require(hf_config, "use_sliding_window", False)
-    return dict(_llama_like(hf_config), attention_bias=True)
-
-
-def _from_opt(hf_config: Any) -> dict[str, Any]:
-    _require(hf_config, "enable_bias", True)
-    _require(hf_config, "layer_norm_elementwise_affine", True)
-    _require(hf_config, "_remove_final_layer_norm", False)
-    heads = hf_config.num_attention_heads
-    proj = hf_config.word_embed_proj_dim
-    return dict(
-        family="opt",
-        hidden_size=hf_config.hidden_size,
-        num_layers=hf_config.num_hidden_layers,
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=hf_config.hidden_size // heads,
-        intermediate_size=hf_config.ffn_dim,
-        max_position_embeddings=hf_config.max_position_embeddings,
-        norm_eps=1e-5,  # torch.nn.LayerNorm default; OPTConfig has no epsilon field
-        attention_bias=True,
-        attention_out_bias=True,
-        mlp_bias=True,
-        activation=hf_config.activation_function,
-        do_layer_norm_before=hf_config.do_layer_norm_before,
-        word_embed_proj_dim=None if proj in (None, hf_config.hidden_size) else proj,
-        dropout=float(hf_config.dropout),
-        attention_dropout=float(hf_config.attention_dropout),
-    )
-
-
-def _from_gpt2(hf_config: Any) -> dict[str, Any]:
-    _require(hf_config, "scale_attn_weights", True)
-    _require(hf_config, "scale_attn_by_inverse_layer_idx", False)
-    _require(hf_config, "add_cross_attention", False)
-    hidden, heads = hf_config.n_embd, hf_config.n_head
-    return dict(
-        family="gpt2",
-        hidden_size=hidden,
-        num_layers=hf_config.n_layer,
-        num_heads=heads,
-        num_kv_heads=heads,
-        head_dim=hidden // heads,
-        intermediate_size=hf_config.n_inner or 4 * hidden,
-        max_position_embeddings=hf_config.n_positions,
-        norm_eps=hf_config.layer_norm_epsilon,
-        attention_bias=True,
-        attention_out_bias=True,
-        mlp_bias=True,
-        activation=hf_config.activation_function,
-        dropout=float(hf_config.resid_pdrop),
-        attention_dropout=float(hf_config.attn_pdrop),
-        embedding_dropout=float(hf_config.embd_pdrop),
-    )

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_rlhf.models.causal_lm import FAMILY_SPECS, CausalLM, ValueHeadModel
+from jax_rlhf.models import registry
+from jax_rlhf.models.causal_lm import CausalLM, ValueHeadModel
 from jax_rlhf.models.config import ModelConfig
 from jax_rlhf.models.key_map import TRANSPOSE, Rule
 from shared.errors import InputError, ModelSourceError, is_hub_name, one_line
@@ -139,7 +140,7 @@ def from_state_dict(
         model's. `lm_head.weight` is dropped, not unused, when the model has no `lm_head`
         (tied embeddings, value-head models), as HF itself ties it away.
     """
-    spec = FAMILY_SPECS[cfg.family]
+    spec = registry.family(cfg.family).spec
     abstract = nnx.eval_shape(lambda: model_cls(cfg, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = _flat_params(state)
@@ -271,7 +272,7 @@ def _flat_params(state: nnx.State) -> dict[str, nnx.Variable]:
 
 def _active_rules(cfg: ModelConfig, flat: dict) -> list[Rule]:
     """Concrete rules whose parameters exist; every parameter must be covered exactly once."""
-    spec = FAMILY_SPECS[cfg.family]
+    spec = registry.family(cfg.family).spec
     backbone = [
         r.expand(cfg.num_layers, hf_prefix=spec.hf_prefix, ours_prefix="model.") for r in spec.rules
     ]
@@ -293,7 +294,7 @@ def _canonical(state_dict: dict, cfg: ModelConfig, strip_prefix: str) -> dict[st
     """Renames keys to HF spelling: strips `strip_prefix`, renames `HEAD_ALIASES`, adds the
     backbone prefix to base-model keys ("layers.0..." -> "model.layers.0...")."""
     head_keys = {rule.hf for rule in HEAD_RULES}
-    prefix = FAMILY_SPECS[cfg.family].hf_prefix
+    prefix = registry.family(cfg.family).spec.hf_prefix
     out = {}
     for key, value in state_dict.items():
         if strip_prefix and key.startswith(strip_prefix):

@@ -7,11 +7,14 @@ embedding projected in to `hidden_size` and back out before the LM head.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 from flax import nnx
 
 from jax_rlhf.models.config import ModelConfig
 from jax_rlhf.models.decoder import Backbone, DecoderBlock
+from jax_rlhf.models.family import Family, require
 from jax_rlhf.models.key_map import TRANSPOSE, FamilySpec, Rule, embed, linear, norm
 from jax_rlhf.models.layers import MLP, LayerNorm, dense, embedding, lookup_tokens
 
@@ -83,4 +86,69 @@ SPEC = FamilySpec(
         *linear("decoder.layers.{i}.fc1", "layers.{i}.mlp.up_proj"),
         *linear("decoder.layers.{i}.fc2", "layers.{i}.mlp.down_proj"),
     ),
+)
+
+
+def from_hf(hf_config: Any) -> dict[str, Any]:
+    """`ModelConfig` fields of an `OPTConfig`."""
+    require(hf_config, "enable_bias", True)
+    require(hf_config, "layer_norm_elementwise_affine", True)
+    require(hf_config, "_remove_final_layer_norm", False)
+    heads = hf_config.num_attention_heads
+    proj = hf_config.word_embed_proj_dim
+    return dict(
+        family="opt",
+        hidden_size=hf_config.hidden_size,
+        num_layers=hf_config.num_hidden_layers,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=hf_config.hidden_size // heads,
+        intermediate_size=hf_config.ffn_dim,
+        max_position_embeddings=hf_config.max_position_embeddings,
+        norm_eps=1e-5,  # torch.nn.LayerNorm default; OPTConfig has no epsilon field
+        attention_bias=True,
+        attention_out_bias=True,
+        mlp_bias=True,
+        activation=hf_config.activation_function,
+        do_layer_norm_before=hf_config.do_layer_norm_before,
+        word_embed_proj_dim=None if proj in (None, hf_config.hidden_size) else proj,
+        dropout=float(hf_config.dropout),
+        attention_dropout=float(hf_config.attention_dropout),
+    )
+
+
+def to_hf(cfg: ModelConfig, common: dict[str, Any]) -> Any:
+    """The `OPTConfig` of `cfg`."""
+    import transformers
+
+    return transformers.OPTConfig(
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        ffn_dim=cfg.intermediate_size,
+        max_position_embeddings=cfg.max_position_embeddings,
+        do_layer_norm_before=cfg.do_layer_norm_before,
+        word_embed_proj_dim=cfg.embed_dim,
+        dropout=cfg.dropout,
+        attention_dropout=cfg.attention_dropout,
+        activation_function=cfg.activation,
+        **common,
+    )
+
+
+def check_multi_head(cfg: ModelConfig) -> None:
+    """Plain multi-head attention (OPT, GPT-2): no grouped-query heads, no free head_dim."""
+    if cfg.num_kv_heads != cfg.num_heads:
+        raise ValueError(f"family {cfg.family!r} has no grouped-query attention")
+    if cfg.head_dim * cfg.num_heads != cfg.hidden_size:
+        raise ValueError(f"family {cfg.family!r} needs head_dim * num_heads == hidden_size")
+
+
+FAMILY = Family(
+    name="opt",
+    architectures={"opt": ("OPTForCausalLM", "OPTForSequenceClassification")},
+    from_hf=from_hf,
+    to_hf=to_hf,
+    spec=SPEC,
+    check=check_multi_head,
 )
