@@ -110,6 +110,7 @@ def _export(config: Any, args: Any) -> int:
 
     from jax_rlhf.checkpoint import read_checkpoint
     from jax_rlhf.train.common import export_hf, load_tokenizer
+    from shared.model_card import checkpoint_card, complete_export
 
     if args.checkpoint is None or args.out is None:
         raise InputError("rlhf export needs --checkpoint DIR and --out DIR")
@@ -123,6 +124,9 @@ def _export(config: Any, args: Any) -> int:
         params, frozen = mdef.partition(jax.tree.map(jax.numpy.asarray, values))
         out = Path(args.out) if len(models) == 1 else Path(args.out) / name
         export_hf(mdef, params, frozen, out, tokenizer)
+        if jax.process_index() == 0:
+            complete_export(out, checkpoint_card(args.checkpoint, backend="jax", role=name,
+                                                 progress=f"checkpoint step {step}"))
         print(f"exported {name} (checkpoint {step}) -> {out}")
     return 0
 

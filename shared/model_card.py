@@ -12,6 +12,9 @@ reads it back, for every final directory of both backends (``<run>/sft/final``,
   or iteration, the base model, the config's sha256, the parity status as far as known
   (never invented), and for GPT-2 how to score a left-padded batch as the backends do.
 
+``rlhf export`` (a checkpoint to Hugging Face directories) completes its directories the
+same way, with ``checkpoint_card``.
+
 Nothing here imports torch, jax or transformers.
 """
 
@@ -26,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["GENERATION_CONFIG", "GPT2_POSITION_NOTE", "MODEL_CARD", "ExportCard",
-           "complete_export", "describe_source", "is_causal_lm", "write_generation_config",
-           "write_model_card"]
+           "checkpoint_card", "complete_export", "describe_source", "is_causal_lm",
+           "write_generation_config", "write_model_card"]
 
 GENERATION_CONFIG = "generation_config.json"
 MODEL_CARD = "README.md"
@@ -150,6 +153,25 @@ def write_model_card(directory: str | os.PathLike, card: ExportCard) -> Path:
     path = directory / MODEL_CARD
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def checkpoint_card(checkpoint: str | os.PathLike, *, backend: str, role: str,
+                    progress: str | None = None) -> ExportCard:
+    """The card of a directory ``rlhf export`` writes from ``checkpoint``
+    (``<run>/<step>/checkpoints[/<tag>]``): run, step and config hash from the path and the
+    checkpoint's ``MANIFEST.json`` (``shared.manifest``) where there is one."""
+    path = Path(checkpoint).resolve()
+    manifest = path / "MANIFEST.json"
+    sha256 = (json.loads(manifest.read_text()).get("config_sha256", "not recorded")
+              if manifest.is_file() else "not recorded (a checkpoint without MANIFEST.json)")
+    checkpoints = path if path.name == "checkpoints" else path.parent
+    if progress is None:
+        progress = f"checkpoint `{path.name}`" if path != checkpoints else "its latest checkpoint"
+    return ExportCard(backend=backend, step=checkpoints.parent.name, role=role,
+                      run_dir=str(checkpoints.parent.parent), progress=progress,
+                      base_model="not recorded in the checkpoint (the run's config.yaml and "
+                                 "summary.json name the models it started from)",
+                      config_sha256=sha256)
 
 
 def complete_export(directory: str | os.PathLike, card: ExportCard) -> None:

@@ -182,6 +182,7 @@ def chat(model, tokenizer, config: RLHFConfig, *, stdin: TextIO = sys.stdin,
 
 
 def _export(args: Any) -> int:
+    from shared.model_card import checkpoint_card, complete_export
     from torch_rlhf.checkpoint import CheckpointManager, export_checkpoint
 
     checkpoint = getattr(args, "checkpoint", None)
@@ -197,5 +198,8 @@ def _export(args: Any) -> int:
         checkpoint = latest
     out = getattr(args, "out", None) or checkpoint.parent.parent / f"export-{checkpoint.name}"
     written = export_checkpoint(checkpoint, out)
+    for directory in written:
+        role = directory.name if len(written) > 1 else "final"
+        complete_export(directory, checkpoint_card(checkpoint, backend="torch", role=role))
     logger.info("exported %s -> %s", checkpoint, ", ".join(map(str, written)))
     return 0

@@ -117,6 +117,8 @@ def test_export_command_rebuilds_the_final_models(pipeline_run, tmp_path):
     for name, final in (("actor", "final"), ("critic", "critic")):
         exported = shared_state(tmp_path / name)
         expected = shared_state(run_dir / "ppo" / final)
+        card = (tmp_path / name / "README.md").read_text()
+        assert "backend `jax`" in card and "checkpoint step 2" in card, card
         assert exported.keys() == expected.keys()
         for key in expected:
             np.testing.assert_array_equal(exported[key], expected[key], err_msg=key)

@@ -57,6 +57,10 @@ def test_sft_command_and_export(setting, tmp_path, distributed, model_dirs, data
     # The command takes a step directory too (its latest checkpoint).
     assert run("export", config, _args(checkpoint=run_dir / "sft", out=tmp_path / "e2")) == 0
     _same_weights(tmp_path / "e2", run_dir / "sft" / "final")
+    for exported in (run_dir / "sft" / "final", tmp_path / "e2"):  # model cards, GPT-2's note
+        card = (exported / "README.md").read_text()
+        assert "backend `torch`" in card and "step: `sft`" in card and "position_ids" in card
+    assert "checkpoint `step-00000002`" in (tmp_path / "e2" / "README.md").read_text()
 
 
 def test_ppo_checkpoint_exports_actor_and_critic(tmp_path, distributed, model_dirs, data_cache):
