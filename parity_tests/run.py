@@ -460,8 +460,8 @@ def check_model_support(config, model_dir: str | None = None) -> None:
             ModelConfig.from_hf(hf_config)
         except (ValueError, NotImplementedError) as err:
             raise UnsupportedModelError(
-                f"{where}: model_type {model_type!r} cannot run on the JAX backend ({err}); "
-                "`rlhf parity` needs both backends (`--backend torch` trains it)") from None
+                f"{where}: model_type {model_type!r} cannot run on the JAX backend, and "
+                f"`rlhf parity` needs both: {err}") from None
 
 
 def model_dependent(row: Row) -> bool:
