@@ -38,8 +38,9 @@ HEAD_RULES = (
 The value head is saved as HF `*ForSequenceClassification.score` (`num_labels=1`, no bias), the
 torch backend's layout; DeepSpeed-Chat's name for it is accepted on import (`HEAD_ALIASES`)."""
 
-HEAD_ALIASES = {"v_head.weight": "score.weight"}
-"""Other names of head tensors, renamed on import."""
+HEAD_ALIASES = {"v_head.weight": "score.weight", "embed_out.weight": "lm_head.weight"}
+"""Other names of head tensors, renamed on import (DeepSpeed-Chat's value head; GPT-NeoX's LM
+head as Pythia checkpoints name it, which transformers renames on load too)."""
 
 ModelClass = type[CausalLM] | type[ValueHeadModel]
 

@@ -15,6 +15,7 @@ from flax import nnx
 
 from jax_rlhf.models.config import ModelConfig
 from jax_rlhf.models.decoder import Backbone, DecoderBlock
+from jax_rlhf.models.family import Family, refuse
 from jax_rlhf.models.key_map import FamilySpec, embed, linear, norm
 from jax_rlhf.models.layers import GatedMLP, embedding, lookup_tokens
 
@@ -92,14 +93,6 @@ SPEC = FamilySpec(
 )
 
 
-def refuse(model_type: str, option: str, value: Any, supported: str) -> ValueError:
-    """The error for an HF option the JAX backend does not implement."""
-    return ValueError(
-        f"{model_type}: {option}={value!r} is not supported by the JAX backend ({supported}); "
-        "--backend torch runs this model"
-    )
-
-
 def check_causal(hf_config: Any) -> None:
     """Refuses Gemma's bidirectional (encoder-style) attention."""
     if getattr(hf_config, "use_bidirectional_attention", None):
@@ -169,3 +162,19 @@ def to_hf(cfg: ModelConfig, common: dict[str, Any]) -> Any:
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         **common,
     )
+
+
+def check(cfg: ModelConfig) -> None:
+    """Only default RoPE: the reader refuses the other types."""
+    if cfg.rope_type != "default":
+        raise ValueError(f"gemma: rope_type={cfg.rope_type!r} is not supported (only 'default')")
+
+
+FAMILY = Family(
+    name="gemma",
+    architectures={"gemma": ("GemmaForCausalLM", "GemmaForSequenceClassification")},
+    from_hf=from_hf,
+    to_hf=to_hf,
+    spec=SPEC,
+    check=check,
+)

@@ -8,7 +8,7 @@ global; scores are scaled by `query_pre_attn_scalar**-0.5`.
 
 - Gemma 2: scores soft-capped at `attn_logit_softcapping`; one RoPE base for every layer.
 - Gemma 3: per-head q/k norms before RoPE; local layers use `rope_local_theta`, global layers
-  `rope_theta` with linear scaling `rope_factor`.
+  `rope_theta`, linearly scaled by `rope_factor` when `rope_type == "linear"`.
 
 The final logit soft-capping (`final_logit_softcapping`) lives in `CausalLM`'s head.
 """
@@ -22,12 +22,12 @@ from flax import nnx
 
 from jax_rlhf.models.config import ModelConfig
 from jax_rlhf.models.decoder import Backbone
+from jax_rlhf.models.family import Family, refuse
 from jax_rlhf.models.gemma import (
     GemmaRMSNorm,
     default_rope_theta,
     gemma_fields,
     gemma_hf_fields,
-    refuse,
     scaled_embedding,
 )
 from jax_rlhf.models.key_map import FamilySpec, embed, linear, norm
@@ -60,7 +60,7 @@ class SandwichBlock(nnx.Module):
             logit_softcap=cfg.attn_logit_softcapping,
             qk_norm=GemmaRMSNorm if cfg.qk_norm else None,
             rope_theta=cfg.rope_local_theta if local and cfg.rope_local_theta else cfg.rope_theta,
-            rope_factor=1.0 if local else cfg.rope_factor,
+            rope_factor=cfg.rope_factor if cfg.rope_type == "linear" and not local else 1.0,
         )
         self.post_attn_norm = GemmaRMSNorm(cfg, hidden)
         self.mlp_norm = GemmaRMSNorm(cfg, hidden)
@@ -134,12 +134,10 @@ def _local_global(hf_config: Any) -> dict[str, Any]:
             "local layers need a window",
         )
     return dict(
-        gemma_fields(
-            hf_config, hf_config.model_type.removesuffix("_text"), hf_config.hidden_activation
-        ),
+        gemma_fields(hf_config, "gemma2", hf_config.hidden_activation),
         layer_types=layer_types,
         sliding_window=hf_config.sliding_window if SLIDING in layer_types else None,
-        query_pre_attn_scalar=float(hf_config.query_pre_attn_scalar),
+        query_pre_attn_scalar=hf_config.query_pre_attn_scalar,  # HF: an int
         final_logit_softcapping=hf_config.final_logit_softcapping,
     )
 
@@ -156,7 +154,9 @@ def _hf_local_global(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def from_hf(hf_config: Any) -> dict[str, Any]:
-    """`ModelConfig` fields of a `Gemma2Config`."""
+    """`ModelConfig` fields of a `Gemma2Config` or a `Gemma3TextConfig`."""
+    if hf_config.model_type == "gemma3_text":
+        return gemma3_from_hf(hf_config)
     return dict(
         _local_global(hf_config),
         rope_theta=default_rope_theta(hf_config, hf_config.rope_parameters),
@@ -165,9 +165,12 @@ def from_hf(hf_config: Any) -> dict[str, Any]:
 
 
 def to_hf(cfg: ModelConfig, common: dict[str, Any]) -> Any:
-    """The `Gemma2Config` of `cfg`; `common` holds the fields every family shares."""
+    """The `Gemma2Config` (or `Gemma3TextConfig`, by `cfg.model_type`) of `cfg`; `common`
+    holds the fields every family shares."""
     import transformers
 
+    if cfg.model_type == "gemma3_text":
+        return gemma3_to_hf(cfg, common)
     return transformers.Gemma2Config(
         **_hf_local_global(cfg),
         attn_logit_softcapping=cfg.attn_logit_softcapping,
@@ -192,16 +195,16 @@ def gemma3_from_hf(hf_config: Any) -> dict[str, Any]:
         )
     rope = hf_config.rope_parameters or {}
     global_rope = dict(rope.get(FULL) or {})
-    factor = 1.0
+    scaling = {}
     if global_rope.get("rope_type") == "linear":
-        factor = float(global_rope.pop("factor"))
+        scaling = dict(rope_type="linear", rope_factor=float(global_rope.pop("factor")))
         global_rope["rope_type"] = "default"
     return dict(
         _local_global(hf_config),
         qk_norm=True,
         rope_theta=default_rope_theta(hf_config, global_rope),
         rope_local_theta=default_rope_theta(hf_config, rope.get(SLIDING)),
-        rope_factor=factor,
+        **scaling,
     )
 
 
@@ -210,7 +213,7 @@ def gemma3_to_hf(cfg: ModelConfig, common: dict[str, Any]) -> Any:
     import transformers
 
     global_rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if cfg.rope_factor != 1.0:
+    if cfg.rope_type == "linear":
         global_rope.update(rope_type="linear", factor=cfg.rope_factor)
     local_theta = cfg.rope_local_theta or cfg.rope_theta
     return transformers.Gemma3TextConfig(
@@ -221,3 +224,31 @@ def gemma3_to_hf(cfg: ModelConfig, common: dict[str, Any]) -> Any:
         },
         **common,
     )
+
+
+def check(cfg: ModelConfig) -> None:
+    """What each HF dialect expresses: Gemma 3 has q/k norms, a local RoPE base and may scale
+    its global RoPE linearly, but no attention soft-capping; Gemma 2 the opposite."""
+    gemma3 = cfg.model_type == "gemma3_text"
+    if cfg.qk_norm != gemma3:
+        raise ValueError("gemma2 family: qk_norm=True exactly for model_type='gemma3_text'")
+    if cfg.query_pre_attn_scalar is None:
+        raise ValueError("gemma2 family: query_pre_attn_scalar is required")
+    allowed = ("default", "linear") if gemma3 else ("default",)
+    if cfg.rope_type not in allowed:
+        raise ValueError(f"{cfg.model_type}: rope_type={cfg.rope_type!r} is not one of {allowed}")
+    if gemma3 and cfg.attn_logit_softcapping is not None:
+        raise ValueError("gemma3_text: attn_logit_softcapping must be None (HF ignores it)")
+
+
+FAMILY = Family(
+    name="gemma2",
+    architectures={
+        "gemma2": ("Gemma2ForCausalLM", "Gemma2ForSequenceClassification"),
+        "gemma3_text": ("Gemma3ForCausalLM", "Gemma3TextForSequenceClassification"),
+    },
+    from_hf=from_hf,
+    to_hf=to_hf,
+    spec=SPEC,
+    check=check,
+)

@@ -17,6 +17,7 @@ from flax import nnx
 
 from jax_rlhf.models.config import ModelConfig
 from jax_rlhf.models.decoder import Backbone
+from jax_rlhf.models.family import Family, refuse
 from jax_rlhf.models.key_map import FamilySpec, embed, linear, norm
 from jax_rlhf.models.kv_cache import AttentionContext
 from jax_rlhf.models.layers import MLP, Attention, LayerNorm, dense, embedding
@@ -104,17 +105,16 @@ def from_hf(hf_config: Any) -> dict[str, Any]:
     """`ModelConfig` fields of a `GPTNeoXConfig`; refuses what `GPTNeoXModel` here lacks."""
     rope = dict(hf_config.rope_parameters or {})
     if rope.get("rope_type", "default") != "default":
-        raise ValueError(
-            f"gpt_neox: rope_type={rope['rope_type']!r} is not supported by the JAX backend "
-            "(only 'default'); --backend torch runs it"
-        )
+        raise refuse("gpt_neox", "rope_type", rope["rope_type"], "only 'default'")
     heads = hf_config.num_attention_heads
     head_dim = hf_config.hidden_size // heads
     rotary_dim = int(head_dim * rope.get("partial_rotary_factor", 1.0))
     if rotary_dim % 2:
-        raise ValueError(
-            f"gpt_neox: rotary_pct={rope.get('partial_rotary_factor')} gives an odd rotary width "
-            f"{rotary_dim} of head_dim {head_dim}; the JAX backend needs an even one"
+        raise refuse(
+            "gpt_neox",
+            "rotary_pct",
+            rope.get("partial_rotary_factor"),
+            f"the rotated width int(head_dim * rotary_pct) = {rotary_dim} must be even",
         )
     return dict(
         family="gpt_neox",
@@ -166,3 +166,19 @@ def to_hf(cfg: ModelConfig, common: dict[str, Any]) -> Any:
         },
         **common,
     )
+
+
+def check(cfg: ModelConfig) -> None:
+    """Only default RoPE: the reader refuses the other types."""
+    if cfg.rope_type != "default":
+        raise ValueError(f"gpt_neox: rope_type={cfg.rope_type!r} is not supported (only 'default')")
+
+
+FAMILY = Family(
+    name="gpt_neox",
+    architectures={"gpt_neox": ("GPTNeoXForCausalLM", "GPTNeoXForSequenceClassification")},
+    from_hf=from_hf,
+    to_hf=to_hf,
+    spec=SPEC,
+    check=check,
+)

@@ -29,6 +29,9 @@ FAMILY_MODULES = (
     "llama",
     "opt",
     "gpt2",
+    "gpt_neox",
+    "gemma",
+    "gemma2",
 )
 """Modules under `jax_rlhf.models` that each define one `FAMILY`, in the order error messages
 list them."""
