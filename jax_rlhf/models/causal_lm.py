@@ -40,8 +40,21 @@ class _WithBackbone(nnx.Module):
         return self.model(input_ids, attention_mask, positions=positions, cache=cache)
 
     def init_cache(self, batch_size: int, max_len: int, dtype: str | None = None) -> KVCache:
-        """An empty `KVCache` for `batch_size` rows of up to `max_len` tokens (prompt included)."""
+        """An empty `KVCache` for `batch_size` rows of up to `max_len` tokens (prompt included).
+
+        Refuses longrope (Phi-3 128k) caches longer than `rope_original_max_position_embeddings`:
+        HF's `generate` recomputes the whole cache with the long factors when a sequence
+        crosses that length, which a static cache does not reproduce.
+        """
         cfg = self.config
+        original = cfg.rope_original_max_position_embeddings
+        if cfg.rope_type == "longrope" and max_len > original:
+            raise ValueError(
+                f"{cfg.model_type}: generating {max_len} slots with longrope RoPE is not "
+                f"supported by the JAX backend beyond original_max_position_embeddings="
+                f"{original} (HF recomputes the cache with the long factors there); shorten "
+                "the prompt plus max_new_tokens, or --backend torch runs it"
+            )
         return KVCache.init(
             batch_size=batch_size,
             max_len=max_len,

@@ -153,7 +153,9 @@ def from_state_dict(
             missing.append(rule.hf)
             continue
         consumed.add(rule.hf)
-        for path, array in zip(rule.ours, rule.transform.to_ours(state_dict[rule.hf]), strict=True):
+        shapes = [flat[path].shape for path in rule.ours]
+        converted = rule.transform.to_ours(state_dict[rule.hf], shapes)
+        for path, array in zip(rule.ours, converted, strict=True):
             expected = flat[path].shape
             if array.shape != expected:
                 mismatched.append(f"{rule.hf} -> {path}: {array.shape} != {expected}")

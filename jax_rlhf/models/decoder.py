@@ -17,7 +17,8 @@ from jax_rlhf.models.layers import MLP, Attention, GatedMLP, LayerNorm, RMSNorm
 class DecoderBlock(nnx.Module):
     """Attention then MLP, each inside a residual; norms before (pre-LN) or after (post-LN).
 
-    `sliding_window` restricts this layer's attention to the last W key slots (`Attention`)."""
+    `sliding_window` restricts this layer's attention to the last W key slots; `qk_norm` norms
+    queries and keys per head (`Attention`)."""
 
     def __init__(
         self,
@@ -29,10 +30,13 @@ class DecoderBlock(nnx.Module):
         use_rope: bool,
         rngs: nnx.Rngs,
         sliding_window: int | None = None,
+        qk_norm: type[RMSNorm] | None = None,
     ):
         self.pre_norm = pre_norm
         self.attn_norm = norm(cfg, cfg.hidden_size)
-        self.attn = Attention(cfg, use_rope=use_rope, rngs=rngs, sliding_window=sliding_window)
+        self.attn = Attention(
+            cfg, use_rope=use_rope, rngs=rngs, sliding_window=sliding_window, qk_norm=qk_norm
+        )
         self.mlp_norm = norm(cfg, cfg.hidden_size)
         self.mlp = mlp(cfg, rngs=rngs)
 

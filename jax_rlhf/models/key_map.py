@@ -16,25 +16,42 @@ import numpy as np
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-    """A pair of inverse functions between one HF tensor and our tensor(s) (numpy arrays)."""
+    """A pair of inverse functions between one HF tensor and our tensor(s) (numpy arrays).
+
+    `to_ours(x, shapes)` also receives the shapes of our target parameters, which a split of
+    unequal parts (Phi-3's fused q/k/v under grouped-query attention) needs."""
 
     name: str
-    to_ours: Callable[[np.ndarray], list[np.ndarray]]
+    to_ours: Callable[[np.ndarray, list[tuple[int, ...]]], list[np.ndarray]]
     to_hf: Callable[[list[np.ndarray]], np.ndarray]
 
 
-IDENTITY = Transform("identity", lambda x: [x], lambda xs: xs[0])
+IDENTITY = Transform("identity", lambda x, shapes: [x], lambda xs: xs[0])
 """Same layout: embeddings, norms, biases, and GPT-2 `Conv1D` kernels (already `[in, out]`)."""
 
-TRANSPOSE = Transform("transpose", lambda x: [x.T], lambda xs: xs[0].T)
+TRANSPOSE = Transform("transpose", lambda x, shapes: [x.T], lambda xs: xs[0].T)
 """`torch.nn.Linear.weight` `[out, in]` <-> `nnx.Linear.kernel` `[in, out]`."""
 
 SPLIT_QKV = Transform(
     "split_qkv",
-    lambda x: np.split(x, 3, axis=-1),
+    lambda x, shapes: np.split(x, 3, axis=-1),
     lambda xs: np.concatenate(xs, axis=-1),
 )
 """GPT-2's fused `c_attn` (`Conv1D` weight `[H, 3H]`, bias `[3H]`) <-> separate q, k, v."""
+
+
+def _split_rows(x: np.ndarray, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    bounds = np.cumsum([shape[-1] for shape in shapes])[:-1]
+    return [part.T for part in np.split(x, bounds, axis=0)]
+
+
+SPLIT_FUSED_LINEAR = Transform(
+    "split_fused_linear",
+    _split_rows,
+    lambda xs: np.concatenate([x.T for x in xs], axis=0),
+)
+"""A fused `torch.nn.Linear.weight` `[out_1 + out_2 + ..., in]` (outputs concatenated in
+order: Phi-3's `qkv_proj`, `gate_up_proj`) <-> separate kernels `[in, out_k]`."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,6 +7,7 @@ Normalisation statistics and the attention softmax are computed in float32 as in
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import jax
@@ -104,8 +105,53 @@ class LayerNorm(nnx.Module):
         return (normed * scale + bias).astype(self.dtype)
 
 
+def rope_inv_freq(
+    *,
+    rotary_dim: int,
+    theta: float,
+    rope_type: str = "default",
+    factor: float = 1.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_max_position_embeddings: int | None = None,
+    ext_factors: tuple[float, ...] | None = None,
+) -> jax.Array:
+    """RoPE inverse frequencies `[rotary_dim / 2]` (float32) as HF's `ROPE_INIT_FUNCTIONS`.
+
+    - "default" / "linear": `theta ** -(2i / d)`, divided by `factor` (1 = no scaling).
+    - "llama3" (`_compute_llama3_parameters`): wavelengths above
+      `original_max / low_freq_factor` divided by `factor`, below `original_max /
+      high_freq_factor` kept, in between interpolated smoothly.
+    - "longrope": divided per frequency by `ext_factors` (Phi-3's short or long factors).
+    """
+    exponents = jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim
+    if rope_type == "longrope":
+        return 1.0 / (jnp.asarray(ext_factors, jnp.float32) * theta**exponents)
+    inv_freq = 1.0 / (theta**exponents)
+    if rope_type in ("default", "linear"):
+        return inv_freq / factor if factor != 1.0 else inv_freq
+    if rope_type != "llama3":
+        raise ValueError(f"rope_type={rope_type!r} is not implemented")
+    old_context = original_max_position_embeddings
+    low_freq_wavelen = old_context / low_freq_factor
+    high_freq_wavelen = old_context / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return jnp.where(is_medium, smoothed, scaled)
+
+
 def rope_cos_sin(
-    positions: jax.Array, *, head_dim: int, theta: float, dtype: jnp.dtype, factor: float = 1.0
+    positions: jax.Array,
+    *,
+    head_dim: int,
+    theta: float,
+    dtype: jnp.dtype,
+    factor: float = 1.0,
+    inv_freq: jax.Array | None = None,
+    attention_scale: float = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
     """RoPE tables as `LlamaRotaryEmbedding`: `inv_freq` and angles in float32, cast at the end.
 
@@ -113,15 +159,19 @@ def rope_cos_sin(
       positions: `[B, T]` integer position ids.
       head_dim: the rotated width (`rotary_dim` under partial rotary, GPT-NeoX).
       factor: HF `rope_type="linear"` scaling, `inv_freq / factor` (1 = no scaling).
+      inv_freq: `[head_dim / 2]` inverse frequencies (`rope_inv_freq`) replacing `theta`/`factor`.
+      attention_scale: multiplies cos and sin (HF `attention_scaling`, longrope).
     Returns:
       cos, sin: `[B, T, head_dim]`, the two halves repeated (HF `cat((freqs, freqs))`).
     """
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-    if factor != 1.0:
-        inv_freq = inv_freq / factor
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(rotary_dim=head_dim, theta=theta, factor=factor)
     freqs = positions.astype(jnp.float32)[:, :, None] * inv_freq[None, None, :]  # [B, T, D/2]
     angles = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, D]
-    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if attention_scale != 1.0:
+        cos, sin = cos * attention_scale, sin * attention_scale
+    return cos.astype(dtype), sin.astype(dtype)
 
 
 def rotate_half(x: jax.Array) -> jax.Array:
@@ -156,8 +206,11 @@ class Attention(nnx.Module):
     - `logit_softcap` c: scores become `c * tanh(scores / c)` before masking (Gemma 2).
     - `qk_norm`: a norm class `(cfg, head_dim)` applied per head to queries and keys before
       RoPE, as `q_norm` / `k_norm` (Gemma 3, Qwen3).
-    - `rope_theta`, `rope_factor`, `rotary_dim`: RoPE base (default `cfg.rope_theta`), linear
-      scaling factor, and the rotated width (partial rotary; default `head_dim`).
+    - `rope_theta`, `rope_factor`, `rotary_dim`: RoPE base (default `cfg.rope_theta`), scaling
+      factor (default `cfg.rope_factor`), and the rotated width (default `cfg.rotary_dim` or
+      `head_dim`). The RoPE type and its other parameters come from `cfg` (`rope_inv_freq`);
+      "longrope" switches to the long factors when a call's largest position reaches
+      `rope_original_max_position_embeddings`, as HF's `longrope_frequency_update`.
     """
 
     def __init__(
@@ -171,15 +224,16 @@ class Attention(nnx.Module):
         logit_softcap: float | None = None,
         qk_norm: Callable[[ModelConfig, int], nnx.Module] | None = None,
         rope_theta: float | None = None,
-        rope_factor: float = 1.0,
+        rope_factor: float | None = None,
         rotary_dim: int | None = None,
     ):
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
         self.rope_theta = (rope_theta or cfg.rope_theta) if use_rope else None
-        self.rope_factor = rope_factor
-        self.rotary_dim = rotary_dim or cfg.head_dim
+        self.rope_factor = cfg.rope_factor if rope_factor is None else rope_factor
+        self.rotary_dim = rotary_dim or cfg.rotary_dim or cfg.head_dim
+        self.rope_config = cfg  # rope_type and its parameters (a static, hashable dataclass)
         self.sliding_window = sliding_window
         self.scale = cfg.head_dim**-0.5 if scale is None else scale
         self.logit_softcap = logit_softcap
@@ -191,6 +245,35 @@ class Attention(nnx.Module):
         self.k_proj = dense(cfg, hidden, kv_dim, use_bias=cfg.attention_bias, rngs=rngs)
         self.v_proj = dense(cfg, hidden, kv_dim, use_bias=cfg.attention_bias, rngs=rngs)
         self.o_proj = dense(cfg, q_dim, hidden, use_bias=cfg.attention_out_bias, rngs=rngs)
+
+    def _rope_tables(self, positions: jax.Array, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+        """cos, sin `[B, T, rotary_dim]` of `[B, T]` positions for this layer's RoPE."""
+        cfg = self.rope_config
+        kwargs = dict(
+            rotary_dim=self.rotary_dim,
+            theta=self.rope_theta,
+            rope_type=cfg.rope_type,
+            factor=self.rope_factor,
+            low_freq_factor=cfg.rope_low_freq_factor,
+            high_freq_factor=cfg.rope_high_freq_factor,
+            original_max_position_embeddings=cfg.rope_original_max_position_embeddings,
+        )
+        if cfg.rope_type != "longrope":
+            inv_freq = rope_inv_freq(**kwargs)
+            return rope_cos_sin(positions, head_dim=self.rotary_dim, theta=self.rope_theta,
+                                dtype=dtype, inv_freq=inv_freq)
+        short = rope_inv_freq(**kwargs, ext_factors=cfg.rope_short_factor)
+        long = rope_inv_freq(**kwargs, ext_factors=cfg.rope_long_factor)
+        # One table for the whole call, chosen by its longest sequence (HF's seq_len).
+        use_long = jnp.max(positions) + 1 > cfg.rope_original_max_position_embeddings
+        return rope_cos_sin(
+            positions,
+            head_dim=self.rotary_dim,
+            theta=self.rope_theta,
+            dtype=dtype,
+            inv_freq=jnp.where(use_long, long, short),
+            attention_scale=cfg.rope_attention_factor,
+        )
 
     def project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """Queries `[B, T, K, G, D]`, keys and values `[B, T, K, D]` of `[B, T, H]` inputs
@@ -216,13 +299,7 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         if self.rope_theta is not None:
-            cos, sin = rope_cos_sin(
-                ctx.positions,
-                head_dim=self.rotary_dim,
-                theta=self.rope_theta,
-                dtype=x.dtype,
-                factor=self.rope_factor,
-            )  # [B, T, R]
+            cos, sin = self._rope_tables(ctx.positions, x.dtype)  # [B, T, R]
             q = apply_rope(q, cos[:, :, None, None, :], sin[:, :, None, None, :])
             k = apply_rope(k, cos[:, :, None, :], sin[:, :, None, :])
         if layer_cache is not None:

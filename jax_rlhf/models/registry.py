@@ -29,6 +29,8 @@ FAMILY_MODULES = (
     "llama",
     "opt",
     "gpt2",
+    "qwen3",
+    "phi3",
     "gpt_neox",
     "gemma",
     "gemma2",

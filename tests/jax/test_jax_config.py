@@ -47,20 +47,13 @@ def test_overrides_set_dtypes(hf_configs):
     "hf_config",
     [
         transformers.LlamaConfig(
-            rope_parameters={
-                "rope_type": "llama3",
-                "rope_theta": 5e5,
-                "factor": 8.0,
-                "low_freq_factor": 1.0,
-                "high_freq_factor": 4.0,
-                "original_max_position_embeddings": 8192,
-            }
+            rope_parameters={"rope_type": "dynamic", "rope_theta": 5e5, "factor": 8.0}
         ),
         transformers.GPT2Config(scale_attn_by_inverse_layer_idx=True),
         transformers.OPTConfig(enable_bias=False),
         transformers.BertConfig(),
     ],
-    ids=["llama3_rope", "gpt2_layer_scaling", "opt_no_bias", "bert"],
+    ids=["llama_dynamic_rope", "gpt2_layer_scaling", "opt_no_bias", "bert"],
 )
 def test_unsupported_hf_options_raise(hf_config):
     with pytest.raises(ValueError, match="not supported|unsupported"):
