@@ -17,6 +17,7 @@ after the last, every parameter under its HF state-dict name (JAX through the co
 from __future__ import annotations
 
 import functools
+import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -165,8 +166,9 @@ def optimiser_rows(path: str | Path, batches: Sequence[Mapping[str, np.ndarray]]
         rows.append(compare("4", f"{label} step {i} lr", j["lr"], t["lr"], "shared_fp32"))
         rows.append(compare("4", f"{label} step {i} grad_norm", j["grad_norm"], t["grad_norm"],
                             "loss"))
-    j_weights, j_noise = split_key_biases(j_weights)
-    t_weights, t_noise = split_key_biases(t_weights)
+    num_heads = json.loads((Path(path) / "config.json").read_text()).get("num_attention_heads")
+    j_weights, j_noise = split_key_biases(j_weights, num_heads=num_heads)
+    t_weights, t_noise = split_key_biases(t_weights, num_heads=num_heads)
     rows.append(compare_grads("4", f"{label} params after {len(batches)} steps", j_weights,
                               t_weights, "optimiser_params"))
     if t_noise or j_noise:
@@ -175,7 +177,7 @@ def optimiser_rows(path: str | Path, batches: Sequence[Mapping[str, np.ndarray]]
     return rows
 
 
-def split_key_biases(weights: Mapping[str, np.ndarray]
+def split_key_biases(weights: Mapping[str, np.ndarray], *, num_heads: int | None = None
                      ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """(every other parameter, the attention key biases).
 
@@ -185,7 +187,9 @@ def split_key_biases(weights: Mapping[str, np.ndarray]
     by up to ~lr per step in a direction set by the noise: the two backends' key biases then
     differ by O(lr) without any backend difference (tolerance `optimiser_zero_grad`). OPT's
     `k_proj.bias` is split off whole, the key third of GPT-2's fused `c_attn.bias`
-    (q, k, v) as `<name>[k]`; the q and v thirds stay with the other parameters.
+    (q, k, v) as `<name>[k]`; the q and v thirds stay with the other parameters. GPT-NeoX's
+    fused `query_key_value.bias` interleaves q, k, v per head (`[heads, 3, head_dim]`): with
+    `num_heads` its k parts are split off the same way.
     """
     rest, noise = {}, {}
     for name, value in weights.items():
@@ -195,6 +199,10 @@ def split_key_biases(weights: Mapping[str, np.ndarray]
             width = value.shape[0] // 3
             rest[name + "[q, v]"] = np.concatenate([value[:width], value[2 * width:]])
             noise[name + "[k]"] = value[width:2 * width]
+        elif name.endswith("attention.query_key_value.bias") and num_heads:
+            per_head = value.reshape(num_heads, 3, -1)  # [heads, (q, k, v), head_dim]
+            rest[name + "[q, v]"] = per_head[:, [0, 2]].reshape(-1)
+            noise[name + "[k]"] = per_head[:, 1].reshape(-1)
         else:
             rest[name] = value
     return rest, noise
