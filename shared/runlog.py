@@ -28,6 +28,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from shared.errors import InputError
 from shared.config import RLHFConfig, load_config, save_config
 from shared.manifest import MANIFEST, ResumeMismatchError, backend_hint, config_diff, describe_diff
 from shared.runlock import check_run_dir_free
@@ -156,6 +157,8 @@ class RunLogger:
         self.run_dir = Path(run_dir)
         self.is_main = is_main
         self._writer = None
+        if is_main:
+            drop_torn_record(self.run_dir / "metrics.jsonl")
         if is_main and enable_tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -199,6 +202,27 @@ class RunLogger:
             self._writer = None
 
 
+def drop_torn_record(path: Path) -> None:
+    """Cut a last line that was not written whole (disk full, or a kill during the write)
+    from ``path``, with a warning; the run that logged it logs that record again on resume.
+    Every complete record ends with a newline, so only the text after the last one is cut."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        keep = data.rfind(b"\n") + 1
+        logger.warning("%s: dropping its last line, a record that was not written whole "
+                       "(%d bytes)", path, len(data) - keep)
+        f.truncate(keep)
+
+
 def truncate_metrics(run_dir: str | Path, step: str, index_name: str, first_dropped: int, *,
                      is_main: bool = True) -> None:
     """Drop ``metrics.jsonl`` records of ``step`` logged at ``index_name >= first_dropped``.
@@ -210,9 +234,15 @@ def truncate_metrics(run_dir: str | Path, step: str, index_name: str, first_drop
     path = Path(run_dir) / "metrics.jsonl"
     if not is_main or not path.is_file():
         return
+    drop_torn_record(path)
+    lines = path.read_text().splitlines()
     kept = []
-    for line in path.read_text().splitlines():
-        record = json.loads(line)
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{number}: not a JSON record ({exc.msg}); the run's "
+                             "metrics file was changed by hand or by another program") from exc
         late = record.get("step") == step and record.get(index_name, -1) >= first_dropped
         if not late:
             kept.append(line)
