@@ -393,7 +393,10 @@ class PPOLoop:
         logger.warning(message)
 
     def _record_skip(self, where: str, problems: list[str], steps: int = 1) -> bool:
-        latest = self.checkpoints.latest() if problems else None
+        latest = None
+        if problems:  # the checkpoint to name: a save still in the background counts
+            self._commit()
+            latest = self.checkpoints.latest()
         return self.guard.record(where, problems, steps=steps, last_checkpoint=latest)
 
     @staticmethod

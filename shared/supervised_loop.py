@@ -304,6 +304,8 @@ class SupervisedLoop:
                 self.global_step += 1
                 # a non-finite loss or gradient norm: the backend did not apply the step
                 problems = nonfinite_values(metrics, ("loss", "grad_norm"))
+                if problems:  # the checkpoint to name: a save in the background counts
+                    self._commit(backend)
                 self.guard.record(f"step {self.global_step}", problems,
                                   last_checkpoint=self.checkpoints.latest() if problems else None)
                 metrics = {**metrics, "skipped_steps": self.guard.skipped}
