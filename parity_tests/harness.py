@@ -205,11 +205,32 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gpt2": dict(
         model_type="gpt2", vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64,
         **_SPECIAL),
+    "gpt_neox": dict(
+        model_type="gpt_neox", vocab_size=64, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, rotary_pct=0.25,
+        max_position_embeddings=64, **_SPECIAL),
+    "gemma": dict(
+        model_type="gemma", vocab_size=64, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=64, **_SPECIAL),
+    "gemma2": dict(
+        model_type="gemma2", vocab_size=64, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        sliding_window=4, query_pre_attn_scalar=12, attn_logit_softcapping=5.0,
+        final_logit_softcapping=3.0, max_position_embeddings=64, **_SPECIAL),
+    "gemma3_text": dict(
+        model_type="gemma3_text", vocab_size=64, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        sliding_window=4, sliding_window_pattern=2, query_pre_attn_scalar=12,
+        rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 4.0},
+        final_logit_softcapping=3.0, max_position_embeddings=64, **_SPECIAL),
 }
 """HF config kwargs of the families DeepSpeed-Chat trains, in tiny sizes: Llama with grouped-query
 attention (untied, and tied with a single KV head), OPT in the OPT-350m shape
 (`word_embed_proj_dim` != `hidden_size`: project_in/out, post-LN blocks) and GPT-2 (fused qkv
-`Conv1D`, tied head)."""
+`Conv1D`, tied head); and the JAX backend's newer families: GPT-NeoX (parallel residual,
+partial rotary), Gemma, Gemma 2 and Gemma 3 text (local/global layers with a window of 4,
+soft-capping, q/k norms)."""
 
 WEIGHT_SCALE = 0.2
 """Std of the redrawn weights. HF's init (std 0.02) gives near-uniform logits on which a wrong
@@ -218,14 +239,17 @@ transpose or head order changes little; at 0.2 it changes outputs by O(1)."""
 
 def randomize_(model: Any, *, seed: int, scale: float = WEIGHT_SCALE) -> None:
     """Redraw every parameter of a torch model in place: N(0, scale^2), plus 1 for the weights
-    of norms (1-D `weight`), so that every layer contributes visibly."""
+    of norms (1-D `weight`), so that every layer contributes visibly; Gemma's norms scale by
+    `1 + weight`, so theirs stay around 0."""
     import torch
 
     generator = torch.Generator().manual_seed(seed)
+    config = getattr(model, "config", None)  # HF models and torch_rlhf's ValueModel have one
+    centre = 0.0 if config is not None and config.model_type.startswith("gemma") else 1.0
     with torch.no_grad():
         for name, param in model.named_parameters():
             noise = torch.randn(param.shape, generator=generator) * scale
-            offset = 1.0 if param.ndim == 1 and name.endswith("weight") else 0.0
+            offset = centre if param.ndim == 1 and name.endswith("weight") else 0.0
             param.copy_(noise + offset)
 
 
