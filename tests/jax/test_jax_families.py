@@ -273,3 +273,33 @@ def test_qwen2_without_windowed_layers_reads_as_global():
     cfg = ModelConfig.from_hf(hf_config)
     assert (cfg.sliding_window, cfg.layer_types) == (None, None)
     assert not cfg.to_hf().use_sliding_window
+
+
+@pytest.mark.parametrize("name", ["llama3", "llama_linear_tied_bias", "phi3_longrope_window"])
+def test_rope_inverse_frequencies_match_hf(name):
+    """`rope_inv_freq` against HF's `ROPE_INIT_FUNCTIONS` (longrope: short and long sets)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from jax_rlhf.models.layers import rope_inv_freq
+
+    hf_config = HF_CONFIGS[name]()
+    cfg = ModelConfig.from_hf(hf_config)
+    kwargs = dict(
+        rotary_dim=cfg.head_dim,
+        theta=cfg.rope_theta,
+        rope_type=cfg.rope_type,
+        factor=cfg.rope_factor,
+        low_freq_factor=cfg.rope_low_freq_factor,
+        high_freq_factor=cfg.rope_high_freq_factor,
+        original_max_position_embeddings=cfg.rope_original_max_position_embeddings,
+    )
+    init = ROPE_INIT_FUNCTIONS[cfg.rope_type]
+    if cfg.rope_type != "longrope":
+        expected, _ = init(hf_config)
+        np.testing.assert_array_equal(rope_inv_freq(**kwargs), expected.numpy())
+        return
+    for seq_len, factors in ((None, cfg.rope_short_factor), (9, cfg.rope_long_factor)):
+        expected, attention = init(hf_config, seq_len=seq_len)
+        got = rope_inv_freq(**kwargs, ext_factors=factors)
+        np.testing.assert_allclose(got, expected.numpy(), rtol=1e-7, atol=0)
+        assert attention == cfg.rope_attention_factor
