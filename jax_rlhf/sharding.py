@@ -34,8 +34,9 @@ BATCH_AXES = ("data", "fsdp")
 PARAM_RULES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
     (r"embed_tokens\.embedding$", ("tensor", "fsdp")),  # [V, D]: vocab-parallel
     (r"embed_positions\.embedding$", (None, "fsdp")),  # [positions, D]
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.kernel$", ("fsdp", "tensor")),  # column
-    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj)\.bias$", ("tensor",)),
+    # column-parallel; GPT-NeoX's fused query_key_value is heads-major, so it splits by heads
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|query_key_value)\.kernel$", ("fsdp", "tensor")),
+    (r"(q_proj|k_proj|v_proj|gate_proj|up_proj|query_key_value)\.bias$", ("tensor",)),
     (r"(o_proj|down_proj)\.kernel$", ("tensor", "fsdp")),  # row-parallel
     (r"lm_head\.kernel$", ("fsdp", "tensor")),  # [D, V]
     (r"(project_in|project_out|v_head)\.kernel$", ("fsdp", None)),

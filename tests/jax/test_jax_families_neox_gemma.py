@@ -334,3 +334,15 @@ def test_block_matches_hf_decoder_layer(name, checkpoint):
         ctx = attention_context(jnp.ones((2, length), jnp.int32), None)
         got, _ = ours.model.layers[layer](jnp.asarray(x), ctx)
         np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5, rtol=0, err_msg=layer)
+
+
+def test_gpt_neox_fused_qkv_is_column_parallel():
+    from jax.sharding import AbstractMesh
+    from jax.sharding import PartitionSpec as P
+
+    from jax_rlhf import sharding
+
+    mesh = AbstractMesh((2, 2, 2), sharding.AXES)
+    name = "model.layers.0.attn.query_key_value"
+    assert sharding.param_spec(f"{name}.kernel", (32, 96), mesh) == P("fsdp", "tensor")
+    assert sharding.param_spec(f"{name}.bias", (96,), mesh) == P("tensor")
