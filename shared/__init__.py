@@ -17,6 +17,14 @@ from shared.control import adaptive_kl_controller as adaptive_kl_controller
 from shared.control import ema as ema
 from shared.control import fixed_kl_controller as fixed_kl_controller
 from shared.control import tree_map as tree_map
+from shared.dpo import dpo_loss as dpo_loss
+from shared.dpo import sequence_logprobs as sequence_logprobs
+from shared.group_advantages import grpo_advantages as grpo_advantages
+from shared.group_advantages import reinforce_plus_plus_advantages as reinforce_plus_plus_advantages
+from shared.group_advantages import reinforce_plus_plus_returns as reinforce_plus_plus_returns
+from shared.group_advantages import remax_advantages as remax_advantages
+from shared.group_advantages import rloo_advantages as rloo_advantages
+from shared.group_advantages import whitening_moments as whitening_moments
 from shared.kl import kl_penalty as kl_penalty
 from shared.logprobs import entropy_from_logits as entropy_from_logits
 from shared.logprobs import token_logprobs as token_logprobs
@@ -24,6 +32,9 @@ from shared.masked import masked_mean as masked_mean
 from shared.masked import masked_sum as masked_sum
 from shared.masked import masked_var as masked_var
 from shared.masked import masked_whiten as masked_whiten
+from shared.policy_variants import DAPO_CLIP_HIGHER as DAPO_CLIP_HIGHER
+from shared.policy_variants import GSPO_CLIP as GSPO_CLIP
+from shared.policy_variants import gspo_policy_loss as gspo_policy_loss
 from shared.ppo_losses import entropy_bonus as entropy_bonus
 from shared.ppo_losses import kl_loss as kl_loss
 from shared.ppo_losses import policy_loss as policy_loss
@@ -45,6 +56,9 @@ from shared.rollout import minibatch_schedule as minibatch_schedule
 from shared.rollout import ppo_update_counts as ppo_update_counts
 from shared.rollout import sampling_uniforms as sampling_uniforms
 from shared.rollout import short_answer_mask as short_answer_mask
+from shared.rollout_correction import mis_mask as mis_mask
+from shared.rollout_correction import rollout_logprob_gap as rollout_logprob_gap
+from shared.rollout_correction import tis_weights as tis_weights
 from shared.sampling import filter_logits as filter_logits
 from shared.sampling import sample_token as sample_token
 from shared.schedules import constant_schedule as constant_schedule

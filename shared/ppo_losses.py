@@ -30,6 +30,7 @@ def policy_loss(
     log_ratio_clamp: float | None = None,
     agg_mode: str = "token-mean",
     normalizer: Array | float | None = None,
+    importance_weights: Array | None = None,
 ) -> tuple[Array, dict[str, Array]]:
     """Clipped surrogate loss: agg(max(-A r, -A clip(r, 1 - eps_lo, 1 + eps_hi))).
 
@@ -49,6 +50,10 @@ def policy_loss(
       dual_clip: c > 1, or None.
       log_ratio_clamp: c > 0, or None.
       agg_mode, normalizer: see `aggregate_loss`.
+      importance_weights: optional [B, T] detached per-token weights multiplying each
+        token's clipped loss, e.g. the rollout-correction weights of
+        `shared.rollout_correction.tis_weights` (verl's `rollout_is_weights`); to mask
+        tokens out (MIS), pass `response_mask * mis_mask(...)` as the mask instead.
 
     Returns:
       loss: scalar.
@@ -92,6 +97,9 @@ def policy_loss(
             xp.astype(negative & (loss_mat > loss_dual), logprobs.dtype), response_mask
         )
         loss_mat = xp.where(negative, xp.minimum(loss_mat, loss_dual), loss_mat)
+    if importance_weights is not None:
+        check_same_shape("logprobs", logprobs, "importance_weights", importance_weights)
+        loss_mat = loss_mat * importance_weights
 
     loss = aggregate_loss(loss_mat, response_mask, mode=agg_mode, normalizer=normalizer)
     stats["clip_fraction"] = masked_mean(
