@@ -114,6 +114,48 @@ def _advantage_inputs(rng, m):
     return scores, lp, ref, _f(rng, B_, T_), m
 
 
+def _scores_mask(rng, m):
+    return _f(rng, B_, scale=2.0), m
+
+
+def _remax_inputs(rng, m):
+    return _f(rng, B_, scale=2.0), _f(rng, B_, scale=2.0), m
+
+
+def _rewards_kl(rng, m):
+    x, _ = _x_mask(rng, m)
+    return x, m, np.abs(_f(rng, B_, T_, scale=0.2))
+
+
+def _rpp_returns(rewards, mask, kl, **kwargs):
+    return shared.reinforce_plus_plus_returns(rewards, mask, kl=kl, **kwargs)
+
+
+def _rpp_moments(rewards, mask, kl, **kwargs):
+    # A shard whitened with moments counted over a larger (here: doubled) batch.
+    returns = shared.reinforce_plus_plus_returns(rewards, mask, kl=kl, **kwargs)
+    moments = shared.whitening_moments(returns, mask) * 2.0 + 1.0
+    return shared.reinforce_plus_plus_advantages(rewards, mask, kl=kl, moments=moments, **kwargs)
+
+
+def _weighted_policy_inputs(rng, m):
+    return (*_policy_inputs(rng, m), np.abs(_f(rng, B_, T_)) + 0.5)
+
+
+def _weighted(loss_fn):
+    def fn(lp, old, adv, m, w, **kwargs):
+        return loss_fn(lp, old, adv, m, importance_weights=w, **kwargs)
+    return fn
+
+
+def _gap_inputs(rng, m):
+    return (*_two_logprobs(rng, m), m)
+
+
+def _dpo_inputs(rng, m):
+    return tuple(-np.abs(_f(rng, B_, scale=4.0)) for _ in range(4))
+
+
 def _sft_inputs(rng, m):
     logits, labels = _logits_labels(rng, m)
     return logits, labels, m
@@ -252,6 +294,39 @@ CASES: tuple[Case, ...] = (
          {"conventions": shared.get_preset("default")}),
     Case("ppo_losses(every term)", _ppo_losses, _ppo_inputs,
          {"conventions": _WITH_ALL, "normalizer": 6.0}),
+    Case("grpo_advantages", shared.grpo_advantages, _scores_mask, {"group_size": 3}),
+    Case("grpo_advantages(dr_grpo)", shared.grpo_advantages, _scores_mask,
+         {"group_size": 3, "scale_by_std": False}),
+    Case("grpo_advantages(n=1)", shared.grpo_advantages, _scores_mask, {"group_size": 1}),
+    Case("rloo_advantages", shared.rloo_advantages, _scores_mask, {"group_size": 3}),
+    Case("remax_advantages", shared.remax_advantages, _remax_inputs),
+    Case("reinforce_plus_plus_returns(kl)", _rpp_returns, _rewards_kl,
+         {"gamma": 0.9, "kl_coef": 0.1}),
+    Case("reinforce_plus_plus_advantages", shared.reinforce_plus_plus_advantages, _x_mask,
+         {"gamma": 1.0}),
+    Case("reinforce_plus_plus_advantages(global moments)", _rpp_moments, _rewards_kl,
+         {"gamma": 0.95, "kl_coef": 0.05}, covers=("whitening_moments",)),
+    Case("whitening_moments", shared.whitening_moments, _x_mask),
+    Case("gspo_policy_loss", shared.gspo_policy_loss, _policy_inputs,
+         {"clip_low": 0.2, "clip_high": 0.28}),
+    Case("gspo_policy_loss(weights, token-mean)", _weighted(shared.gspo_policy_loss),
+         _weighted_policy_inputs, {"clip_low": 0.1, "agg_mode": "token-mean",
+                                   "normalizer": 20.0}),
+    Case("policy_loss(importance weights)", _weighted(shared.policy_loss),
+         _weighted_policy_inputs, {"clip_low": 0.2, "clip_high": 0.28}),
+    *(Case(f"tis_weights({level})", shared.tis_weights, _gap_inputs,
+           {"threshold": 1.5, "level": level}) for level in ("token", "sequence", "geometric")),
+    Case("mis_mask(token)", shared.mis_mask, _gap_inputs, {"threshold": 1.5},
+         tolerance="exact"),
+    Case("mis_mask(geometric)", shared.mis_mask, _gap_inputs,
+         {"threshold": 1.2, "level": "geometric"}, tolerance="exact"),
+    Case("rollout_logprob_gap", shared.rollout_logprob_gap, _gap_inputs, {"threshold": 0.3}),
+    Case("sequence_logprobs", shared.sequence_logprobs, _x_mask),
+    Case("sequence_logprobs(average)", shared.sequence_logprobs, _x_mask, {"average": True}),
+    Case("dpo_loss(sigmoid)", shared.dpo_loss, _dpo_inputs, {"beta": 0.1}),
+    Case("dpo_loss(cdpo)", shared.dpo_loss, _dpo_inputs,
+         {"beta": 0.5, "label_smoothing": 0.2, "normalizer": 6.0}),
+    Case("dpo_loss(ipo)", shared.dpo_loss, _dpo_inputs, {"beta": 0.5, "loss_type": "ipo"}),
     Case("bradley_terry_loss", shared.bradley_terry_loss, lambda r, m: _pairwise_scores(r, m)[:2]),
     Case("bradley_terry_loss(margin)", shared.bradley_terry_loss,
          lambda r, m: _pairwise_scores(r, m)[:2], {"margin": 0.5}),
@@ -300,6 +375,9 @@ EXEMPT: dict[str, str] = {
     "PPOConventions": "a frozen dataclass of settings; its effect is in the ppo_losses and "
                       "compute_advantages rows",
     "get_preset": "returns configuration, no arrays",
+    "DAPO_CLIP_HIGHER": "hyperparameter data (clip_low/clip_high); its effect is the "
+                        "policy_loss(importance weights) row's asymmetric clip",
+    "GSPO_CLIP": "hyperparameter data (clip_low/clip_high), no arrays",
     "Ema": "the (init, update) type; exercised by the `ema` row",
     "EmaState": "a NamedTuple type; exercised by the `ema` row",
     "KLController": "the (init, update) type; exercised by the controller rows",
