@@ -3,7 +3,12 @@
 Every subcommand takes ``--config FILE`` (default: the shipped demo),
 ``--backend torch|jax`` (default: the config's ``backend``) and trailing
 ``key=value`` overrides (dotted keys, or DeepSpeed-Chat / NeMo-RLHF names such
-as ``actor_zero_stage=3``). The config is loaded and validated here, without
+as ``actor_zero_stage=3``). DeepSpeed-Chat's own flag forms work too:
+``--actor_zero_stage=3``, ``--actor-zero-stage 3``, a bare ``--gradient_checkpointing``
+(true), ``--data_path a b``; ``rlhf sft`` and ``rlhf rm`` read the step-1/2 names
+(``--model_name_or_path``, ``--zero_stage``, ``--lora_dim``) as those steps do. The
+``--local_rank=N`` the ``deepspeed`` launcher adds is accepted and ignored (the rank
+comes from the environment). The config is loaded and validated here, without
 importing either framework; the work itself is done by the backend's
 ``<backend>_rlhf.cli.run(command, config, args)``.
 
@@ -19,11 +24,12 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
 
-from shared.config import ConfigError, load_config, to_dict
+from shared.config import ConfigError, foreign_engine_keys, load_config, to_dict
 from shared.errors import (
     EXIT_INPUT,
     EXIT_RUN,
@@ -37,7 +43,7 @@ from shared.errors import (
     process_rank,
 )
 
-__all__ = ["COMMANDS", "build_parser", "main"]
+__all__ = ["COMMANDS", "build_parser", "flags_to_overrides", "main"]
 
 logger = logging.getLogger("rlhf")
 
@@ -80,6 +86,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 _DEBUG_HELP = ("on a failure, print the full traceback after the one-line message "
                "(also RLHF_DEBUG=1)")
+_LOCAL_RANK_HELP = ("set by the deepspeed launcher; ignored (the rank comes from the "
+                    "LOCAL_RANK environment variable)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true",
                         help=_DEBUG_HELP)
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                        help=_LOCAL_RANK_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_line, description) in COMMANDS.items():
         p = sub.add_parser(name, help=help_line, description=description)
@@ -104,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the resolved, validated config as YAML and exit")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help=_DEBUG_HELP)
+        p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS,
+                       help=_LOCAL_RANK_HELP)
         if name in ("pipeline", "sft", "rm", "ppo"):
             p.add_argument("--resume", action="store_true",
                            help="continue the run in --run-dir from its last checkpoint")
@@ -127,6 +139,56 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides (dotted keys or DS-Chat/NeMo names)")
     return parser
+
+
+_NUMBER = re.compile(r"-?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _is_value(token: str) -> bool:
+    return not token.startswith("-") or bool(_NUMBER.fullmatch(token))
+
+
+def flags_to_overrides(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Rewrites DeepSpeed-Chat style flags that are not options of ``rlhf`` into
+    ``key=value`` overrides: ``--actor_zero_stage=3`` and ``--actor-zero-stage 3`` ->
+    ``actor_zero_stage=3``, a bare ``--gradient_checkpointing`` -> ``...=true``,
+    ``--data_path a b`` -> ``data_path=a b``. ``--run_dir`` is read as ``--run-dir``.
+    Options ``rlhf`` knows, and everything before the command, are left alone."""
+    commands = next(a for a in parser._actions  # noqa: SLF001
+                    if isinstance(a, argparse._SubParsersAction)).choices  # noqa: SLF001
+    start = next((i for i, t in enumerate(argv) if t in commands), None)
+    if start is None:
+        return list(argv)
+    known = commands[argv[start]]._option_string_actions  # noqa: SLF001
+    # The overrides go last, in one run: argparse takes a positional list only once.
+    out, overrides, i = list(argv[: start + 1]), [], start + 1
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if token == "--":
+            overrides.extend(argv[i:])
+            break
+        if not token.startswith("--"):
+            (out if token.startswith("-") else overrides).append(token)
+            continue
+        name, eq, value = token[2:].partition("=")
+        dashed = "--" + name.replace("_", "-")
+        underscored = "--" + name.replace("-", "_")
+        option = next((o for o in (f"--{name}", dashed, underscored) if o in known), None)
+        if option is not None:
+            out.append(option + eq + value)
+            if not eq and known[option].nargs != 0 and i < len(argv):
+                out.append(argv[i])
+                i += 1
+            continue
+        if not eq:
+            values = []
+            while i < len(argv) and _is_value(argv[i]) and "=" not in argv[i]:
+                values.append(argv[i])
+                i += 1
+            value = " ".join(values) if values else "true"
+        overrides.append(f"{name.replace('-', '_')}={value}")
+    return out + overrides
 
 
 _BOTH_BACKENDS = {"parity": "parity_tests.run", "bench": "bench.run"}
@@ -257,13 +319,18 @@ def _report(exc: BaseException, *, command: str, debug: bool) -> int:
 def _run(args: argparse.Namespace) -> int:
     config_path = args.config or DEMO_CONFIG
     try:
-        config = load_config(config_path, args.overrides)
+        config = load_config(config_path, args.overrides, command=args.command)
     except ConfigError as err:
         raise ConfigError(f"invalid config {config_path}: {err}") from err
     args.config = config_path
     # `rlhf bench` and `rlhf parity` cover both backends unless one is named explicitly.
     args.explicit_backend = args.backend
     args.backend = args.backend or config.backend
+    if args.command not in _BOTH_BACKENDS:
+        foreign = foreign_engine_keys(config, args.backend)
+        if foreign:
+            logger.warning("the %s backend ignores %s (set for the other backend)",
+                           args.backend, ", ".join(foreign))
     if args.print_config:
         import yaml
 
@@ -276,7 +343,8 @@ def _run(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, datefmt="%H:%M:%S",
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(flags_to_overrides(sys.argv[1:] if argv is None else argv, parser))
     debug = bool(getattr(args, "debug", False)) or os.environ.get("RLHF_DEBUG", "") not in (
         "", "0")
     try:

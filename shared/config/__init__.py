@@ -1,8 +1,15 @@
 """Typed, frozen configuration: schema, YAML loading, overrides, aliases."""
 
 from shared.config._build import ConfigError, to_dict
-from shared.config.aliases import DSCHAT_ARGS, NEMO_PPO_KEYS
-from shared.config.loader import config_from_dict, load_config, parse_override, save_config
+from shared.config.aliases import DSCHAT_ARGS, DSCHAT_STEP_ARGS, NEMO_PPO_KEYS
+from shared.config.loader import (
+    config_from_dict,
+    config_keys,
+    foreign_engine_keys,
+    load_config,
+    parse_override,
+    save_config,
+)
 from shared.config.schema import (
     EngineConfig,
     EvalConfig,
@@ -24,6 +31,7 @@ from shared.config.schema import (
 __all__ = [
     "ConfigError",
     "DSCHAT_ARGS",
+    "DSCHAT_STEP_ARGS",
     "EngineConfig",
     "EvalConfig",
     "JaxEngineConfig",
@@ -41,6 +49,8 @@ __all__ = [
     "SamplingConfig",
     "TorchEngineConfig",
     "config_from_dict",
+    "config_keys",
+    "foreign_engine_keys",
     "load_config",
     "parse_override",
     "save_config",

@@ -8,12 +8,13 @@ checks each value against them and reports errors with the full dotted key
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from shared.errors import InputError
 
-__all__ = ["ConfigError", "build", "to_dict"]
+__all__ = ["ConfigError", "build", "did_you_mean", "to_dict"]
 
 
 class ConfigError(InputError):
@@ -99,6 +100,14 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}")
 
 
+def did_you_mean(name: str, candidates) -> str:
+    """``"; did you mean X?"`` for the closest of ``candidates`` (difflib), else ``""``."""
+    close = difflib.get_close_matches(name, list(candidates), n=3, cutoff=0.6)
+    if not close:
+        return ""
+    return f"; did you mean {' or '.join(close)}?"
+
+
 def build(cls: type, data: Any, *, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, validating keys and types.
 
@@ -115,8 +124,10 @@ def build(cls: type, data: Any, *, prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - set(fields))
     if unknown:
+        hints_text = "".join(did_you_mean(k, fields) for k in unknown)
         raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(fields))}"
+            f"{where}: unknown key(s) {', '.join(unknown)}{hints_text}; "
+            f"allowed: {', '.join(sorted(fields))}"
         )
     kwargs = {}
     for name, value in data.items():

@@ -1,10 +1,14 @@
-"""Where each DeepSpeed-Chat step-3 argument and NeMo-RLHF ``rlhf.ppo`` key lives.
+"""Where each DeepSpeed-Chat argument and NeMo-RLHF ``rlhf.ppo`` key lives.
 
-Both tables map an outside name to one or more dotted keys of ``RLHFConfig``,
+The tables map an outside name to one or more dotted keys of ``RLHFConfig``,
 with an optional value transform. They are used three ways: as the reference
-table in ``docs/config.md``; by the command line, which accepts
-``actor_zero_stage=3`` as well as ``engine.torch.actor_zero_stage=3``; and in
-YAML, where NeMo's names are accepted inside the ``ppo:`` section.
+tables in ``docs/config.md``; by the command line, which accepts
+``actor_zero_stage=3`` (or ``--actor_zero_stage 3``) as well as
+``engine.torch.actor_zero_stage=3``; and in YAML, where NeMo's names are accepted
+inside the ``ppo:`` section. DeepSpeed-Chat's step-1 and step-2 scripts share
+names (``--model_name_or_path``, ``--learning_rate``, ``--zero_stage``) whose
+home depends on the step, so ``DSCHAT_STEP_ARGS`` maps them per command
+(``rlhf sft``, ``rlhf rm``) and is looked up before the step-3 table.
 """
 
 from __future__ import annotations
@@ -12,7 +16,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-__all__ = ["Alias", "DSCHAT_ARGS", "NEMO_PPO_KEYS", "NOT_CONFIG", "resolve_alias"]
+__all__ = [
+    "Alias",
+    "DSCHAT_ARGS",
+    "DSCHAT_STEP_ARGS",
+    "NEMO_PPO_KEYS",
+    "NOT_CONFIG",
+    "alias_names",
+    "resolve_alias",
+]
 
 
 class Alias(NamedTuple):
@@ -103,9 +115,49 @@ DSCHAT_ARGS: dict[str, Alias] = {
     "test_stop_step": _a("ppo.max_iterations", note="DS-Chat's --enable_test_mode stop step"),
 }
 
-# DeepSpeed-Chat arguments that are not configuration here, and why.
+
+def _step_args(section: str, model_key: str) -> dict[str, Alias]:
+    """DeepSpeed-Chat's step-1 / step-2 ``main.py`` arguments that differ from step 3's
+    (``training/step{1,2}_*/main.py``), mapped into ``section`` (sft or reward)."""
+    return {
+        "model_name_or_path": _a(model_key),
+        "per_device_train_batch_size": _a(f"{section}.per_device_train_batch_size"),
+        "per_device_eval_batch_size": _a(f"{section}.per_device_eval_batch_size"),
+        "max_seq_len": _a("data.max_seq_len"),
+        "learning_rate": _a(f"{section}.optim.learning_rate"),
+        "weight_decay": _a(f"{section}.optim.weight_decay"),
+        "num_train_epochs": _a(f"{section}.num_train_epochs"),
+        "gradient_accumulation_steps": _a(f"{section}.gradient_accumulation_steps"),
+        "lr_scheduler_type": _a(f"{section}.optim.lr_scheduler_type"),
+        "num_warmup_steps": _a(f"{section}.optim.num_warmup_steps"),
+        "gradient_checkpointing": _a(f"{section}.model.gradient_checkpointing"),
+        "dropout": _a(f"{section}.model.dropout"),
+        "disable_dropout": _a(f"{section}.model.disable_dropout"),
+        "zero_stage": _a("engine.torch.zero_stage"),
+        "lora_dim": _a(f"{section}.model.lora.dim"),
+        "lora_module_name": _a(f"{section}.model.lora.module_name"),
+        "only_optimize_lora": _a(f"{section}.model.lora.only_optimize"),
+        "lora_learning_rate": _a(f"{section}.model.lora.learning_rate"),
+        "eval_interval": _a(f"{section}.eval_interval"),
+    }
+
+
+# Per `rlhf` command: step 1 is `rlhf sft`, step 2 `rlhf rm`. Names not here fall
+# through to DSCHAT_ARGS (data_path, seed, dtype, offload, output_dir, ... mean the
+# same in every step).
+DSCHAT_STEP_ARGS: dict[str, dict[str, Alias]] = {
+    "sft": _step_args("sft", "model.actor_model_name_or_path"),
+    "rm": _step_args("reward", "model.critic_model_name_or_path"),
+}
+
+# DeepSpeed-Chat arguments that are not configuration here, and why. Given on the
+# command line they are ignored with a warning.
 NOT_CONFIG: dict[str, str] = {
-    "local_rank": "set by the launcher (deepspeed / torchrun) through the environment",
+    "local_rank": "set by the launcher (deepspeed / torchrun) through the environment; "
+                  "`rlhf --local_rank=N` is accepted and ignored",
+    "deepspeed": "DeepSpeed is the torch backend's engine; nothing to switch on",
+    "print_loss": "losses are logged every logging.log_interval steps",
+    "eval_iters": "the whole eval split is evaluated",
     "preprocessing_num_workers": "tokenisation is cached; one pass per dataset",
     "enable_test_mode": "use ppo.max_iterations",
     "add_eot_token": "the end-of-conversation token is always added to the tokenizer if missing",
@@ -143,9 +195,24 @@ NEMO_PPO_KEYS: dict[str, Alias] = {
 }
 
 
-def resolve_alias(key: str, value: Any) -> list[tuple[str, Any]]:
-    """Map ``key=value`` to ``[(dotted_key, value), ...]``; dotted keys pass through."""
-    alias = DSCHAT_ARGS.get(key) or NEMO_PPO_KEYS.get(key)
+def _lookup(key: str, command: str | None) -> Alias | None:
+    return (DSCHAT_STEP_ARGS.get(command or "", {}).get(key) or DSCHAT_ARGS.get(key)
+            or NEMO_PPO_KEYS.get(key))
+
+
+def alias_names(command: str | None = None) -> list[str]:
+    """Every outside name accepted for ``command`` (for did-you-mean suggestions)."""
+    return sorted({*DSCHAT_STEP_ARGS.get(command or "", {}), *DSCHAT_ARGS, *NEMO_PPO_KEYS})
+
+
+def resolve_alias(key: str, value: Any, *, command: str | None = None
+                  ) -> list[tuple[str, Any]]:
+    """Map ``key=value`` to ``[(dotted_key, value), ...]``; dotted keys pass through, a
+    ``NOT_CONFIG`` name maps to nothing. ``command`` (sft, rm, ...) picks the step-1/2
+    meaning of names DeepSpeed-Chat's steps share."""
+    if key in NOT_CONFIG:
+        return []
+    alias = _lookup(key, command)
     if alias is None:
         return [(key, value)]
     if alias.transform is not None:

@@ -10,7 +10,11 @@ conventions and ``ppo.conventions`` overrides single fields of it.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import difflib
+import logging
 import os
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -18,17 +22,21 @@ from typing import Any
 import yaml
 
 from shared.config._build import ConfigError, build, to_dict
-from shared.config.aliases import NEMO_PPO_KEYS, resolve_alias
-from shared.config.schema import RLHFConfig
+from shared.config.aliases import NEMO_PPO_KEYS, NOT_CONFIG, alias_names, resolve_alias
+from shared.config.schema import JaxEngineConfig, RLHFConfig, TorchEngineConfig
 from shared.model_limits import check_config_models
 from shared.presets import get_preset
 
 __all__ = [
+    "config_keys",
     "config_from_dict",
+    "foreign_engine_keys",
     "load_config",
     "parse_override",
     "save_config",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Fields holding filesystem paths (dotted; `[]` marks a list of mappings).
 _PATH_KEYS = (
@@ -126,13 +134,69 @@ def _parse_scalar(text: str) -> Any:
     return value
 
 
-def parse_override(text: str) -> list[tuple[str, Any]]:
-    """``"ppo.ppo_epochs=2"`` -> ``[("ppo.ppo_epochs", 2)]``, resolving DS-Chat/NeMo names."""
+def config_keys(cls: type = RLHFConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of ``cls`` (sections included; a mapping field is one key)."""
+    keys = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        keys.append(key)
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys.extend(config_keys(hints[f.name], f"{key}."))
+    return keys
+
+
+def _known_key(dotted: str) -> bool:
+    """Whether ``dotted`` names a field, or lies inside a mapping or list field."""
+    cls, parts = RLHFConfig, dotted.split(".")
+    for part in parts:
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if part not in fields:
+            return False
+        hint = typing.get_type_hints(cls)[part]
+        if not dataclasses.is_dataclass(hint):
+            return True  # a leaf, a mapping (actor_config) or a list (datasets)
+        cls = hint
+    return True
+
+
+def _suggest(key: str, command: str | None) -> str:
+    """Did-you-mean text for an unknown override name: dotted keys, outside names, and a
+    bare field name's dotted homes (``learning_rate`` -> ``sft.optim.learning_rate``)."""
+    keys = config_keys()
+    names = {*keys, *alias_names(command)}
+    homes: dict[str, list[str]] = {}
+    for k in keys:
+        homes.setdefault(k.rsplit(".", 1)[-1], []).append(k)
+    close = difflib.get_close_matches(key, sorted(names | set(homes)), n=3, cutoff=0.6)
+    shown = list(dict.fromkeys(
+        c2 for c in close for c2 in ([c] if c in names else homes[c])))[:4]
+    return f"; did you mean {' or '.join(shown)}?" if shown else ""
+
+
+def parse_override(text: str, *, command: str | None = None) -> list[tuple[str, Any]]:
+    """``"ppo.ppo_epochs=2"`` -> ``[("ppo.ppo_epochs", 2)]``, resolving DS-Chat/NeMo names
+    (for ``command``: ``rlhf sft`` reads ``learning_rate`` as ``sft.optim.learning_rate``).
+
+    Dashes in a name are underscores (``--actor-zero-stage=3``); an unknown name is an
+    error with a did-you-mean; a DeepSpeed-Chat argument that is not configuration here
+    (``local_rank``, ``deepspeed``) is ignored with a warning."""
     key, sep, raw = text.partition("=")
-    key = key.strip().lstrip("-")
+    key = key.strip().lstrip("-").replace("-", "_")
     if not sep or not key:
         raise ConfigError(f"override {text!r}: expected key=value, e.g. ppo.ppo_epochs=2")
-    return resolve_alias(key, _parse_scalar(raw))
+    if key in NOT_CONFIG:
+        logger.warning("ignoring %s: %s", key, NOT_CONFIG[key])
+        return []
+    pairs = resolve_alias(key, _parse_scalar(raw), command=command)
+    for dotted, _ in pairs:
+        # A dotted key in a known section is checked when the section is built (its
+        # message lists the section's keys); a bare name must be a field or an alias.
+        if not _known_key(dotted) and (
+                "." not in dotted or not _known_key(dotted.rsplit(".", 1)[0])):
+            raise ConfigError(f"override {key}: unknown key{_suggest(key, command)} "
+                              "(docs/config.md lists every key)")
+    return pairs
 
 
 def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -176,25 +240,48 @@ def _normalise(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def config_from_dict(data: Mapping[str, Any], overrides: Iterable[str] = ()) -> RLHFConfig:
-    """Build a validated ``RLHFConfig`` from plain data plus ``key=value`` overrides.
+def config_from_dict(data: Mapping[str, Any], overrides: Iterable[str] = (), *,
+                     command: str | None = None) -> RLHFConfig:
+    """Build a validated ``RLHFConfig`` from plain data plus ``key=value`` overrides
+    (DeepSpeed-Chat names read as ``command`` reads them, see ``parse_override``).
 
     Besides each key's own checks, the data lengths are checked against the context of every
     model whose config can be read (``shared.model_limits``)."""
     data = copy.deepcopy(dict(data))
     for text in overrides:
-        for dotted, value in parse_override(text):
+        for dotted, value in parse_override(text, command=command):
             _set(data, dotted, value)
     config = build(RLHFConfig, _normalise(data))
     check_config_models(config)  # the data lengths against every model context it can read
     return config
 
 
-def load_config(path: str | os.PathLike, overrides: Iterable[str] = ()) -> RLHFConfig:
+def load_config(path: str | os.PathLike, overrides: Iterable[str] = (), *,
+                command: str | None = None) -> RLHFConfig:
     """Read ``path`` (YAML), apply ``overrides`` and return the validated config."""
-    return config_from_dict(_load_chain(Path(path)), overrides)
+    return config_from_dict(_load_chain(Path(path)), overrides, command=command)
 
 
 def save_config(config: RLHFConfig, path: str | os.PathLike) -> None:
     """Write the full, resolved config; ``load_config`` of it gives ``config`` back."""
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def _flat(data: Any, prefix: str) -> dict[str, Any]:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}.{key}"))
+    return out
+
+
+def foreign_engine_keys(config: RLHFConfig, backend: str) -> list[str]:
+    """The keys set away from their defaults that only the other backend reads
+    (``engine.torch.*`` on jax, ``engine.jax.*`` on torch), for a warning naming them."""
+    other, default = (("jax", JaxEngineConfig()) if backend == "torch"
+                      else ("torch", TorchEngineConfig()))
+    prefix = f"engine.{other}"
+    given = _flat(to_dict(getattr(config.engine, other)), prefix)
+    defaults = _flat(to_dict(default), prefix)
+    return [key for key, value in given.items() if value != defaults[key]]

@@ -15,7 +15,7 @@ import textwrap
 import typing
 
 from shared.config._build import _describe
-from shared.config.aliases import DSCHAT_ARGS, NEMO_PPO_KEYS, NOT_CONFIG
+from shared.config.aliases import DSCHAT_ARGS, DSCHAT_STEP_ARGS, NEMO_PPO_KEYS, NOT_CONFIG
 from shared.config.schema import RLHFConfig
 from shared.presets import _DEFAULT_REASONS, PRESETS, PPOConventions
 
@@ -98,12 +98,25 @@ def render() -> str:
         "file. On the command line, trailing `key=value` pairs override any key, by its "
         "dotted name or by its DeepSpeed-Chat / NeMo-RLHF name (tables below). "
         "`ppo.preset` picks a set of PPO conventions (`shared/presets.py`); "
-        "`ppo.conventions.<field>` overrides single fields of it.",
+        "`ppo.conventions.<field>` overrides single fields of it. DeepSpeed-Chat's flag "
+        "forms work as well: `--actor_zero_stage=3`, `--actor-zero-stage 3`, a bare "
+        "`--gradient_checkpointing` (true), `--data_path a b`. An unknown key, in a file or "
+        "an override, is an error with a did-you-mean; `engine.torch.*` keys set on the jax "
+        "backend (and `engine.jax.*` on torch) are named in a warning.",
         "",
         "| key | type | default | meaning |",
         "| --- | --- | --- | --- |",
     ]
     _rows(RLHFConfig, "", out)
+    out += ["", "## DeepSpeed-Chat step-1 and step-2 arguments", "",
+            "The step-1 (`rlhf sft`) and step-2 (`rlhf rm`) scripts share these names; each "
+            "command maps them to its own step. Their other arguments (`--data_path`, "
+            "`--seed`, `--dtype`, `--offload`, `--output_dir`, ...) are as in step 3 below.",
+            "", "| DeepSpeed-Chat argument | `rlhf sft` | `rlhf rm` |", "| --- | --- | --- |"]
+    for name, alias in DSCHAT_STEP_ARGS["sft"].items():
+        reward = DSCHAT_STEP_ARGS["rm"][name]
+        out.append(f"| `--{name}` | {', '.join(f'`{t}`' for t in alias.targets)} | "
+                   f"{', '.join(f'`{t}`' for t in reward.targets)} |")
     out += ["", "## DeepSpeed-Chat step-3 arguments", "",
             "| DeepSpeed-Chat argument | key(s) here | note |", "| --- | --- | --- |"]
     for name, alias in DSCHAT_ARGS.items():
