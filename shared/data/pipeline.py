@@ -5,6 +5,10 @@
     data = build_step_data(config, tokenizer, "ppo")      # StepData[PromptBatch]
     ptx = build_ptx_data(config, tokenizer)               # StepData[TextBatch] or None
 
+A directory in DeepSpeed-Chat's `local/jsonfile` layout (`train.json` and `eval.json`, directly
+or under `data/`) is read whole: `train.json` as the dataset, `eval.json` as its eval-only
+companion for the same steps (`expand_local_jsonfile`).
+
 For one step: every dataset feeding it is read into records, partitioned across the steps it
 feeds by `data_split` (seeded, so the three calls see disjoint shares), its share split into
 train and eval by `eval_fraction` (unless eval-only datasets feed the step), reweighted, and the
@@ -355,6 +359,31 @@ def read_dataset(
     return records, report
 
 
+JSONFILE_DIRS = ("", "data")
+"""Where DeepSpeed-Chat's `local/jsonfile` keeps train.json and eval.json, relative to the
+directory given (dschat/utils/data/raw_datasets.py LocalJsonFileDataset reads `data/`)."""
+
+
+def expand_local_jsonfile(spec: DatasetSpec) -> list[DatasetSpec]:
+    """``[spec]``, or for a directory in DeepSpeed-Chat's `local/jsonfile` layout the spec of
+    its `train.json` and, when present, of its `eval.json` as eval-only data for the same
+    steps (DeepSpeed-Chat evaluates on eval.json; reading the directory through `datasets`
+    would take the train split only)."""
+    if not os.path.isdir(spec.path):
+        return [spec]
+    for sub in JSONFILE_DIRS:
+        train = os.path.join(spec.path, sub, "train.json")
+        if os.path.isfile(train):
+            break
+    else:
+        return [spec]
+    specs = [dataclasses.replace(spec, path=train)]
+    eval_path = os.path.join(os.path.dirname(train), "eval.json")
+    if os.path.isfile(eval_path) and not spec.eval_only:
+        specs.append(dataclasses.replace(spec, path=eval_path, eval_only=True))
+    return specs
+
+
 def build_step_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, step: str) -> StepData:
     """Train and eval batches of one step ("sft", "reward" or "ppo") as fixed-shape arrays.
 
@@ -374,7 +403,8 @@ def build_step_data(config: DataConfig, tokenizer: PreTrainedTokenizerBase, step
     check_pad_with_eos(tokenizer, config.pad_with_eos)
     if step == "reward":
         check_padding_at_beginning(tokenizer, config.num_padding_at_beginning)
-    sources = [_Source(spec, config) for spec in config.datasets]
+    sources = [_Source(spec, config) for given in config.datasets
+               for spec in expand_local_jsonfile(given)]
     path = _cache_path(config, step, sources, tokenizer)
     cached = _from_cache(step, path, config)
     if cached is not None:

@@ -132,3 +132,26 @@ def test_data_layer_runs_without_torch_or_jax():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "959"
+
+
+@pytest.mark.parametrize("sub", ["", "data"], ids=["flat", "data subdir"])
+def test_dschat_local_jsonfile_reads_train_and_eval(tmp_path, tokenizer, sub):
+    """DeepSpeed-Chat's `local/jsonfile`: a directory with train.json and eval.json (JSON
+    arrays), eval.json the held-out set of every step, whole (today's data_split shares the
+    train rows only)."""
+    import json
+
+    folder = tmp_path / "jsonfile"
+    (folder / sub).mkdir(parents=True)
+    (folder / sub / "train.json").write_text(json.dumps(pairwise_rows(30)))
+    (folder / sub / "eval.json").write_text(json.dumps(pairwise_rows(7, prefix="e")))
+    config = DataConfig(datasets=(DatasetSpec(str(folder)),), max_seq_len=16,
+                        eval_fraction=0.1)
+    for step in ("sft", "reward", "ppo"):
+        data = build_step_data(config, tokenizer, step)
+        assert len(data.eval) == 7, step
+        assert data.report.counts[f"{folder / sub / 'eval.json'}/{step}/eval"] == 7
+    assert sum(len(build_step_data(config, tokenizer, s).train)
+               for s in ("sft", "reward", "ppo")) == 30
+    assert pipeline.expand_local_jsonfile(DatasetSpec(str(tmp_path))) == [
+        DatasetSpec(str(tmp_path))]  # any other directory goes through `datasets`
