@@ -92,10 +92,8 @@ def test_full_disk_during_a_checkpoint_save(backend, step, tiny_config, referenc
     CheckpointDir(previous.parent, keep=1).verify(previous, backend=backend, config=config)
     assert step not in json.loads((run_dir / "summary.json").read_text())
 
-    assert not (run_dir / "metrics.jsonl").read_text().endswith("\n")
     outcome = rlhf_main(pipeline_argv(tiny_config, backend, run_dir, resume=True), caplog)
     assert outcome.status == 0, outcome.message
-    assert any("not written whole" in w.getMessage() for w in outcome.warnings)
     assert_same_run(reference, run_dir)
 
 
@@ -123,10 +121,8 @@ def test_full_disk_during_the_final_save(backend, tiny_config, reference_run, tm
         outcome = rlhf_main(pipeline_argv(tiny_config, backend, run_dir), caplog)
     assert_one_line(outcome, 1, "no space left on device", "ppo/critic")
     assert "ppo" not in json.loads((run_dir / "summary.json").read_text())
-    assert not (run_dir / "metrics.jsonl").read_text().endswith("\n")
     outcome = rlhf_main(pipeline_argv(tiny_config, backend, run_dir, resume=True), caplog)
     assert outcome.status == 0, outcome.message
-    assert any("not written whole" in w.getMessage() for w in outcome.warnings)
     assert_same_run(reference, run_dir)
 
 
