@@ -486,6 +486,8 @@ class PPOLoop:
         if latest is None:
             logger.info("ppo: no checkpoint in %s; starting from iteration 0",
                         self.checkpoints.root)
+            if self.is_main:  # a run killed before its first checkpoint logs it all again
+                truncate_metrics(self.run_dir, self.step, "iteration", 0)
             return False
         self.checkpoints.verify(latest, backend=self.backend, config=self.config)
         state = self.load_checkpoint(latest)
@@ -548,9 +550,23 @@ class PPOLoop:
             if self._saved != self.iteration:
                 self.save()
             self._commit()
+        except BaseException:
+            self._settle()
+            raise
         finally:
             bar.close()
         return self._finish(time.perf_counter() - start)
+
+    def _settle(self) -> None:
+        """On a failure: finish a save still running in the background (a whole state of
+        an earlier iteration, so it is marked complete), before the interpreter's exit
+        stops the thread writing it; its own failure is only logged."""
+        try:
+            self._commit()
+        except Exception as exc:  # noqa: BLE001 (the failure being raised matters more)
+            self._pending = None
+            logger.warning("ppo: the checkpoint being saved when the run failed is not "
+                           "complete: %s", exc)
 
     def _finish(self, seconds: float) -> dict[str, Any]:
         entry: dict[str, Any] = {}

@@ -250,6 +250,7 @@ class SupervisedLoop:
         if latest is None:
             logger.info("%s: no checkpoint in %s; starting from step 0", self.step,
                         self.checkpoints.root)
+            self.run_logger.truncate(self.step, 0)  # killed before its first checkpoint
             return False
         self.checkpoints.verify(latest, backend=backend.backend, config=self.config)
         self.load_state_dict(backend.restore(latest))
@@ -327,9 +328,19 @@ class SupervisedLoop:
                 self._evaluate_and_log(backend)
             if self._saved_at != self.global_step:
                 self.save(backend)
+            self._commit(backend)
+        except BaseException:
+            # finish a save running in the background (a whole state of an earlier step)
+            # before the interpreter's exit stops its thread; its own failure is only logged
+            try:
+                self._commit(backend)
+            except Exception as exc:  # noqa: BLE001 (the failure being raised matters more)
+                self._pending = None
+                logger.warning("%s: the checkpoint being saved when the run failed is not "
+                               "complete: %s", self.step, exc)
+            raise
         finally:
             bar.close()
-            self._commit(backend)
         return self.eval_metrics
 
     def _card(self, backend: SupervisedBackend) -> ExportCard:
