@@ -93,14 +93,114 @@ def _load_causal_lm(config: Any, args: Any):
     return path, ctx, mdef, params, frozen
 
 
-def _eval(config: Any, args: Any) -> int:
-    """The held-out metric of an HF causal-LM directory, plus a few answers."""
-    from jax_rlhf.train.common import heldout_metrics, load_eval_prompts
+_SHOWN_PROMPTS = 8
+"""Prompts whose answers `rlhf eval` prints (the metric uses up to eval.max_prompts)."""
 
-    path, ctx, mdef, params, frozen = _load_causal_lm(config, args)
+
+def _eval_roles(config: Any, args: Any) -> dict[str, str]:
+    from shared.evaluation import model_kind
+
+    baseline = getattr(args, "model_baseline", None)
+    finetune = getattr(args, "model_finetune", None)
+    if (baseline is None) != (finetune is None):
+        raise InputError("--model-baseline and --model-finetune go together (DeepSpeed-Chat's "
+                         "prompt_eval compares the two)")
+    if baseline is None:
+        return {"model": _model_dir(config, args)}
+    for flag, path in (("--model-baseline", baseline), ("--model-finetune", finetune)):
+        if model_kind(path) == "reward":
+            raise InputError(f"{flag}: {path} is a reward model; give it alone as --model "
+                             "for its rw_eval report")
+    return {"baseline": str(baseline), "finetune": str(finetune)}
+
+
+def _eval(config: Any, args: Any) -> int:
+    """`rlhf eval`: DeepSpeed-Chat's rw_eval for a reward model, its prompt_eval for a policy
+    (or a baseline and a fine-tuned one); the report is `shared.evaluation`'s, as on torch."""
+    from shared.evaluation import model_kind
+
+    roles = _eval_roles(config, args)
+    if list(roles) == ["model"] and model_kind(roles["model"]) == "reward":
+        return _reward_eval(config, roles["model"])
+    return _prompt_eval(config, roles)
+
+
+def _prompt_eval(config: Any, roles: dict[str, str]) -> int:
+    import dataclasses
+
+    import jax
+
+    from jax_rlhf.params import ModelDef
+    from jax_rlhf.sampler import SamplingParams
+    from jax_rlhf.train.common import (
+        EVAL_ITERATION,
+        RunContext,
+        build_model,
+        compute_dtype,
+        eos_ids,
+        generate_rows,
+        heldout_metrics,
+        load_eval_prompts,
+        shared_decode,
+    )
+    from shared.data import build_step_data
+    from shared.evaluation import format_prompt_eval
+
+    ctx = RunContext.open(config, None, fallback_tokenizer=next(iter(roles.values())))
     prompts = load_eval_prompts(ctx)
-    result = {"model": path, "heldout": heldout_metrics(ctx, mdef, params, frozen, prompts)}
-    print(json.dumps(result, indent=2))
+    if prompts is None:  # eval.metric none: answers to the PPO step's eval prompts
+        data = build_step_data(config.data, ctx.tokenizer, "ppo")
+        shown = data.eval if data.eval is not None else data.train
+    else:
+        shown = prompts
+    shown = shown.take(slice(0, _SHOWN_PROMPTS))
+    answers, heldout = {}, {}
+    for role, path in roles.items():
+        mdef, params, frozen = ModelDef.split(
+            build_model("causal_lm", path=path, seed=config.seed, dtype=compute_dtype(config)))
+        heldout[role] = heldout_metrics(ctx, mdef, params, frozen, prompts)
+        sp = SamplingParams.from_config(
+            config.ppo.sampling, max_new_tokens=config.data.max_answer_seq_len,
+            eos_ids=eos_ids(ctx.tokenizer, mdef), pad_id=ctx.tokenizer.pad_token_id)
+        tokens, mask = generate_rows(
+            ctx, mdef, params, frozen, shown.prompt_input_ids, shown.prompt_attention_mask,
+            dataclasses.replace(sp, do_sample=False), iteration=EVAL_ITERATION,
+            chunk=config.ppo.per_device_generation_batch_size * ctx.dp)
+        answers[role] = shared_decode(ctx.tokenizer, tokens, mask)
+    if jax.process_index() == 0:
+        sys.stdout.write(format_prompt_eval(
+            roles, [str(t) for t in shown.prompt_text],
+            None if shown.reference is None else [str(t) for t in shown.reference],
+            answers, heldout))
+    return 0
+
+
+def _reward_eval(config: Any, path: str) -> int:
+    import jax
+    import numpy as np
+
+    from jax_rlhf.train.common import RunContext, build_model, compute_dtype
+    from jax_rlhf.train.reward import end_scores
+    from shared.evaluation import format_reward_eval, reward_eval_pairs
+
+    ctx = RunContext.open(config, None, fallback_tokenizer=path)
+    model = build_model("value_head", path=path, seed=config.seed, dtype=compute_dtype(config),
+                        init_v_head=False)
+    batch, texts = reward_eval_pairs(config.data, ctx.tokenizer,
+                                     max_pairs=config.eval.max_prompts)
+    size = config.reward.per_device_eval_batch_size
+    scores = {}
+    for side in ("chosen", "rejected"):
+        ids = getattr(batch, f"{side}_input_ids")
+        mask = getattr(batch, f"{side}_attention_mask")
+        out = []
+        for start in range(0, len(ids), size):
+            values, _ = model(ids[start:start + size], mask[start:start + size])
+            out.append(np.asarray(end_scores(values.astype("float32"),
+                                             mask[start:start + size])))
+        scores[side] = np.concatenate(out)
+    if jax.process_index() == 0:
+        sys.stdout.write(format_reward_eval(path, texts, scores["chosen"], scores["rejected"]))
     return 0
 
 

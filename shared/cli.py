@@ -65,8 +65,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "chat": ("talk to a trained model", "An interactive multi-turn prompt loop."),
     "eval": (
-        "evaluate a model on held-out prompts",
-        "Prompt evaluation (as DS-Chat's prompt_eval) and the configured eval metric.",
+        "evaluate a policy or a reward model on held-out data",
+        "Detects what --model is. A policy: its answers to held-out prompts beside the "
+        "expected ones and the configured eval metric; with --model-baseline and "
+        "--model-finetune, both side by side (DS-Chat's prompt_eval). A reward model "
+        "(*ForSequenceClassification): scores of chosen vs rejected on the pairwise eval "
+        "data, pair accuracy and the score distribution (DS-Chat's rw_eval).",
     ),
     "parity": (
         "check that both backends compute the same numbers on your model and data",
@@ -127,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         if name in ("chat", "eval", "parity", "export"):
             p.add_argument("--model", default=None,
                            help="Hugging Face model directory (default: from the config)")
+        if name == "eval":
+            p.add_argument("--model-baseline", default=None,
+                           help="with --model-finetune: DeepSpeed-Chat's prompt_eval, the two "
+                                "policies' answers side by side and the held-out metric of each")
+            p.add_argument("--model-finetune", default=None,
+                           help="the fine-tuned policy compared with --model-baseline")
         if name == "export":
             p.add_argument("--checkpoint", type=Path, default=None,
                            help="checkpoint directory to export")
@@ -242,7 +252,10 @@ def _model_sources(command: str, config, args: argparse.Namespace) -> list[tuple
     directory or the Hub (``where``: the flag or config key that named it)."""
     model = config.model
     sources = []
-    if command in ("chat", "eval", "parity"):
+    for flag in ("model_baseline", "model_finetune"):
+        if getattr(args, flag, None) is not None:
+            sources.append((f"--{flag.replace('_', '-')}", getattr(args, flag)))
+    if command in ("chat", "eval", "parity") and not sources:
         if args.model is not None:
             sources.append(("--model", args.model))
         elif model.actor_model_name_or_path is not None:

@@ -121,22 +121,98 @@ def _load_policy(config: RLHFConfig, model_dir: str | None):
     return model.to(device).eval(), tokenizer
 
 
+_SHOWN_PROMPTS = 8
+"""Prompts whose answers `rlhf eval` prints (the metric uses up to eval.max_prompts)."""
+
+
 def _eval(config: RLHFConfig, args: Any) -> int:
+    """``rlhf eval``: DeepSpeed-Chat's rw_eval for a reward model, its prompt_eval for a
+    policy (or a baseline and a fine-tuned one); the report is ``shared.evaluation``'s."""
+    from shared.evaluation import model_kind
+
+    roles = _eval_roles(config, args)
+    if list(roles) == ["model"] and model_kind(roles["model"]) == "reward":
+        return _reward_eval(config, roles["model"])
+    return _prompt_eval(config, roles)
+
+
+def _eval_roles(config: RLHFConfig, args: Any) -> dict[str, str]:
+    from shared.evaluation import model_kind
+
+    baseline = getattr(args, "model_baseline", None)
+    finetune = getattr(args, "model_finetune", None)
+    if (baseline is None) != (finetune is None):
+        raise InputError("--model-baseline and --model-finetune go together (DeepSpeed-Chat's "
+                         "prompt_eval compares the two)")
+    if baseline is None:
+        model_dir = getattr(args, "model", None) or config.model.actor_model_name_or_path
+        if model_dir is None:
+            raise InputError("pass --model DIR (a Hugging Face model directory, e.g. "
+                             "<run>/ppo/final): the config builds its actor from scratch")
+        return {"model": str(model_dir)}
+    for flag, path in (("--model-baseline", baseline), ("--model-finetune", finetune)):
+        if model_kind(path) == "reward":
+            raise InputError(f"{flag}: {path} is a reward model; give it alone as --model "
+                             "for its rw_eval report")
+    return {"baseline": str(baseline), "finetune": str(finetune)}
+
+
+def _prompt_eval(config: RLHFConfig, roles: dict[str, str]) -> int:
+    from shared.data import build_step_data
+    from shared.evaluation import format_prompt_eval
     from torch_rlhf.distributed import is_main
     from torch_rlhf.evaluation import generate_answers, heldout_metrics, load_eval_prompts
 
-    model, tokenizer = _load_policy(config, getattr(args, "model", None))
-    prompts = load_eval_prompts(config, tokenizer)
-    if prompts is None:
-        raise InputError("eval.metric is none: set eval.metric (e.g. arithmetic_accuracy) "
-                         "and eval.dataset")
-    metrics = heldout_metrics(model, tokenizer, config, prompts)
-    answers = generate_answers(model, prompts.take(slice(0, 8)), config, tokenizer,
-                               sample=False)
+    answers, heldout, shown = {}, {}, None
+    for role, path in roles.items():
+        model, tokenizer = _load_policy(config, path)
+        prompts = load_eval_prompts(config, tokenizer)
+        if shown is None:
+            if prompts is None:  # eval.metric none: answers to the PPO step's eval prompts
+                data = build_step_data(config.data, tokenizer, "ppo")
+                prompts_for_answers = data.eval if data.eval is not None else data.train
+            else:
+                prompts_for_answers = prompts
+            shown = prompts_for_answers.take(slice(0, _SHOWN_PROMPTS))
+        heldout[role] = ({} if prompts is None
+                         else heldout_metrics(model, tokenizer, config, prompts))
+        answers[role] = generate_answers(model, shown, config, tokenizer, sample=False)
+        del model
     if is_main():
-        for prompt, answer in zip(prompts.prompt_text[:8], answers, strict=True):
-            print(f"{prompt!s} -> {answer}")
-        print(json.dumps(metrics, indent=2))
+        sys.stdout.write(format_prompt_eval(
+            roles, [str(t) for t in shown.prompt_text],
+            None if shown.reference is None else [str(t) for t in shown.reference],
+            answers, heldout))
+    return 0
+
+
+def _reward_eval(config: RLHFConfig, path: str) -> int:
+    from shared.evaluation import format_reward_eval, reward_eval_pairs
+    from torch_rlhf.distributed import is_main
+    from torch_rlhf.models import build_value_model, gather_end_values
+    from torch_rlhf.runtime import resolve_tokenizer
+
+    tokenizer = resolve_tokenizer(config, path)
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    model = build_value_model(path, dtype=config.model.dtype,
+                              trust_remote_code=config.model.trust_remote_code).to(device).eval()
+    batch, texts = reward_eval_pairs(config.data, tokenizer, max_pairs=config.eval.max_prompts)
+    size = config.reward.per_device_eval_batch_size
+    scores = {}
+    with torch.no_grad():
+        for side in ("chosen", "rejected"):
+            ids = getattr(batch, f"{side}_input_ids")
+            mask = getattr(batch, f"{side}_attention_mask")
+            out = []
+            for start in range(0, len(ids), size):
+                t_ids = torch.from_numpy(ids[start:start + size]).long().to(device)
+                t_mask = torch.from_numpy(mask[start:start + size]).long().to(device)
+                values = model(t_ids, t_mask).float()
+                out.append(gather_end_values(values, t_mask, prompt_length=1).cpu())
+            scores[side] = torch.cat(out).numpy()
+    if is_main():
+        sys.stdout.write(format_reward_eval(path, texts, scores["chosen"], scores["rejected"]))
     return 0
 
 

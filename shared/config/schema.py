@@ -515,7 +515,7 @@ class EvalConfig:
     metric: Literal["none", "arithmetic_accuracy"] = "none"
     # JSONL of {"prompt", "answer"}; null: the eval split of the prompt data.
     dataset: str | None = None
-    # Evaluate on at most this many prompts.
+    # Evaluate on at most this many prompts (`rlhf eval` of a reward model: pairs).
     max_prompts: int = 256
     # Answers sampled per prompt for the metric (sampling params from ppo.sampling).
     samples_per_prompt: int = 1

@@ -136,9 +136,33 @@ def test_eval_command_reproduces_the_sft_heldout_metric(pipeline_run, capsys):
     assert rlhf(["eval", "--backend", "jax", "--config", str(config), "--model",
                  str(run_dir / "sft" / "final")]) == 0
     out = capsys.readouterr().out
-    result = json.loads(out[out.index("{"):])
+    result = json.loads(out.splitlines()[-1])
     summary = json.loads((run_dir / "summary.json").read_text())
     assert result["heldout"] == summary["sft"]["heldout"]  # same weights, same uniforms
+
+
+def test_eval_command_on_a_reward_model_and_an_sft_ppo_pair(pipeline_run, capsys):
+    """`rlhf eval` detects a reward model (rw_eval: chosen vs rejected scores; it ended in a
+    CheckpointMismatchError) and compares two policies (prompt_eval), as on torch."""
+    run_dir, config = pipeline_run
+    capsys.readouterr()
+    assert rlhf(["eval", "--backend", "jax", "--config", str(config), "--model",
+                 str(run_dir / "reward" / "final")]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.splitlines()[-1])
+    assert result["kind"] == "reward" and result["pairs"] >= 1
+    assert 0 <= result["pair_accuracy"] <= 1 and "pair accuracy" in out
+    assert result["chosen"]["min"] <= result["chosen"]["mean"] <= result["chosen"]["max"]
+    assert rlhf(["eval", "--backend", "jax", "--config", str(config),
+                 "--model-baseline", str(run_dir / "sft" / "final"),
+                 "--model-finetune", str(run_dir / "ppo" / "final")]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.splitlines()[-1])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert result["heldout"] == {"baseline": summary["sft"]["heldout"],
+                                 "finetune": summary["ppo"]["heldout"]}
+    lines = out.splitlines()
+    assert "expected |" in lines[1] and "baseline |" in lines[2] and "finetune |" in lines[3]
 
 
 def test_chat_answers_each_line(pipeline_run, capsys, monkeypatch):

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 from transformers import AutoTokenizer
 
-from shared.evaluation import decode_answers, score_answers
+from shared.evaluation import (
+    decode_answers,
+    format_prompt_eval,
+    format_reward_eval,
+    model_kind,
+    reward_eval_summary,
+    score_answers,
+)
 
 TOKENIZER = Path(__file__).resolve().parents[2] / "configs" / "demo" / "tokenizer"
 
@@ -38,3 +45,48 @@ def test_heldout_uniforms_rows_are_a_prefix_and_prompt_major():
     # padding rows (torch's world-size filler, JAX's last chunk) leave the real rows unchanged
     np.testing.assert_array_equal(heldout_uniforms(3, rows=8, max_new_tokens=5)[:6], u)
     assert not np.array_equal(heldout_uniforms(4, rows=6, max_new_tokens=5), u)
+
+
+def test_model_kind_reads_config_architectures(tmp_path):
+    import json
+
+    (tmp_path / "rm").mkdir()
+    (tmp_path / "rm" / "config.json").write_text(
+        json.dumps({"architectures": ["OPTForSequenceClassification"]}))
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "config.json").write_text(json.dumps({"architectures": ["OPTForCausalLM"]}))
+    assert model_kind(tmp_path / "rm") == "reward"
+    assert model_kind(tmp_path / "lm") == "policy"
+    assert model_kind("facebook/opt-125m") == "policy"  # a hub name: not read here
+
+
+def test_reward_eval_summary_by_hand():
+    # pairs (2, 1), (0, 1), (3, -1): two of three chosen above rejected; margins 1, -1, 4.
+    summary = reward_eval_summary(np.array([2.0, 0.0, 3.0]), np.array([1.0, 1.0, -1.0]))
+    assert summary["pairs"] == 3 and summary["pair_accuracy"] == pytest.approx(2 / 3)
+    assert summary["chosen"] == {"mean": pytest.approx(5 / 3), "std": pytest.approx(
+        np.std([2, 0, 3])), "min": 0.0, "max": 3.0}
+    assert summary["margin"]["mean"] == pytest.approx(4 / 3)
+    assert summary["margin"]["min"] == -1.0 and summary["margin"]["max"] == 4.0
+    with pytest.raises(ValueError, match="equal non-empty"):
+        reward_eval_summary(np.zeros(2), np.zeros(3))
+
+
+def test_reports_end_with_one_json_line():
+    import json
+
+    text = format_reward_eval("rm", ["a", "b"], np.array([1.0, 0.0]), np.array([0.0, 1.0]))
+    assert json.loads(text.splitlines()[-1])["pair_accuracy"] == 0.5
+    assert "pair accuracy (chosen > rejected): 0.5000" in text
+    text = format_prompt_eval({"baseline": "b", "finetune": "f"}, ["1+1="], ["2"],
+                              {"baseline": ["3"], "finetune": ["2"]},
+                              {"baseline": {"acc": 0.0}, "finetune": {"acc": 1.0}})
+    lines = text.splitlines()
+    assert lines[:4] == ["==== prompt 0: 1+1=", "  expected | 2", "  baseline | 3",
+                         "  finetune | 2"]
+    assert json.loads(lines[-1]) == {"baseline": "b", "finetune": "f", "kind": "policy",
+                                     "heldout": {"baseline": {"acc": 0.0},
+                                                 "finetune": {"acc": 1.0}}}
+    one = format_prompt_eval({"model": "m"}, ["1+1="], None, {"model": ["2"]}, {"model": {}})
+    assert json.loads(one.splitlines()[-1]) == {"model": "m", "kind": "policy", "heldout": {}}
+    assert "expected" not in one

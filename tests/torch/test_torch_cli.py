@@ -26,7 +26,8 @@ pytestmark = [
 
 def _args(**kwargs) -> argparse.Namespace:
     defaults = dict(config=None, resume=False, run_dir=None, actor=None, critic=None,
-                    model=None, checkpoint=None, out=None)
+                    model=None, checkpoint=None, out=None, model_baseline=None,
+                    model_finetune=None)
     return argparse.Namespace(**{**defaults, **kwargs})
 
 
@@ -82,9 +83,9 @@ def test_eval_and_chat(tmp_path, distributed, model_dirs, data_cache, capsys):
     _, config = write_config(tmp_path, overrides)
     assert run("eval", config, _args(model=model_dirs("llama_gqa_untied"))) == 0
     printed = capsys.readouterr().out
-    metrics = json.loads(printed[printed.index("{"):])
+    metrics = json.loads(printed.splitlines()[-1])["heldout"]
     assert set(metrics) == {"arithmetic_accuracy", "arithmetic_accuracy_greedy"}
-    assert "+" in printed.splitlines()[0] and "->" in printed.splitlines()[0]
+    assert "+" in printed.splitlines()[0] and "expected |" in printed.splitlines()[1]
 
     tokenizer = resolve_tokenizer(config)
     model = build_causal_lm(model_dirs("llama_gqa_untied")).eval()
@@ -94,6 +95,41 @@ def test_eval_and_chat(tmp_path, distributed, model_dirs, data_cache, capsys):
     lines = out.getvalue().splitlines()
     assert lines[0].startswith("chat:") and lines[2] == "(conversation cleared)"
     assert len(lines) == 4  # prompt, answer, cleared, answer; nothing after quit
+
+
+def test_eval_detects_a_reward_model_and_compares_two_policies(tmp_path, distributed,
+                                                                model_dirs, data_cache, capsys):
+    """`rlhf eval`: a *ForSequenceClassification directory gets the rw_eval report (it was
+    loaded as a causal LM and printed garbage); --model-baseline/--model-finetune the
+    prompt_eval one. Untrained models: the figures are checked for shape, not value."""
+    from tiny_hf import FAMILIES
+
+    from torch_rlhf.models import build_value_model
+
+    torch.manual_seed(0)
+    reward_dir = tmp_path / "reward"
+    build_value_model(config_dict=FAMILIES["llama_gqa_untied"]).model.save_pretrained(reward_dir)
+    overrides = merge(family_models(model_dirs("llama_gqa_untied")),
+                      {"data": {"cache_dir": data_cache}, "eval": {"max_prompts": 4}})
+    _, config = write_config(tmp_path, overrides)
+    capsys.readouterr()
+    assert run("eval", config, _args(model=str(reward_dir))) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed.splitlines()[-1])
+    assert result["kind"] == "reward" and result["pairs"] == 4
+    assert 0 <= result["pair_accuracy"] <= 1
+    assert set(result["chosen"]) == {"mean", "std", "min", "max"}
+    assert "pair accuracy" in printed
+
+    policy = model_dirs("llama_gqa_untied")
+    assert run("eval", config, _args(model_baseline=policy, model_finetune=policy)) == 0
+    printed = capsys.readouterr().out
+    result = json.loads(printed.splitlines()[-1])
+    assert result["kind"] == "policy" and result["baseline"] == policy
+    assert result["heldout"]["baseline"] == result["heldout"]["finetune"]  # same weights
+    lines = printed.splitlines()
+    assert "expected |" in lines[1] and "baseline |" in lines[2] and "finetune |" in lines[3]
+    assert lines[2].split("|")[1] == lines[3].split("|")[1]
 
 
 @pytest.mark.parametrize("command", ["parity", "bench"])
