@@ -171,3 +171,31 @@ def test_recipe_launch_line_works_as_written(recipe, line, monkeypatch, capsys):
     monkeypatch.chdir(REPO)
     assert cli.main([*argv, "--print-config"]) == 0
     assert "actor_model_name_or_path" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("recipe", "line"),
+                         [(n, c) for n, c in _launch_lines() if c.startswith("deepspeed ")],
+                         ids=[n for n, c in _launch_lines() if c.startswith("deepspeed ")])
+def test_recipe_launch_line_through_the_real_launcher(recipe, line):
+    """The header line run by the deepspeed launcher itself (one CPU process instead of the
+    recipe's GPUs, --print-config so nothing trains): about 8 s each."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    deepspeed = Path(sys.executable).with_name("deepspeed")
+    if not deepspeed.exists():
+        pytest.skip("the deepspeed launcher is not installed")
+    tokens = shlex.split(line)
+    at = tokens.index("--num_gpus")
+    tokens[at + 1] = "1"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    command = [str(deepspeed), "--master_port", port, *tokens[1:], "--print-config"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "actor_model_name_or_path" in result.stdout
