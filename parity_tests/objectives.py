@@ -23,13 +23,16 @@ from shared.presets import PPOConventions
 
 __all__ = [
     "bradley_terry_objective",
+    "dpo_objective",
     "dschat_pairwise_objective",
     "end_scores",
     "entropy_objective",
+    "gspo_actor_objective",
     "kway_objective",
     "ppo_actor_objective",
     "ppo_critic_objective",
     "ptx_objective",
+    "rollout_corrected_actor_objective",
     "response_logits",
     "sft_objective",
 ]
@@ -176,3 +179,63 @@ def kway_objective(forward, batch) -> tuple[Any, dict[str, Any]]:
     scores = xp.reshape(end_scores(forward(ids, mask), mask), (n, k))  # [N, K]
     loss, stats = shared.kway_ranking_loss(scores, num_valid=batch["num_valid"])
     return loss, {"scores": scores, "accuracy": stats["accuracy"]}
+
+
+def gspo_actor_objective(
+    forward, batch, *, clip_low: float, clip_high: float
+) -> tuple[Any, dict[str, Any]]:
+    """`shared.gspo_policy_loss` (sequence-level ratio, seq-mean-token-mean) of the actor.
+
+    batch: as `ppo_actor_objective` (its normalizer is not used: GSPO's rows are local).
+    """
+    logits, answer = response_logits(forward, batch)
+    logprobs = shared.token_logprobs(logits, answer)  # [B, A]
+    return shared.gspo_policy_loss(logprobs, batch["old_logprobs"], batch["advantages"],
+                                   batch["response_mask"], clip_low=clip_low,
+                                   clip_high=clip_high)
+
+
+def rollout_corrected_actor_objective(
+    forward, batch, *, threshold: float, ratio_level: str, mis_threshold: float
+) -> tuple[Any, dict[str, Any]]:
+    """`shared.policy_loss` with TIS weights and an MIS mask from the sampler's log-probs.
+
+    batch: as `ppo_actor_objective` plus rollout_logprobs ([B, A], the sampler's record of
+    the same tokens); the TIS weights compare it with old_logprobs (the trainer's).
+    """
+    logits, answer = response_logits(forward, batch)
+    logprobs = shared.token_logprobs(logits, answer)  # [B, A]
+    old, roll, mask = batch["old_logprobs"], batch["rollout_logprobs"], batch["response_mask"]
+    keep = mask * shared.mis_mask(old, roll, mask, threshold=mis_threshold, level=ratio_level)
+    weights = shared.tis_weights(old, roll, mask, threshold=threshold, level=ratio_level)
+    loss, stats = shared.policy_loss(logprobs, old, batch["advantages"], keep, clip_low=0.2,
+                                     importance_weights=weights,
+                                     normalizer=shared.loss_normalizer(mask, mode="token-mean"))
+    gap = shared.rollout_logprob_gap(old, roll, mask)
+    return loss, {"clip_fraction": stats["clip_fraction"], "kept": shared.masked_mean(keep, mask),
+                  **{f"gap/{k}": v for k, v in gap.items()}}
+
+
+def dpo_objective(
+    forward, batch, *, prompt_tokens: int, beta: float, loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> tuple[Any, dict[str, Any]]:
+    """`shared.dpo_loss` of the causal LM on a pairwise batch (one forward over both answers).
+
+    The first `prompt_tokens` real tokens of each row are the prompt; the answer's sequence
+    log-prob sums the next-token log-probs of the later real tokens (`sequence_logprobs`,
+    averaged for IPO as TRL does).
+
+    batch: as `bradley_terry_objective` plus ref_chosen_logprobs, ref_rejected_logprobs ([B],
+    the frozen reference's sequence log-probs).
+    """
+    logits, mask, n = _pair_values(forward, batch)  # [2B, L, V], [2B, L]
+    xp = array_api_compat.array_namespace(logits)
+    ids = xp.concat([batch["chosen_input_ids"], batch["rejected_input_ids"]], axis=0)
+    real = mask != 0
+    answer = real & (xp.cumulative_sum(xp.astype(real, ids.dtype), axis=-1) > prompt_tokens)
+    token_lp = shared.token_logprobs(logits[:, :-1], ids[:, 1:])  # [2B, L - 1]
+    seq_lp = shared.sequence_logprobs(token_lp, answer[:, 1:], average=loss_type == "ipo")
+    return shared.dpo_loss(seq_lp[:n], seq_lp[n:], batch["ref_chosen_logprobs"],
+                           batch["ref_rejected_logprobs"], beta=beta, loss_type=loss_type,
+                           label_smoothing=label_smoothing)

@@ -10,6 +10,7 @@ matrix, plus PPO under every preset.
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from parity_tests import batches as B
@@ -110,4 +111,45 @@ def test_entropy_and_ptx_losses_and_grads(pair, family, padding):
     rows = objective_rows("3", "entropy [rollout]", lm, obj.entropy_objective, rollout)
     rows += objective_rows("3", f"ptx [{padding}]", lm, obj.ptx_objective,
                            B.text_batch(lm.vocab_size, padding), unsup_coef=27.8)
+    assert_passed(rows)
+
+
+# Issue 11 part 1: the new losses on one family (-m slow adds the geometric TIS/MIS level).
+@pytest.mark.parametrize("family", ONE)
+def test_gspo_loss_and_grads(pair, family):
+    lm, _, rollout = _rollout(pair, family, all_terms_conventions("default"))
+    rows = objective_rows("3", "gspo actor [rollout]", lm, obj.gspo_actor_objective, rollout,
+                          clip_low=0.03, clip_high=0.04)
+    assert {r.quantity.split("] ")[1] for r in rows} >= {"loss", "grad", "seq_ratio_mean"}
+    assert_passed(rows)
+
+
+@pytest.mark.parametrize("level", ["token", pytest.param("geometric", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("family", ONE)
+def test_rollout_corrected_loss_and_grads(pair, family, level):
+    lm, _, rollout = _rollout(pair, family, all_terms_conventions("default"))
+    rng = np.random.default_rng(11)
+    mask = rollout["response_mask"]
+    corrected = dict(rollout, rollout_logprobs=(
+        rollout["old_logprobs"] + rng.normal(0.0, 0.4, mask.shape) * mask).astype(np.float32))
+    rows = objective_rows("3", f"tis+mis {level} [rollout]", lm,
+                          obj.rollout_corrected_actor_objective, corrected,
+                          threshold=1.5, ratio_level=level, mis_threshold=2.0)
+    assert {r.quantity.split("] ")[1] for r in rows} >= {"loss", "grad", "kept", "gap/k3_kl"}
+    assert_passed(rows)
+
+
+@pytest.mark.parametrize("padding", B.PADDINGS)
+@pytest.mark.parametrize("family", ONE)
+def test_dpo_loss_and_grads(pair, family, padding):
+    lm = pair(family, "lm")
+    rng = np.random.default_rng(12)
+    batch = dict(B.pairwise_batch(lm.vocab_size, padding, prompt_tokens=4),
+                 ref_chosen_logprobs=rng.normal(-20.0, 2.0, 3).astype(np.float32),
+                 ref_rejected_logprobs=rng.normal(-20.0, 2.0, 3).astype(np.float32))
+    rows = objective_rows("3", f"dpo sigmoid [{padding}]", lm, obj.dpo_objective, batch,
+                          prompt_tokens=4, beta=0.1, label_smoothing=0.1)
+    rows += objective_rows("3", f"dpo ipo [{padding}]", lm, obj.dpo_objective, batch,
+                           prompt_tokens=4, beta=0.5, loss_type="ipo")
+    assert {r.quantity.split("] ")[1] for r in rows} >= {"loss", "grad", "rewards/margins"}
     assert_passed(rows)
