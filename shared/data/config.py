@@ -64,7 +64,8 @@ class DatasetSpec:
     .csv, .parquet) or directory (loaded with `datasets.load_dataset` / `load_from_disk`). A
     directory in DeepSpeed-Chat's `local/jsonfile` layout (`train.json` and `eval.json`, at its
     top or under `data/`) is read whole: train.json split across the steps as any dataset,
-    eval.json, all of it, the eval set of every step it feeds (as `eval_only`)."""
+    eval.json, all of it, the eval set of every step it feeds (as `eval_only`); the name
+    `local/jsonfile` itself, as DeepSpeed-Chat's `--data_path local/jsonfile`, means `./data/`."""
 
     format: str = "auto"
     """Record layout, one of `FORMATS`. `auto` uses the registered adapter for hub names and

@@ -6,8 +6,9 @@
     ptx = build_ptx_data(config, tokenizer)               # StepData[TextBatch] or None
 
 A directory in DeepSpeed-Chat's `local/jsonfile` layout (`train.json` and `eval.json`, directly
-or under `data/`) is read whole: `train.json` as the dataset, `eval.json` as its eval-only
-companion for the same steps (`expand_local_jsonfile`).
+or under `data/`; the name `local/jsonfile` itself means `./data/`) is read whole: `train.json`
+as the dataset, `eval.json` as its eval-only companion for the same steps
+(`expand_local_jsonfile`).
 
 For one step: every dataset feeding it is read into records, partitioned across the steps it
 feeds by `data_split` (seeded, so the three calls see disjoint shares), its share split into
@@ -364,11 +365,22 @@ JSONFILE_DIRS = ("", "data")
 directory given (dschat/utils/data/raw_datasets.py LocalJsonFileDataset reads `data/`)."""
 
 
+LOCAL_JSONFILE = "local/jsonfile"
+"""DeepSpeed-Chat's `--data_path` name for its own `data/` directory; here `data/` under the
+working directory."""
+
+
 def expand_local_jsonfile(spec: DatasetSpec) -> list[DatasetSpec]:
     """``[spec]``, or for a directory in DeepSpeed-Chat's `local/jsonfile` layout the spec of
     its `train.json` and, when present, of its `eval.json` as eval-only data for the same
     steps (DeepSpeed-Chat evaluates on eval.json; reading the directory through `datasets`
     would take the train split only)."""
+    if spec.path == LOCAL_JSONFILE:
+        if not os.path.isfile(os.path.join("data", "train.json")):
+            raise DataError(f"{LOCAL_JSONFILE}: DeepSpeed-Chat's name for data/train.json and "
+                            f"data/eval.json, not found under {os.getcwd()}; give the "
+                            "directory that holds them instead")
+        spec = dataclasses.replace(spec, path=os.path.abspath("data"))
     if not os.path.isdir(spec.path):
         return [spec]
     for sub in JSONFILE_DIRS:

@@ -155,3 +155,19 @@ def test_dschat_local_jsonfile_reads_train_and_eval(tmp_path, tokenizer, sub):
                for s in ("sft", "reward", "ppo")) == 30
     assert pipeline.expand_local_jsonfile(DatasetSpec(str(tmp_path))) == [
         DatasetSpec(str(tmp_path))]  # any other directory goes through `datasets`
+
+
+def test_dschat_local_jsonfile_name_means_data_under_the_working_directory(
+        tmp_path, tokenizer, monkeypatch):
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(pipeline.DataError, match="local/jsonfile.*data/train.json"):
+        pipeline.expand_local_jsonfile(DatasetSpec("local/jsonfile"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.json").write_text(json.dumps(pairwise_rows(4)))
+    (tmp_path / "data" / "eval.json").write_text(json.dumps(pairwise_rows(2, prefix="e")))
+    specs = pipeline.expand_local_jsonfile(DatasetSpec("local/jsonfile", steps=("reward",)))
+    assert [(s.path, s.eval_only, s.steps) for s in specs] == [
+        (str(tmp_path / "data" / "train.json"), False, ("reward",)),
+        (str(tmp_path / "data" / "eval.json"), True, ("reward",))]
