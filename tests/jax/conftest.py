@@ -17,6 +17,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from hf_families import checkpoint_builder
 
 from jax_rlhf.models import CausalLM, ModelConfig, load_causal_lm
 
@@ -85,15 +86,6 @@ class HFCheckpoint:
     family: str
 
 
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Redraws every parameter: N(0, 0.2^2), plus 1 for norm weights (1-D `weight`)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen) * 0.2
-            param.copy_(noise + (1.0 if param.ndim == 1 and name.endswith("weight") else 0.0))
-
-
 @pytest.fixture(scope="session")
 def hf_checkpoint(tmp_path_factory):
     """`hf_checkpoint(name, value_head=False) -> HFCheckpoint`, built and saved once per session.
@@ -101,23 +93,11 @@ def hf_checkpoint(tmp_path_factory):
     With `value_head` the model is an `AutoModelForSequenceClassification` with one label: the
     torch backend's reward model / critic.
     """
-    built: dict[tuple[str, bool], HFCheckpoint] = {}
+    build = checkpoint_builder(HF_CONFIGS, tmp_path_factory)
 
     def get(name: str, value_head: bool = False) -> HFCheckpoint:
-        if (name, value_head) not in built:
-            torch.manual_seed(0)
-            hf_config = HF_CONFIGS[name]()
-            auto = transformers.AutoModelForCausalLM
-            if value_head:
-                hf_config.num_labels = 1
-                auto = transformers.AutoModelForSequenceClassification
-            model = auto.from_config(hf_config, attn_implementation="eager").eval()
-            randomize_(model, seed=len(built))
-            path = tmp_path_factory.mktemp(name)
-            model.save_pretrained(path)
-            family = ModelConfig.from_hf(hf_config).family
-            built[name, value_head] = HFCheckpoint(name, model, path, family)
-        return built[name, value_head]
+        model, path = build(name, value_head)
+        return HFCheckpoint(name, model, path, ModelConfig.from_hf(model.config).family)
 
     return get
 

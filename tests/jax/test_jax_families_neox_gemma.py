@@ -16,6 +16,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from hf_families import checkpoint_builder, forward, hf_outputs, token_ids
 
 from jax_rlhf.models import (
     ModelConfig,
@@ -93,72 +94,22 @@ VALUE_HEAD_VARIANTS = ("gpt_neox", "gemma", "gemma2", "gemma3")
 LEFT_PADDED = np.array([[1] * 9, [0] * 3 + [1] * 6, [0] * 7 + [1] * 2])
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-    """N(0, 0.2^2) everywhere; LayerNorm weights (GPT-NeoX) around 1, Gemma's zero-centred
-    norm weights around 0, so every model stays at the scale HF initialises it to."""
-    gen = torch.Generator().manual_seed(seed)
-    centre = 0.0 if model.config.model_type.startswith("gemma") else 1.0
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            noise = torch.randn(param.shape, generator=gen) * 0.2
-            is_norm_weight = param.ndim == 1 and name.endswith("weight")
-            param.copy_(noise + (centre if is_norm_weight else 0.0))
-
-
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     """`checkpoint(name, value_head=False) -> (HF model, directory)`, built once per module."""
-    built = {}
-
-    def get(name: str, value_head: bool = False):
-        if (name, value_head) not in built:
-            torch.manual_seed(0)
-            hf_config = HF_CONFIGS[name]()
-            auto = transformers.AutoModelForCausalLM
-            if value_head:
-                hf_config.num_labels = 1
-                auto = transformers.AutoModelForSequenceClassification
-            model = auto.from_config(hf_config, attn_implementation="eager").eval()
-            _randomize(model, seed=len(built))
-            path = tmp_path_factory.mktemp(name)
-            model.save_pretrained(path)
-            built[name, value_head] = model, path
-        return built[name, value_head]
-
-    return get
+    return checkpoint_builder(HF_CONFIGS, tmp_path_factory)
 
 
 def _ids(mask: np.ndarray, seed: int = 0) -> np.ndarray:
-    ids = np.random.default_rng(seed).integers(3, VOCAB, mask.shape)
-    return np.where(mask == 1, ids, 0)
-
-
-def _hf_outputs(model, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """HF logits `[B, T, V]`, or per-token values `[B, T]` of a sequence classifier, with
-    position ids from the mask as HF `generate` (and both our backends) derive them."""
-    mask_t = torch.from_numpy(mask).long()
-    kwargs = dict(
-        input_ids=torch.from_numpy(ids).long(),
-        attention_mask=mask_t,
-        position_ids=(mask_t.cumsum(-1) - 1).clamp(min=0),
-    )
-    with torch.no_grad():
-        if hasattr(model, "score"):
-            return model.score(model.base_model(**kwargs).last_hidden_state)[..., 0].numpy()
-        return model(**kwargs).logits.numpy()
-
-
-@nnx.jit
-def _forward(model, ids, mask):
-    return model(ids, mask)[0]
+    return token_ids(mask, VOCAB, seed)
 
 
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
 def test_logits_match_hf_with_left_padding(name, checkpoint):
     hf_model, path = checkpoint(name)
     ids = _ids(LEFT_PADDED)
-    expected = _hf_outputs(hf_model, ids, LEFT_PADDED)
-    logits = _forward(load_causal_lm(path), jnp.asarray(ids), jnp.asarray(LEFT_PADDED))
+    expected = hf_outputs(hf_model, ids, LEFT_PADDED)
+    logits = forward(load_causal_lm(path), jnp.asarray(ids), jnp.asarray(LEFT_PADDED))
     real = LEFT_PADDED.astype(bool)
     np.testing.assert_allclose(np.asarray(logits)[real], expected[real], atol=LOGITS_TOL, rtol=0)
 
@@ -182,7 +133,7 @@ def test_export_round_trip_is_bit_exact(name, checkpoint, tmp_path):
     assert type(reloaded) is type(hf_model)
     ids = _ids(LEFT_PADDED)
     np.testing.assert_array_equal(
-        _hf_outputs(reloaded, ids, LEFT_PADDED), _hf_outputs(hf_model, ids, LEFT_PADDED)
+        hf_outputs(reloaded, ids, LEFT_PADDED), hf_outputs(hf_model, ids, LEFT_PADDED)
     )
 
 
@@ -214,8 +165,8 @@ def test_values_match_hf_sequence_classifier(name, checkpoint, tmp_path):
     hf_model, path = checkpoint(name, value_head=True)
     model = load_value_head_model(path)
     ids = _ids(LEFT_PADDED)
-    expected = _hf_outputs(hf_model, ids, LEFT_PADDED)  # [B, T]
-    values = _forward(model, jnp.asarray(ids), jnp.asarray(LEFT_PADDED))
+    expected = hf_outputs(hf_model, ids, LEFT_PADDED)  # [B, T]
+    values = forward(model, jnp.asarray(ids), jnp.asarray(LEFT_PADDED))
     real = LEFT_PADDED.astype(bool)
     np.testing.assert_allclose(np.asarray(values)[real], expected[real], atol=LOGITS_TOL, rtol=0)
     save_hf(model, tmp_path)
