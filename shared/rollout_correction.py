@@ -88,8 +88,10 @@ def tis_weights(
       [B, T] weights in [0, C], 0 where masked.
 
     Source: Yao et al. 2025, "Your Efficient RL Framework Secretly Brings You Off-Policy
-    RL Training" (fengyao.notion.site/off-policy-rl); verl `compute_rollout_correction`
-    (rollout_is="token"/"sequence", mode "truncate"); Ionides 2008 (truncated IS).
+    RL Training" (fengyao.notion.site/off-policy-rl); verl
+    `rollout_corr_helper.compute_rollout_correction_weights` (rollout_is "token" /
+    "sequence", log-ratio clamped to +-20, then min(w, threshold); "geometric" is our
+    addition); Ionides 2008 (truncated IS).
     """
     if not threshold > 0:
         raise ValueError(f"threshold must be positive, got {threshold!r}")
@@ -123,8 +125,10 @@ def mis_mask(
     Returns:
       [B, T] float mask (dtype of train_logprobs): 1 kept, 0 dropped or padding.
 
-    Source: verl `compute_rollout_correction` (mode "mask", `rollout_is_threshold` and
-    `rollout_is_threshold_lower` = 1 / upper by default); Yao et al. 2025 (above), MIS.
+    Source: verl `rollout_corr_helper.compute_rollout_rejection_mask` (rejection outside
+    [1 / threshold, threshold] at token, sequence or geometric level; verl's sequence level
+    may aggregate differently, ours is the product of token ratios); Yao et al. 2025
+    (above), MIS.
     """
     if not threshold > 1:
         raise ValueError(f"threshold must be > 1, got {threshold!r}")
@@ -146,8 +150,8 @@ def rollout_logprob_gap(
     """Gap metrics between trainer and rollout log-probs, side by side, over valid tokens.
 
     With delta_t = logp_train_t - logp_roll_t:
-      max_abs_diff        max_t |delta_t|                (verl `training/rollout_probs_diff_max`
-                                                          on probabilities; here log-probs)
+      max_abs_diff        max_t |delta_t|   (verl's `training/rollout_probs_diff_max` is on
+                                             probabilities; this is on log-probs)
       mean_abs_diff       mean_t |delta_t|
       k3_kl               mean_t exp(delta) - delta - 1, Schulman's k3 estimate of
                           KL(pi_roll || pi_train) from the rollout's own samples
@@ -164,8 +168,9 @@ def rollout_logprob_gap(
     Returns:
       Dict of scalars (0 for an all-masked batch).
 
-    Source: verl `compute_rollout_correction_and_rejection_mask` metrics and
-    `rollout_corr` diagnostics; Schulman 2020 (k3); Yao et al. 2025 (above).
+    Source: the diagnostics of verl `compute_rollout_correction_and_rejection_mask` and
+    `training/rollout_probs_diff_*` (each framework defines its own; these are ours, side by
+    side); Schulman 2020 (k3); Yao et al. 2025 (above).
     """
     xp, valid, delta = _log_ratio(train_logprobs, rollout_logprobs, response_mask, "token", None)
     abs_delta = xp.abs(delta)
