@@ -21,14 +21,13 @@ import jax
 from flax import nnx
 
 from jax_rlhf.models.config import ModelConfig
-from jax_rlhf.models.decoder import Backbone
 from jax_rlhf.models.family import Family, refuse
 from jax_rlhf.models.gemma import (
+    GemmaModel,
     GemmaRMSNorm,
     default_rope_theta,
     gemma_fields,
     gemma_hf_fields,
-    scaled_embedding,
 )
 from jax_rlhf.models.key_map import FamilySpec, embed, linear, norm
 from jax_rlhf.models.kv_cache import AttentionContext
@@ -79,21 +78,15 @@ class SandwichBlock(nnx.Module):
         return x + self.post_mlp_norm(self.mlp(self.mlp_norm(x))), kv
 
 
-class Gemma2Model(Backbone):
-    """Scaled token embedding, sandwich blocks (local or global), final Gemma RMSNorm."""
+class Gemma2Model(GemmaModel):
+    """Scaled token embedding, sandwich blocks (local or global), final Gemma RMSNorm: Gemma's
+    backbone with other blocks."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         self.embed_tokens = embedding(cfg, cfg.vocab_size, cfg.hidden_size, rngs=rngs)
         self.layers = nnx.List([SandwichBlock(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
         self.final_norm = GemmaRMSNorm(cfg, cfg.hidden_size)
-
-    def embed(self, input_ids: jax.Array, positions: jax.Array) -> jax.Array:
-        del positions  # RoPE is applied inside attention
-        return scaled_embedding(self.config, self.embed_tokens, input_ids)
-
-    def finish(self, x: jax.Array) -> jax.Array:
-        return self.final_norm(x)
 
 
 SPEC = FamilySpec(
