@@ -80,3 +80,40 @@ def max_diff(ours, expected, mask) -> float:
     """Largest absolute difference on real tokens (padding means nothing in either model)."""
     real = mask.astype(bool)
     return float(np.max(np.abs(np.asarray(ours)[real] - expected[real])))
+
+
+def assert_block_matches_hf(hf_model, ours, layers, *, length: int = 10, atol: float = 1e-5):
+    """Decoder blocks ``layers`` of ``ours`` (a loaded `CausalLM`) against HF's decoder layers
+    on the same random hidden states, HF's mask built here: causal, and within the sliding
+    window on local layers (``config.layer_types``, else every layer when the config sets
+    ``sliding_window``), ``length`` tokens (more than the windows hold)."""
+    import jax.numpy as jnp
+
+    from jax_rlhf.models.kv_cache import attention_context
+
+    config, hf_base = hf_model.config, hf_model.base_model
+    x = np.random.default_rng(1).normal(size=(2, length, config.hidden_size)).astype(np.float32)
+    x_t, positions = torch.from_numpy(x), torch.arange(length)[None].expand(2, -1)
+    for layer in layers:
+        layer_types = getattr(config, "layer_types", None)
+        if layer_types:
+            local = layer_types[layer] == "sliding_attention"
+        else:
+            local = getattr(config, "sliding_window", None) is not None
+        allowed = torch.ones(length, length, dtype=torch.bool).tril()
+        if local:
+            allowed &= ~torch.ones(length, length, dtype=torch.bool).tril(-config.sliding_window)
+        mask = torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
+        rope_args = ()
+        if config.model_type == "gemma3_text":
+            rope_args = (layer_types[layer],)
+        with torch.no_grad():
+            cos_sin = hf_base.rotary_emb(x_t, positions, *rope_args)
+            expected = hf_base.layers[layer](
+                hidden_states=x_t, attention_mask=mask[None, None], position_embeddings=cos_sin
+            )
+        expected = (expected[0] if isinstance(expected, tuple) else expected).numpy()
+        ctx = attention_context(jnp.ones((2, length), jnp.int32), None)
+        got, _ = ours.model.layers[layer](jnp.asarray(x), ctx)
+        np.testing.assert_allclose(np.asarray(got), expected, atol=atol, rtol=0,
+                                   err_msg=f"layer {layer}")

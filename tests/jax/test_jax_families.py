@@ -14,7 +14,14 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from hf_families import checkpoint_builder, forward, hf_outputs, max_diff, token_ids
+from hf_families import (
+    assert_block_matches_hf,
+    checkpoint_builder,
+    forward,
+    hf_outputs,
+    max_diff,
+    token_ids,
+)
 
 from jax_rlhf.models import (
     ModelConfig,
@@ -250,3 +257,21 @@ def test_rope_inverse_frequencies_match_hf(name):
         got = rope_inv_freq(**kwargs, ext_factors=factors)
         np.testing.assert_allclose(got, expected.numpy(), rtol=1e-7, atol=0)
         assert attention == cfg.rope_attention_factor
+
+
+BLOCKS = {  # variant -> layers to check (a windowed and a full one where both occur)
+    "llama3": (0,),
+    "llama_linear_tied_bias": (0,),
+    "mistral_window": (0,),
+    "qwen2_window": (0, 1),
+    "qwen3_window_bias": (0, 1),
+    "phi3_partial_rotary": (0,),
+}
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_block_matches_hf_decoder_layer(name, checkpoint):
+    """One decoder block against HF's layer on the same inputs, 10 tokens (> the window of 4):
+    RoPE scaling, windows, q/k norms, biases and partial rotary each inside one block."""
+    hf_model, path = checkpoint(name)
+    assert_block_matches_hf(hf_model, load_causal_lm(path), BLOCKS[name])

@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
-from hf_families import checkpoint_builder, forward, hf_outputs, token_ids
+from hf_families import assert_block_matches_hf, checkpoint_builder, forward, hf_outputs, token_ids
 
 from jax_rlhf.models import (
     ModelConfig,
@@ -26,7 +26,6 @@ from jax_rlhf.models import (
     save_hf,
 )
 from jax_rlhf.models.gemma import GemmaRMSNorm, scaled_embedding
-from jax_rlhf.models.kv_cache import attention_context
 from jax_rlhf.models.layers import embedding
 from jax_rlhf.params import ModelDef
 from jax_rlhf.sampler import SamplingParams, generate
@@ -264,27 +263,7 @@ def test_block_matches_hf_decoder_layer(name, checkpoint):
     """One decoder block against HF's layer on the same inputs, 10 tokens (> the window of 4),
     HF's mask built here: causal, and within the window on local layers."""
     hf_model, path = checkpoint(name)
-    ours = load_causal_lm(path)
-    hf_base, length = hf_model.base_model, 10
-    x = np.random.default_rng(1).normal(size=(2, length, 32)).astype(np.float32)
-    x_t, positions = torch.from_numpy(x), torch.arange(length)[None].expand(2, -1)
-    for layer in BLOCKS[name]:
-        layer_type = getattr(hf_model.config, "layer_types", None)
-        layer_type = layer_type[layer] if layer_type else None
-        allowed = torch.ones(length, length, dtype=torch.bool).tril()
-        if layer_type == "sliding_attention":
-            allowed &= ~torch.ones(length, length, dtype=torch.bool).tril(-4)
-        mask = torch.zeros(length, length).masked_fill(~allowed, torch.finfo(torch.float32).min)
-        rope_args = (layer_type,) if hf_model.config.model_type == "gemma3_text" else ()
-        with torch.no_grad():
-            cos_sin = hf_base.rotary_emb(x_t, positions, *rope_args)
-            expected = hf_base.layers[layer](
-                hidden_states=x_t, attention_mask=mask[None, None], position_embeddings=cos_sin
-            )
-        expected = (expected[0] if isinstance(expected, tuple) else expected).numpy()
-        ctx = attention_context(jnp.ones((2, length), jnp.int32), None)
-        got, _ = ours.model.layers[layer](jnp.asarray(x), ctx)
-        np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5, rtol=0, err_msg=layer)
+    assert_block_matches_hf(hf_model, load_causal_lm(path), BLOCKS[name])
 
 
 def test_gpt_neox_fused_qkv_is_column_parallel():
