@@ -11,32 +11,36 @@ How to add a family (say `foo`, HF `model_type="foo"`):
    (`llama.py`: llama, mistral, qwen2); `ModelConfig.model_type` records which one to write.
 2. If the family needs a new architecture option, add it to `ModelConfig` (`config.py`) as a
    documented field with a default that means "off", so no other family changes.
-3. Add the module name to `FAMILY_MODULES` below, and a test file `tests/jax/test_jax_foo.py`
-   (or a case in `test_jax_families.py`).
+3. Add a test file `tests/jax/test_jax_foo.py` (or a case in `test_jax_families.py`).
 
-Nothing else changes: `ModelConfig.from_hf` / `to_hf`, the converter and the model classes look
-families up here.
+Nothing else changes: a module of this package that assigns `FAMILY` at its top level is a
+family module (`family_modules` finds it by reading the sources, importing nothing else), and
+`ModelConfig.from_hf` / `to_hf`, the converter and the model classes look families up here.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib
+import pkgutil
+import re
+from pathlib import Path
 
 from jax_rlhf.models.family import Family
 
-FAMILY_MODULES = (
-    "llama",
-    "opt",
-    "gpt2",
-    "qwen3",
-    "phi3",
-    "gpt_neox",
-    "gemma",
-    "gemma2",
-)
-"""Modules under `jax_rlhf.models` that each define one `FAMILY`, in the order error messages
-list them."""
+_DECLARES_FAMILY = re.compile(r"^FAMILY\s*(?::[^=]*)?=", re.MULTILINE)
+
+
+@functools.cache
+def family_modules() -> tuple[str, ...]:
+    """Names of the modules under `jax_rlhf.models` that each define one `FAMILY`, found by
+    their source, sorted (the order error messages list the families in)."""
+    package = Path(__file__).parent
+    return tuple(sorted(
+        info.name for info in pkgutil.iter_modules([str(package)])
+        if not info.ispkg
+        and _DECLARES_FAMILY.search((package / f"{info.name}.py").read_text(encoding="utf-8"))
+    ))
 
 
 @functools.cache
@@ -44,7 +48,7 @@ def families() -> dict[str, Family]:
     """`Family.name` -> `Family` of every registered family (imported on first use, so that
     family modules can import `config.py` without a cycle)."""
     found = {}
-    for module in FAMILY_MODULES:
+    for module in family_modules():
         family = importlib.import_module(f"jax_rlhf.models.{module}").FAMILY
         if family.name in found:
             raise ValueError(f"two families named {family.name!r}")

@@ -71,9 +71,26 @@ def test_validation_lists_allowed_values():
         intermediate_size=16,
         max_position_embeddings=8,
     )
-    with pytest.raises(ValueError, match="'llama', 'opt', 'gpt2'"):
+    with pytest.raises(ValueError, match=r"'bert' is not one of \(.*'gpt2'.*'llama'.*'opt'"):
         ModelConfig(family="bert", **fields)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         ModelConfig(family="llama", **{**fields, "num_kv_heads": 3})
     with pytest.raises(ValueError, match="grouped-query"):
         ModelConfig(family="gpt2", **{**fields, "num_kv_heads": 1})
+
+
+def test_registry_finds_every_family_module_by_its_source():
+    """The registry lists exactly the modules of `jax_rlhf.models` that define `FAMILY`, so
+    adding a family is its own file (and its test) only."""
+    import importlib
+    import pkgutil
+
+    import jax_rlhf.models as package
+    from jax_rlhf.models import registry
+
+    declaring = sorted(
+        info.name for info in pkgutil.iter_modules(package.__path__)
+        if hasattr(importlib.import_module(f"jax_rlhf.models.{info.name}"), "FAMILY"))
+    assert registry.family_modules() == tuple(declaring)
+    assert {"llama", "opt", "gpt2", "gemma", "gpt_neox", "qwen3", "phi3"} <= set(
+        registry.families())
