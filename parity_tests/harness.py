@@ -224,13 +224,37 @@ FAMILIES: dict[str, dict[str, Any]] = {
         sliding_window=4, sliding_window_pattern=2, query_pre_attn_scalar=12,
         rope_local_base_freq=100.0, rope_scaling={"rope_type": "linear", "factor": 4.0},
         final_logit_softcapping=3.0, max_position_embeddings=64, **_SPECIAL),
+    "llama3_rope": dict(
+        model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=64, rope_parameters=dict(
+            rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+            high_freq_factor=4.0, original_max_position_embeddings=64), **_SPECIAL),
+    "mistral_window": dict(
+        model_type="mistral", vocab_size=64, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, sliding_window=4,
+        max_position_embeddings=64, **_SPECIAL),
+    "qwen2_window": dict(
+        model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        use_sliding_window=True, sliding_window=4, max_window_layers=1,
+        max_position_embeddings=64, **_SPECIAL),
+    "qwen3": dict(
+        model_type="qwen3", vocab_size=64, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        tie_word_embeddings=True, max_position_embeddings=64, **_SPECIAL),
+    "phi3_partial_rotary": dict(
+        model_type="phi3", vocab_size=64, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        partial_rotary_factor=0.5, max_position_embeddings=64, **_SPECIAL),
 }
 """HF config kwargs of the families DeepSpeed-Chat trains, in tiny sizes: Llama with grouped-query
 attention (untied, and tied with a single KV head), OPT in the OPT-350m shape
 (`word_embed_proj_dim` != `hidden_size`: project_in/out, post-LN blocks) and GPT-2 (fused qkv
 `Conv1D`, tied head); and the JAX backend's newer families: GPT-NeoX (parallel residual,
 partial rotary), Gemma, Gemma 2 and Gemma 3 text (local/global layers with a window of 4,
-soft-capping, q/k norms)."""
+soft-capping, q/k norms), Llama 3 RoPE scaling, Mistral and Qwen2 with a window of 4, Qwen3
+(q/k norms, free head_dim) and Phi-3 (fused projections, partial rotary)."""
 
 WEIGHT_SCALE = 0.2
 """Std of the redrawn weights. HF's init (std 0.02) gives near-uniform logits on which a wrong
