@@ -14,6 +14,8 @@ adapters back into plain kernels for export.
 
 from __future__ import annotations
 
+from collections import Counter
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -89,6 +91,17 @@ def lora_targets(
             hit = module_name in hf_module
         if hit:
             targets.append(ours)
+    # HF modules that several of our kernels come from (Phi-3's qkv_proj, gate_up_proj)
+    fused = Counter(v.rsplit(".", 1)[0] for k, v in hf_names.items() if k.endswith(".kernel"))
+    shared = sorted({hf_names[t + ".kernel"].rsplit(".", 1)[0] for t in targets
+                     if fused[hf_names[t + ".kernel"].rsplit(".", 1)[0]] > 1})
+    if shared:
+        raise ValueError(
+            f"LoRA on {shared[0]}" + (f" (and {len(shared) - 1} more)" if len(shared) > 1 else "")
+            + ": the JAX backend holds this fused Hugging Face layer as separate kernels "
+            "(q/k/v, gate/up), and an adapter on each would train differently from peft's one "
+            "adapter on the fused layer; leave it out of lora.target_modules / "
+            "lora.module_name (e.g. target o_proj and down_proj) or run --backend torch")
     return targets
 
 

@@ -275,3 +275,21 @@ def test_block_matches_hf_decoder_layer(name, checkpoint):
     RoPE scaling, windows, q/k norms, biases and partial rotary each inside one block."""
     hf_model, path = checkpoint(name)
     assert_block_matches_hf(hf_model, load_causal_lm(path), BLOCKS[name])
+
+
+def test_lora_refuses_phi3_fused_layers_and_adapts_the_others(checkpoint):
+    """peft puts one adapter on Phi-3's fused qkv_proj / gate_up_proj; separate adapters on
+    our split kernels would train differently, so selecting them is an error naming the layer,
+    and the unfused layers adapt as on any Llama."""
+    from flax import nnx
+
+    from jax_rlhf.models.lora import apply_lora
+
+    _, path = checkpoint("phi3_partial_rotary")
+    with pytest.raises(ValueError, match=r"LoRA on model\.layers\.0\.\S+_proj .*--backend torch"):
+        apply_lora(load_causal_lm(path), rank=2, alpha=2.0, module_name="layers.",
+                   rngs=nnx.Rngs(0))
+    targets = apply_lora(load_causal_lm(path), rank=2, alpha=2.0, module_name="",
+                         target_modules=("o_proj", "down_proj"), rngs=nnx.Rngs(0))
+    assert targets == [f"model.layers.{i}.{m}" for i in range(2)
+                       for m in ("attn.o_proj", "mlp.down_proj")]
