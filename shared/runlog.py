@@ -28,8 +28,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from shared.errors import InputError
 from shared.config import RLHFConfig, load_config, save_config
+from shared.errors import InputError
 from shared.manifest import MANIFEST, ResumeMismatchError, backend_hint, config_diff, describe_diff
 from shared.runlock import check_run_dir_free
 
