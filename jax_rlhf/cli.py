@@ -97,29 +97,12 @@ _SHOWN_PROMPTS = 8
 """Prompts whose answers `rlhf eval` prints (the metric uses up to eval.max_prompts)."""
 
 
-def _eval_roles(config: Any, args: Any) -> dict[str, str]:
-    from shared.evaluation import model_kind
-
-    baseline = getattr(args, "model_baseline", None)
-    finetune = getattr(args, "model_finetune", None)
-    if (baseline is None) != (finetune is None):
-        raise InputError("--model-baseline and --model-finetune go together (DeepSpeed-Chat's "
-                         "prompt_eval compares the two)")
-    if baseline is None:
-        return {"model": _model_dir(config, args)}
-    for flag, path in (("--model-baseline", baseline), ("--model-finetune", finetune)):
-        if model_kind(path) == "reward":
-            raise InputError(f"{flag}: {path} is a reward model; give it alone as --model "
-                             "for its rw_eval report")
-    return {"baseline": str(baseline), "finetune": str(finetune)}
-
-
 def _eval(config: Any, args: Any) -> int:
     """`rlhf eval`: DeepSpeed-Chat's rw_eval for a reward model, its prompt_eval for a policy
     (or a baseline and a fine-tuned one); the report is `shared.evaluation`'s, as on torch."""
-    from shared.evaluation import model_kind
+    from shared.evaluation import eval_roles, model_kind
 
-    roles = _eval_roles(config, args)
+    roles = eval_roles(config, args)
     if list(roles) == ["model"] and model_kind(roles["model"]) == "reward":
         return _reward_eval(config, roles["model"])
     return _prompt_eval(config, roles)

@@ -28,6 +28,7 @@ __all__ = [
     "HELDOUT_ITERATION",
     "METRICS",
     "decode_answers",
+    "eval_roles",
     "format_prompt_eval",
     "format_reward_eval",
     "heldout_uniforms",
@@ -93,6 +94,31 @@ def model_kind(path: str | os.PathLike) -> str:
         return "policy"
     reward = any(str(a).endswith("ForSequenceClassification") for a in architectures)
     return "reward" if reward else "policy"
+
+
+def eval_roles(config, args) -> dict[str, str]:
+    """The models `rlhf eval` reports on: ``{"model": dir}`` (``--model``, else the config's
+    actor; a reward model gets DeepSpeed-Chat's rw_eval, a policy its prompt_eval), or
+    ``{"baseline": dir, "finetune": dir}`` (``--model-baseline`` with ``--model-finetune``,
+    prompt_eval side by side); `InputError` naming the flag otherwise."""
+    from shared.errors import InputError
+
+    baseline = getattr(args, "model_baseline", None)
+    finetune = getattr(args, "model_finetune", None)
+    if (baseline is None) != (finetune is None):
+        raise InputError("--model-baseline and --model-finetune go together (DeepSpeed-Chat's "
+                         "prompt_eval compares the two)")
+    if baseline is None:
+        path = getattr(args, "model", None) or config.model.actor_model_name_or_path
+        if path is None:
+            raise InputError("pass --model DIR (a Hugging Face model directory, e.g. "
+                             "<run>/ppo/final): the config builds its actor from scratch")
+        return {"model": str(path)}
+    for flag, path in (("--model-baseline", baseline), ("--model-finetune", finetune)):
+        if model_kind(path) == "reward":
+            raise InputError(f"{flag}: {path} is a reward model; give it alone as --model "
+                             "for its rw_eval report")
+    return {"baseline": str(baseline), "finetune": str(finetune)}
 
 
 def reward_eval_pairs(data_config, tokenizer, *, max_pairs: int):

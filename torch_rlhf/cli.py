@@ -128,33 +128,12 @@ _SHOWN_PROMPTS = 8
 def _eval(config: RLHFConfig, args: Any) -> int:
     """``rlhf eval``: DeepSpeed-Chat's rw_eval for a reward model, its prompt_eval for a
     policy (or a baseline and a fine-tuned one); the report is ``shared.evaluation``'s."""
-    from shared.evaluation import model_kind
+    from shared.evaluation import eval_roles, model_kind
 
-    roles = _eval_roles(config, args)
+    roles = eval_roles(config, args)
     if list(roles) == ["model"] and model_kind(roles["model"]) == "reward":
         return _reward_eval(config, roles["model"])
     return _prompt_eval(config, roles)
-
-
-def _eval_roles(config: RLHFConfig, args: Any) -> dict[str, str]:
-    from shared.evaluation import model_kind
-
-    baseline = getattr(args, "model_baseline", None)
-    finetune = getattr(args, "model_finetune", None)
-    if (baseline is None) != (finetune is None):
-        raise InputError("--model-baseline and --model-finetune go together (DeepSpeed-Chat's "
-                         "prompt_eval compares the two)")
-    if baseline is None:
-        model_dir = getattr(args, "model", None) or config.model.actor_model_name_or_path
-        if model_dir is None:
-            raise InputError("pass --model DIR (a Hugging Face model directory, e.g. "
-                             "<run>/ppo/final): the config builds its actor from scratch")
-        return {"model": str(model_dir)}
-    for flag, path in (("--model-baseline", baseline), ("--model-finetune", finetune)):
-        if model_kind(path) == "reward":
-            raise InputError(f"{flag}: {path} is a reward model; give it alone as --model "
-                             "for its rw_eval report")
-    return {"baseline": str(baseline), "finetune": str(finetune)}
 
 
 def _prompt_eval(config: RLHFConfig, roles: dict[str, str]) -> int:

@@ -90,3 +90,27 @@ def test_reports_end_with_one_json_line():
     one = format_prompt_eval({"model": "m"}, ["1+1="], None, {"model": ["2"]}, {"model": {}})
     assert json.loads(one.splitlines()[-1]) == {"model": "m", "kind": "policy", "heldout": {}}
     assert "expected" not in one
+
+
+def test_eval_roles_name_the_flag_at_fault(tmp_path):
+    """`rlhf eval`'s model choice, the same for both backends."""
+    import types
+
+    from shared.errors import InputError
+    from shared.evaluation import eval_roles
+
+    config = types.SimpleNamespace(model=types.SimpleNamespace(actor_model_name_or_path=None))
+    args = types.SimpleNamespace(model=None, model_baseline=None, model_finetune=None)
+    with pytest.raises(InputError, match="pass --model DIR"):
+        eval_roles(config, args)
+    assert eval_roles(config, types.SimpleNamespace(model="m")) == {"model": "m"}
+    with pytest.raises(InputError, match="go together"):
+        eval_roles(config, types.SimpleNamespace(model_baseline="a", model_finetune=None))
+    reward = tmp_path / "rm"
+    reward.mkdir()
+    (reward / "config.json").write_text(
+        '{"architectures": ["LlamaForSequenceClassification"]}')
+    with pytest.raises(InputError, match="--model-finetune: .* is a reward model"):
+        eval_roles(config, types.SimpleNamespace(model_baseline="a", model_finetune=reward))
+    assert eval_roles(config, types.SimpleNamespace(model_baseline="a", model_finetune="b")) == {
+        "baseline": "a", "finetune": "b"}
