@@ -18,13 +18,12 @@ from shared._array import (
     Array,
     as_bool,
     as_float,
-    check_rank,
     check_same_shape,
-    namespace,
     safe_divide,
 )
 from shared.aggregation import aggregate_loss
 from shared.masked import masked_mean
+from shared.ppo_losses import check_policy_inputs
 
 DAPO_CLIP_HIGHER = MappingProxyType({"clip_low": 0.2, "clip_high": 0.28})
 """DAPO's decoupled clip (Yu et al. 2025, arXiv:2503.14476, sec. 3.1: eps_low 0.2,
@@ -85,15 +84,8 @@ def gspo_policy_loss(
     Source: Zheng et al. 2025 (GSPO, arXiv:2507.18071) eqs. 5-7; verl
     `compute_policy_loss_gspo` (core_algos.py); TRL `importance_sampling_level="sequence"`.
     """
-    xp = namespace(logprobs, old_logprobs, advantages, response_mask)
-    check_rank(logprobs, 2, "logprobs", "[B, T]")
-    check_same_shape("logprobs", logprobs, "old_logprobs", old_logprobs)
-    check_same_shape("logprobs", logprobs, "advantages", advantages)
-    check_same_shape("logprobs", logprobs, "response_mask", response_mask)
-    if not 0 < clip_low < 1:
-        raise ValueError(f"clip_low must be in (0, 1), got {clip_low!r}")
-    if clip_high is not None and not clip_high > 0:
-        raise ValueError(f"clip_high must be positive or None, got {clip_high!r}")
+    xp = check_policy_inputs(logprobs, old_logprobs, advantages, response_mask,
+                             clip_low=clip_low, clip_high=clip_high)
     clip_high = clip_low if clip_high is None else clip_high
 
     valid = as_bool(xp, response_mask)

@@ -18,6 +18,22 @@ from shared.logprobs import entropy_from_logits
 from shared.masked import masked_mean
 
 
+def check_policy_inputs(logprobs: Array, old_logprobs: Array, advantages: Array,
+                        response_mask: Array, *, clip_low: float, clip_high: float | None):
+    """The array namespace of a policy loss's inputs, after checking their shapes (all
+    ``[B, T]``) and the clip range (``0 < clip_low < 1``, ``clip_high`` None or > 0)."""
+    xp = namespace(logprobs, old_logprobs, advantages, response_mask)
+    check_rank(logprobs, 2, "logprobs", "[B, T]")
+    check_same_shape("logprobs", logprobs, "old_logprobs", old_logprobs)
+    check_same_shape("logprobs", logprobs, "advantages", advantages)
+    check_same_shape("logprobs", logprobs, "response_mask", response_mask)
+    if not 0 < clip_low < 1:
+        raise ValueError(f"clip_low must be in (0, 1), got {clip_low!r}")
+    if clip_high is not None and not clip_high > 0:
+        raise ValueError(f"clip_high must be positive or None, got {clip_high!r}")
+    return xp
+
+
 def policy_loss(
     logprobs: Array,
     old_logprobs: Array,
@@ -65,15 +81,8 @@ def policy_loss(
     Source: Schulman et al. 2017 (arXiv:1707.06347) eq. 7; DeepSpeed-Chat
     `actor_loss_fn`; asymmetric clip as in DAPO / verl (clip_ratio_low/high).
     """
-    xp = namespace(logprobs, old_logprobs, advantages, response_mask)
-    check_rank(logprobs, 2, "logprobs", "[B, T]")
-    check_same_shape("logprobs", logprobs, "old_logprobs", old_logprobs)
-    check_same_shape("logprobs", logprobs, "advantages", advantages)
-    check_same_shape("logprobs", logprobs, "response_mask", response_mask)
-    if not 0 < clip_low < 1:
-        raise ValueError(f"clip_low must be in (0, 1), got {clip_low!r}")
-    if clip_high is not None and not clip_high > 0:
-        raise ValueError(f"clip_high must be positive or None, got {clip_high!r}")
+    xp = check_policy_inputs(logprobs, old_logprobs, advantages, response_mask,
+                             clip_low=clip_low, clip_high=clip_high)
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"dual_clip must be > 1 or None, got {dual_clip!r}")
     if log_ratio_clamp is not None and not log_ratio_clamp > 0:
