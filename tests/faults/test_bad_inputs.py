@@ -43,6 +43,7 @@ from fault_harness import (
     STOP_AT,
     all_finite,
     assert_one_line_failure,
+    merge,
     pipeline_argv,
     write_config,
 )
@@ -69,15 +70,7 @@ def _sft_config(tmp_path: Path, data_cache, rows_file: Path, extra: dict | None 
     data = {"datasets": [{"path": str(rows_file), "format": "sft", "steps": ["sft"]}],
             "data_split": "1,0,0"}
     overrides = {"seed": SEED, "data": data, "pipeline_steps": ["sft"]}
-    return write_config(tmp_path, data_cache, _merge(overrides, extra or {}))
-
-
-def _merge(a: dict, b: dict) -> dict:
-    out = dict(a)
-    for key, value in b.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(
-            out.get(key), dict) else value
-    return out
+    return write_config(tmp_path, data_cache, merge(overrides, extra or {}))
 
 
 def _demo_rows(name: str, count: int | None = None) -> list[str]:
