@@ -3,7 +3,9 @@
 Order of application: the ``base:`` chain (deep-merged, the child wins), the
 file itself, then the command-line overrides. Relative paths written as
 ``./x`` or ``../x`` are taken relative to the file that holds them, so a
-config works from any working directory. ``ppo.preset`` picks the PPO
+config works from any working directory; any other relative path (``runs``) is
+left as written, relative to the working directory (the shipped configs' ``output_dir:
+runs`` puts runs under the directory ``rlhf`` runs in). ``ppo.preset`` picks the PPO
 conventions and ``ppo.conventions`` overrides single fields of it.
 """
 

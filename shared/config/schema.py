@@ -534,7 +534,9 @@ class RLHFConfig:
 
     # Seeds every RNG: model init, data order, sampling (DS-Chat --seed).
     seed: int = 1234
-    # Run directory root; each run writes <output_dir>/<run_name>/.
+    # Run directory root; each run writes <output_dir>/<run_name>/. A plain relative path
+    # (runs) is relative to the working directory rlhf runs in; ./x and ../x, as in every
+    # path key, are relative to the config file that holds them.
     output_dir: str = "runs"
     # null: derived from the config file name and a timestamp.
     run_name: str | None = None

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 
 from shared.config import config_from_dict, load_config
 from shared.manifest import ResumeMismatchError
@@ -14,6 +16,7 @@ from shared.runlock import RunDirLock, RunDirLockedError
 from shared.runlog import PhaseTimer, RunLogger, prepare_run_dir
 
 CONFIG = config_from_dict({"model": {"actor_model_name_or_path": "x"}, "run_name": "r1"})
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def test_prepare_run_dir_snapshots_config(tmp_path):
@@ -21,6 +24,26 @@ def test_prepare_run_dir_snapshots_config(tmp_path):
     run_dir = prepare_run_dir(config)
     assert run_dir == tmp_path / "r1"
     assert load_config(run_dir / "config.yaml") == config
+
+
+def test_runs_land_under_the_working_directory(tmp_path, monkeypatch):
+    """`rlhf pipeline` with the shipped demo writes ./runs/<demo-time> wherever it is run (in
+    the checkout under `make demo`), never next to the installed config; `./x` in a config
+    file of one's own is next to that file."""
+    monkeypatch.chdir(tmp_path)
+    config = load_config(CONFIGS / "demo.yaml")
+    assert config.output_dir == "runs"
+    run_dir = prepare_run_dir(config, config_path=CONFIGS / "demo.yaml")
+    assert run_dir.resolve().parent == tmp_path.resolve() / "runs"
+    assert run_dir.name.startswith("demo-") and (run_dir / "config.yaml").is_file()
+    assert prepare_run_dir(config, config_path=CONFIGS / "demo.yaml", resume=True) == run_dir
+    for shipped in sorted(CONFIGS.glob("*.yaml")):
+        output_dir = yaml.safe_load(shipped.read_text()).get("output_dir", "runs")
+        assert not output_dir.startswith(("./", "../", "/")), shipped.name
+    mine = tmp_path / "exp" / "mine.yaml"
+    mine.parent.mkdir()
+    mine.write_text(yaml.safe_dump({"base": str(CONFIGS / "demo.yaml"), "output_dir": "./out"}))
+    assert load_config(mine).output_dir == str(tmp_path / "exp" / "out")
 
 
 def test_resume_requires_the_same_config(tmp_path):
