@@ -91,13 +91,16 @@ def ppo_update_counts(*, num_prompts: int, world_size: int, generation_batch_siz
 
     An iteration consumes ``generation_batches`` batches of
     ``generation_batch_size`` prompts per rank, then trains ``ppo_epochs``
-    passes in mini-batches of ``training_batch_size`` per rank.
+    passes in mini-batches of ``training_batch_size`` per rank. ``max_iterations``, when
+    given, is the number of iterations (the prompts cycle through as many epochs as it takes)
+    and ``num_train_epochs`` is ignored, as HF/TRL's max_steps overrides epochs.
     """
     rows = generation_batch_size * generation_batches
     minibatches = ppo_epochs * rows // training_batch_size
     steps = max(1, minibatches // gradient_accumulation_steps)
     prompts_per_iteration = rows * world_size
-    iterations = num_train_epochs * max(1, num_prompts // prompts_per_iteration)
     if max_iterations is not None:
-        iterations = min(iterations, max_iterations)
+        iterations = max_iterations
+    else:
+        iterations = num_train_epochs * max(1, num_prompts // prompts_per_iteration)
     return UpdateCounts(minibatches, steps, steps * iterations)

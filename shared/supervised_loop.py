@@ -182,9 +182,13 @@ class SupervisedLoop:
                                   * s.gradient_accumulation_steps)
         self.iterator = BatchIterator(data.train, self.global_batch_size, seed=config.seed,
                                       shuffle=True, drop_last=True, name=f"{step} train")
-        self.total_steps = s.num_train_epochs * self.iterator.batches_per_epoch
-        if s.max_steps is not None:
-            self.total_steps = min(self.total_steps, s.max_steps)
+        # max_steps, when set, is the number of optimiser steps (as in HF/TRL): the data
+        # cycles through as many epochs as it takes and num_train_epochs is ignored
+        self.total_steps = (s.max_steps if s.max_steps is not None
+                            else s.num_train_epochs * self.iterator.batches_per_epoch)
+        self.num_epochs = -(-self.total_steps // self.iterator.batches_per_epoch)
+        """Epochs the run touches (the last one maybe in part): num_train_epochs, or what
+        max_steps takes."""
         self.checkpoints = CheckpointDir(self.step_dir / "checkpoints",
                                          keep=config.logging.keep_checkpoints,
                                          is_main=is_main, barrier=barrier)
@@ -314,7 +318,7 @@ class SupervisedLoop:
                 if self.global_step % cfg.log_interval == 0 or last:
                     self.run_logger.log(self.step, self.global_step, metrics)
                     logger.info("%s epoch %d/%d|step %d/%d|%s", self.step,
-                                self.iterator.epoch + 1, self.section.num_train_epochs,
+                                self.iterator.epoch + 1, self.num_epochs,
                                 self.global_step, self.total_steps,
                                 format_metrics(metrics, LOG_KEYS[self.step]))
                 bar.update(1)

@@ -222,9 +222,11 @@ class _StepConfig:
     per_device_train_batch_size: int = 16
     # Batch size per device for evaluation.
     per_device_eval_batch_size: int = 16
-    # Passes over the training data.
+    # Passes over the training data (ignored when max_steps is set).
     num_train_epochs: int = 1
-    # Stop after this many optimiser steps (null: run all epochs).
+    # The number of optimiser steps, as in HF Trainer/TRL: overrides num_train_epochs, going
+    # through the data as many times as it takes (each epoch in its own seeded order); null:
+    # num_train_epochs passes.
     max_steps: int | None = None
     # Micro-batches accumulated per optimiser step; the loss is normalised by the global token
     # count, so this never changes the gradient.
@@ -316,10 +318,12 @@ class PPOConfig:
     num_rollout_samples: int | None = None
     # Passes over the rollout buffer (DS-Chat --ppo_epochs; NeMo epochs).
     ppo_epochs: int = 1
-    # Passes over the prompt dataset (DS-Chat --num_train_epochs).
-    # Passes over the training data.
+    # Passes over the prompt dataset (DS-Chat --num_train_epochs; ignored when max_iterations
+    # is set).
     num_train_epochs: int = 1
-    # Stop after this many PPO iterations (rollout + training); null: all epochs.
+    # The number of PPO iterations (rollout + training), like the steps' max_steps: overrides
+    # num_train_epochs, going through the prompts as many times as it takes; null:
+    # num_train_epochs passes.
     max_iterations: int | None = None
     # Micro-batches accumulated per optimiser step; under the default
     # conventions.accumulation_scaling (global) this never changes the gradient.

@@ -73,3 +73,9 @@ def test_update_counts():
                                gradient_accumulation_steps=2, num_train_epochs=4,
                                max_iterations=3)
     assert capped == (4, 2, 6)
+    # max_iterations overrides num_train_epochs (2 iterations per epoch here): 7 iterations
+    longer = ppo_update_counts(num_prompts=320, world_size=2, generation_batch_size=64,
+                               generation_batches=1, training_batch_size=32, ppo_epochs=2,
+                               gradient_accumulation_steps=2, num_train_epochs=1,
+                               max_iterations=7)
+    assert longer == (4, 2, 14)

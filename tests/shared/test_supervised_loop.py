@@ -160,6 +160,51 @@ def test_killed_and_resumed_run_logs_row_for_row(tmp_path, background):
     assert _rows(run_dir) == _rows(tmp_path / "straight")
 
 
+class RecordingBackend(NumpyBackend):
+    """Records the first id of every batch it trains on."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.seen: list[int] = []
+
+    def train_step(self, batch):
+        metrics = super().train_step(batch)
+        self.seen.extend(batch.input_ids[:, 0].tolist())
+        return metrics
+
+
+def test_max_steps_overrides_epochs_and_resumes_exactly(tmp_path):
+    """max_steps is the number of optimiser steps (HF/TRL): 10 steps of 4 batches per epoch
+    take epochs 1, 2 and half of 3, each in its own seeded order, whatever
+    num_train_epochs says; a run killed in epoch 2 resumes to the same steps."""
+    from shared.data import BatchIterator
+
+    config = _config(sft={"max_steps": 10, "num_train_epochs": 1},
+                     logging={"save_interval": 3})
+    loop = _loop(config, tmp_path / "straight")
+    assert loop.total_steps == 10 and loop.num_epochs == 3
+    straight = RecordingBackend()
+    entry = loop.run(straight)
+    assert entry["steps"] == 10 and loop.global_step == 10
+    assert [r["iteration"] for r in _rows(tmp_path / "straight") if "loss" in r] == list(
+        range(1, 11))
+    order = BatchIterator(DATA.train, 2, seed=config.seed, name="expected")
+    batches = [order.next_batch() for _ in range(10)]
+    expected = [int(x) for batch in batches for x in batch.input_ids[:, 0]]
+    assert straight.seen == expected and loop.iterator.epoch == 2
+
+    run_dir = tmp_path / "killed"
+    with pytest.raises(Killed):  # dies in step 8 (epoch 2), after the checkpoint of step 6
+        _loop(config, run_dir).run(NumpyBackend(kill_at=8))
+    resumed_loop = _loop(config, run_dir)
+    resumed_loop.run(RecordingBackend(), resume=True)
+    assert resumed_loop.global_step == 10
+    final = NumpyBackend()
+    final.restore(run_dir / "sft" / "checkpoints" / "step-00000010")
+    np.testing.assert_array_equal(final.w, straight.w)
+    assert _rows(run_dir) == _rows(tmp_path / "straight")
+
+
 def test_background_saves_are_marked_complete_only_once_written(tmp_path):
     config = _config(sft={"max_steps": 5}, logging={"save_interval": 2, "keep_checkpoints": 5})
     loop = _loop(config, tmp_path)
