@@ -38,11 +38,7 @@ def run(command: str, config: Any, args: Any) -> int:
     if command == "export":
         return _export(config, args)
     if command == "chat":
-        try:
-            return _chat(config, args)
-        except KeyboardInterrupt:  # Ctrl-C is a way to leave a chat
-            print()
-            return 0
+        return _chat(config, args)
     raise ValueError(f"unknown command {command!r}")
 
 
@@ -241,33 +237,27 @@ def _rebuild(info: dict):
 
 
 def _chat(config: Any, args: Any) -> int:
-    """Reads one prompt per line from stdin and prints the model's answer (greedy unless
-    `ppo.sampling.do_sample`); an empty line or EOF ends it."""
-    import numpy as np
-
+    """`rlhf chat`: `shared.chat.chat_loop` (multi-turn, the history cut to the model's
+    context) with greedy generation, as on torch."""
     from jax_rlhf.sampler import SamplingParams
-    from jax_rlhf.train.common import eos_ids, generate_rows, shared_decode
-    from shared.data import DataReport
-    from shared.data.tokenize import encode_prompts
+    from jax_rlhf.train.common import generate_rows, shared_decode
+    from shared.chat import chat_loop, chat_options
+    from shared.data.tokenize import pad_left
 
     _, ctx, mdef, params, frozen = _load_causal_lm(config, args)
+    tokenizer = ctx.tokenizer
+    options = chat_options(config, tokenizer, mdef.config.max_position_embeddings)
     sp = SamplingParams.from_config(
-        config.ppo.sampling, max_new_tokens=config.data.max_answer_seq_len,
-        eos_ids=eos_ids(ctx.tokenizer, mdef), pad_id=ctx.tokenizer.pad_token_id,
+        config.ppo.sampling, max_new_tokens=options.max_new_tokens, eos_ids=options.eos_id,
+        pad_id=tokenizer.pad_token_id, greedy=True,
     )
-    turn = 0
-    for line in sys.stdin:
-        prompt = line.rstrip("\n")
-        if not prompt:
-            break
-        ids, mask = encode_prompts(
-            ctx.tokenizer, [prompt], max_prompt_seq_len=config.data.max_prompt_seq_len,
-            report=DataReport(),
-        )
-        tokens, rmask = generate_rows(
-            ctx, mdef, params, frozen, np.asarray(ids), np.asarray(mask), sp,
-            iteration=turn, chunk=ctx.dp,
-        )
-        print(shared_decode(ctx.tokenizer, tokens, rmask)[0], flush=True)
-        turn += 1
-    return 0
+
+    def answer(ids) -> str:
+        # Left-padded to a power of two (at most the window): a few compiles, not one a turn.
+        width = min(options.window, max(16, 1 << (len(ids) - 1).bit_length()))
+        row, mask = pad_left([ids], width, tokenizer.pad_token_id)
+        tokens, rmask = generate_rows(ctx, mdef, params, frozen, row, mask, sp,
+                                      iteration=0, chunk=ctx.dp)
+        return shared_decode(tokenizer, tokens, rmask)[0]
+
+    return chat_loop(answer, tokenizer, options)

@@ -74,11 +74,7 @@ def run(command: str, config: RLHFConfig, args: Any) -> int:
         return _eval(config, args)
     if command == "chat":
         model, tokenizer = _load_policy(config, getattr(args, "model", None))
-        try:
-            chat(model, tokenizer, config)
-        except KeyboardInterrupt:  # Ctrl-C is a way to leave a chat
-            sys.stdout.write("\n")
-        return 0
+        return chat(model, tokenizer, config)
     raise ValueError(f"unknown command {command!r}")
 
 
@@ -195,45 +191,27 @@ def _reward_eval(config: RLHFConfig, path: str) -> int:
     return 0
 
 
-def chat(model, tokenizer, config: RLHFConfig, *, stdin: TextIO = sys.stdin,
-         stdout: TextIO = sys.stdout) -> None:
-    """A multi-turn loop: each line is a user turn; the model answers greedily.
-
-    The conversation so far (turns and answers, each answer ended by the
-    end-of-conversation token) is the prompt, truncated from the left to
-    ``data.max_prompt_seq_len`` tokens. ``clear`` starts over, ``quit`` (or end of input)
-    exits. Type turns as the model's prompts look (for the demo: ``12+7=``).
-    """
-    from torch_rlhf.evaluation import eos_token_id
+def chat(model, tokenizer, config: RLHFConfig, *, stdin: TextIO | None = None,
+         stdout: TextIO | None = None, stderr: TextIO | None = None) -> int:
+    """``rlhf chat``: :func:`shared.chat.chat_loop` (multi-turn, the history cut to the
+    model's context) with this backend's greedy generation. Returns the exit status."""
+    from shared.chat import chat_loop, chat_options
+    from shared.model_limits import ModelLimits
     from torch_rlhf.generation import generate
 
-    eos = eos_token_id(config, tokenizer)
-    eos_text = tokenizer.decode([eos])
-    history = ""
+    context = ModelLimits.from_hf_config(model.config.to_dict(), "model").context
+    options = chat_options(config, tokenizer, context)
     device = next(model.parameters()).device
-    stdout.write("chat: type a prompt ('clear' starts over, 'quit' exits)\n")
-    stdout.flush()
-    for line in stdin:
-        text = line.rstrip("\n")
-        if text.strip() == "quit":
-            break
-        if text.strip() == "clear":
-            history = ""
-            stdout.write("(conversation cleared)\n")
-            stdout.flush()
-            continue
-        prompt = history + text
-        ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-        ids = ids[-config.data.max_prompt_seq_len:]
-        prompt_ids = torch.tensor([ids], dtype=torch.long, device=device)
-        out = generate(model, prompt_ids, torch.ones_like(prompt_ids),
-                       max_new_tokens=config.data.max_answer_seq_len, eos_token_id=eos,
+
+    def answer(ids) -> str:
+        prompt = torch.tensor([list(ids)], dtype=torch.long, device=device)
+        out = generate(model, prompt, torch.ones_like(prompt),
+                       max_new_tokens=options.max_new_tokens, eos_token_id=options.eos_id,
                        pad_token_id=tokenizer.pad_token_id)
-        answer = decode_answers(tokenizer, out.response.cpu().numpy(),
-                                out.response_mask.cpu().numpy())[0]
-        stdout.write(f"{answer}\n")
-        stdout.flush()
-        history = prompt + answer + eos_text
+        return decode_answers(tokenizer, out.response.cpu().numpy(),
+                              out.response_mask.cpu().numpy())[0]
+
+    return chat_loop(answer, tokenizer, options, stdin=stdin, stdout=stdout, stderr=stderr)
 
 
 def _export(args: Any) -> int:

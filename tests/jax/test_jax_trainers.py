@@ -167,11 +167,14 @@ def test_eval_command_on_a_reward_model_and_an_sft_ppo_pair(pipeline_run, capsys
 
 def test_chat_answers_each_line(pipeline_run, capsys, monkeypatch):
     run_dir, config = pipeline_run
-    monkeypatch.setattr("sys.stdin", io.StringIO("1+2=\n3+4=\n\n"))
+    monkeypatch.setattr("sys.stdin", io.StringIO("1+2=\n3+4=\n\nquit\n5+5=\n"))
     capsys.readouterr()
     assert rlhf(["chat", "--backend", "jax", "--config", str(config), "--model",
                  str(run_dir / "ppo" / "final")]) == 0
-    assert len(capsys.readouterr().out.splitlines()) == 2
+    lines = capsys.readouterr().out.splitlines()
+    # banner, two turns with their answers, the empty line (ignored), quit; 5+5= never read
+    assert lines[0].startswith("chat:") and len(lines) == 7
+    assert [lines[i] for i in (1, 3, 5, 6)] == ["you> 1+2=", "you> 3+4=", "you> ", "you> quit"]
 
 
 def test_parity_and_bench_are_not_backend_commands():

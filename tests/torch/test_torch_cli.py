@@ -90,11 +90,13 @@ def test_eval_and_chat(tmp_path, distributed, model_dirs, data_cache, capsys):
     tokenizer = resolve_tokenizer(config)
     model = build_causal_lm(model_dirs("llama_gqa_untied")).eval()
     out = io.StringIO()
-    chat(model, tokenizer, config, stdin=io.StringIO("1+2=\nclear\n3+4=\nquit\n5+5=\n"),
-         stdout=out)
+    assert chat(model, tokenizer, config, stdin=io.StringIO("1+2=\nclear\n3+4=\nquit\n5+5=\n"),
+                stdout=out, stderr=io.StringIO()) == 0
     lines = out.getvalue().splitlines()
-    assert lines[0].startswith("chat:") and lines[2] == "(conversation cleared)"
-    assert len(lines) == 4  # prompt, answer, cleared, answer; nothing after quit
+    assert lines[0].startswith("chat:") and lines[4] == "(conversation cleared)"
+    # banner, turn, answer, clear, cleared, turn, answer, quit; nothing after quit
+    assert [lines[i] for i in (1, 3, 5, 7)] == ["you> 1+2=", "you> clear", "you> 3+4=",
+                                                "you> quit"] and len(lines) == 8
 
 
 def test_eval_detects_a_reward_model_and_compares_two_policies(tmp_path, distributed,
