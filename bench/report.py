@@ -289,6 +289,11 @@ def render_markdown(doc: dict[str, Any]) -> str:
              f"- git: {env['git'].get('commit')}"
              + (" (uncommitted changes)" if env["git"].get("dirty") else ""),
              f"- each measurement in its own process: {env['isolated_processes']}", ""]
+    if doc.get("partial"):
+        why = (f"the run stopped ({doc['stopped_by']})" if doc.get("stopped_by")
+               else "the run was still going (or was killed)")
+        lines[2:2] = [f"**Partial results**: {why} before {len(doc['not_run'])} task(s): "
+                      f"{', '.join(doc['not_run'])}.", ""]
     if limits.get("fp32_peak_flops"):
         lines += ["## Machine limits", ""]
         rows = []

@@ -272,7 +272,11 @@ def _run_in_process(task: dict[str, Any]) -> dict[str, Any]:
 
 
 def run(options: Options, *, command: str | None = None) -> dict[str, Any]:
-    """Runs every task of :func:`plan`; writes and returns the results document."""
+    """Runs every task of :func:`plan`; writes and returns the results document.
+
+    The results are rewritten after every task: a run stopped part-way (Ctrl-C, a crash)
+    leaves ``results.json`` / ``results.md`` with what it measured, marked ``partial``, the
+    tasks it did not reach in ``not_run`` and the exception in ``stopped_by``."""
     from bench.report import build_document, write_outputs
 
     out = options.out
@@ -290,6 +294,25 @@ def run(options: Options, *, command: str | None = None) -> dict[str, Any]:
     print(f"bench: {len(tasks)} tasks, {options.threads} threads, load average "
           f"{load_start}, output {out}", flush=True)
     run_meter = CpuMeter()
+    static = {"machine": machine_info(), "versions": library_versions(), "git": git_revision()}
+
+    def write(stopped_by: str | None = None) -> dict[str, Any]:
+        """results.json/.md of what ran so far: after every task, so a run that is
+        interrupted or fails leaves what it measured (``partial``, ``not_run``)."""
+        document = build_document(
+            tasks, outcomes, command=command or _command(options), options=options,
+            environment={**static, "threads": options.threads,
+                         "load_average": {"start": load_start, "end": load_average()},
+                         "cpu": run_meter.stop(),
+                         "wall_time_s": time.perf_counter() - started,
+                         "isolated_processes": not options.in_process})
+        document["not_run"] = [t["id"] for t in tasks if t["id"] not in outcomes]
+        document["partial"] = bool(document["not_run"])
+        if stopped_by is not None:
+            document["stopped_by"] = stopped_by
+        write_outputs(document, out)
+        return document
+
     try:
         for index, task in enumerate(tasks, 1):
             tick, meter = time.perf_counter(), CpuMeter()
@@ -310,21 +333,19 @@ def run(options: Options, *, command: str | None = None) -> dict[str, Any]:
             if not outcome["ok"]:
                 print(outcome["error"].strip().splitlines()[-1] if outcome["error"] else "",
                       flush=True)
+            document = write()
+    except BaseException as exc:  # Ctrl-C included: keep what was measured
+        write(stopped_by=f"{type(exc).__name__}: {exc}".rstrip(": "))
+        print(f"bench: stopped ({type(exc).__name__}) after {len(outcomes)} of {len(tasks)} "
+              f"tasks; partial results in {out / 'results.json'} and {out / 'results.md'}",
+              file=sys.stderr, flush=True)
+        raise
     finally:
         if not options.in_process:
             for log in (scratch / "logs").glob("*.log"):
                 (out / "logs").mkdir(exist_ok=True)
                 shutil.copy(log, out / "logs" / log.name)
         shutil.rmtree(scratch, ignore_errors=True)
-    document = build_document(
-        tasks, outcomes, command=command or _command(options), options=options,
-        environment={"machine": machine_info(), "versions": library_versions(),
-                     "git": git_revision(), "threads": options.threads,
-                     "load_average": {"start": load_start, "end": load_average()},
-                     "cpu": run_meter.stop(),
-                     "wall_time_s": time.perf_counter() - started,
-                     "isolated_processes": not options.in_process})
-    write_outputs(document, out)
     return document
 
 

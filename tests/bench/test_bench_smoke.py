@@ -117,6 +117,7 @@ def test_subprocess_worker(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     doc = json.loads((out / "results.json").read_text())
     assert doc["environment"]["isolated_processes"] is True
+    assert doc["partial"] is False and doc["not_run"] == [] and "stopped_by" not in doc
     assert [r["id"] for r in doc["results"]] == ["generation/micro/hf/b1",
                                                  "generation/micro/hf/b16"]
     assert all(r["worker_command"] for r in doc["results"])
@@ -171,3 +172,38 @@ def test_profile_generation_micro(tmp_path, capsys):
         result["hf_generate_s"] / result["best_case_s"])
     assert result["matmul_floor_step_s"]["weight_bytes"] > 0
     assert "| JAX decode step |" in capsys.readouterr().out
+
+
+def test_an_interrupted_run_keeps_what_it_measured(tmp_path, monkeypatch):
+    """results.json/.md are written after every task: a run that dies after its first
+    measured row leaves that row, marked partial. The measurements are faked (no model runs)."""
+    out = tmp_path / "out"
+    probe = {"fp32_peak_flops": 1e10, "torch_fp32_flops": 1e10, "jax_fp32_flops": None,
+             "torch_bf16_flops": None, "memory_bandwidth_bytes": 1e9, "bf16_native": False}
+    timing = {"median_s": 0.5, "min_s": 0.5, "times_s": [0.5]}
+    sft = {"framework": timing, "plain": {"median_s": 0.4, "times_s": [0.4]},
+           "peak_rss_bytes": 2**20}
+    ran = []
+
+    def fake(task, directory, timeout):
+        ran.append(task["id"])
+        if task["id"] == "sft/micro/jax":  # the run dies in its second measurement
+            first = json.loads((out / "results.json").read_text())
+            assert [r["id"] for r in first["results"]] == ["sft/micro/torch"]
+            raise KeyboardInterrupt
+        result = {"machine/start": probe, "sft/micro/torch": sft}.get(task["id"])
+        return {"ok": True, "result": result, "error": None, "wall_s": 0.1,
+                "load_average": None}
+
+    monkeypatch.setattr(bench_run, "_run_subprocess", fake)
+    with pytest.raises(KeyboardInterrupt):
+        bench_run.main(None, _args(out, only=["sft/micro/*"]))
+    assert ran == ["prepare", "machine/start", "sft/micro/torch", "sft/micro/jax"]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["partial"] is True and doc["stopped_by"] == "KeyboardInterrupt"
+    assert doc["not_run"] == ["sft/micro/jax", "machine/end"]
+    assert [r["id"] for r in doc["results"]] == ["sft/micro/torch"]
+    assert doc["results"][0]["mfu"] > 0 and doc["failures"] == []
+    text = (out / "results.md").read_text()
+    assert "**Partial results**: the run stopped (KeyboardInterrupt) before 2 task(s)" in text
+    assert "## Training steps" in text
