@@ -8,11 +8,12 @@
 `shared.cli` dispatches `rlhf parity --config FILE [--model DIR] [key=value ...]` to `main`
 with the config after the overrides (`ppo.preset=deepspeed_chat`, `ppo.ptx_mode=separate`,
 ...). `main` runs every level (`command_levels`), `run_parity` levels 1-5 unless told
-otherwise. The run prints a table (level, quantity, max abs diff, max rel diff, tolerance,
-pass/fail), the pass count split into rows on the model (levels 2-5) and rows independent of
-it (levels 1 and 6), and `main` returns 1 when any row fails, so `rlhf parity` can gate a CI
-job; a model one backend cannot build is refused first with status 2 and one line
-(`check_model_support`). See docs/parity.md.
+otherwise. The run prints a line to stderr as each level starts and finishes, then a table per
+level (rows, passed, failed; `level_summary`), a table of every row (level, quantity, max abs
+diff, max rel diff, tolerance, pass/fail), the pass count split into rows on the model (levels
+2-5) and rows independent of it (levels 1 and 6), and `main` returns 1 when any row fails, so
+`rlhf parity` can gate a CI job; a model one backend cannot build is refused first with
+status 2 and one line (`check_model_support`). See docs/parity.md.
 
 What runs (fp32 on CPU, whatever the config's dtype):
   level 1  every public `shared` function, numpy vs torch vs jitted JAX;
@@ -41,7 +42,9 @@ import argparse
 import contextlib
 import json
 import logging
+import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -61,9 +64,9 @@ from parity_tests.harness import (
 )
 from shared.errors import EXIT_INPUT, InputError
 
-__all__ = ["AVAILABLE_LEVELS", "COMMAND_LEVELS", "DEFAULT_LEVELS", "MODEL_LEVELS",
-           "UnsupportedModelError", "check_model_support", "command_levels", "main",
-           "model_dependent", "pass_counts", "run_parity"]
+__all__ = ["AVAILABLE_LEVELS", "COMMAND_LEVELS", "DEFAULT_LEVELS", "LEVEL_NAMES", "MODEL_LEVELS",
+           "UnsupportedModelError", "check_model_support", "command_levels", "level_summary",
+           "main", "model_dependent", "pass_counts", "run_parity"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +81,35 @@ COMMAND_LEVELS = AVAILABLE_LEVELS
 
 MODEL_LEVELS = ("2", "3", "4", "5")
 """The levels whose rows compare the user's model (`Row.level`); 1 and 6 do not."""
+
+LEVEL_NAMES = {1: "shared functions, numpy vs torch vs JAX", 2: "forward passes",
+               3: "losses and gradients", 4: "AdamW steps", 5: "decoding",
+               6: "whole SFT / reward / PPO runs, built-in tiny Llama"}
+"""What each level compares, as the progress lines name it."""
+
+
+class _Progress:
+    """One line on stderr as each level starts and one as it ends (its rows, failures and
+    seconds), so a long `rlhf parity` shows where it is; silent when not ``enabled``."""
+
+    def __init__(self, enabled: bool, levels_to_run: Sequence[int]):
+        self.enabled = enabled
+        self.levels = sorted(levels_to_run)
+
+    def say(self, text: str) -> None:
+        if self.enabled:
+            print(f"parity: {text}", file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def level(self, level: int, rows: list[Row]) -> Iterator[None]:
+        start, before = time.perf_counter(), len(rows)
+        self.say(f"level {level} ({LEVEL_NAMES[level]}) [{self.levels.index(level) + 1}/"
+                 f"{len(self.levels)}] ...")
+        yield
+        new = rows[before:]
+        failed = sum(not r.passed for r in new)
+        self.say(f"level {level} done: {len(new)} rows, {failed} failed "
+                 f"({time.perf_counter() - start:.1f} s)")
 
 
 def _is_local(path: str | None) -> bool:
@@ -215,7 +247,8 @@ def run_parity(
       levels_to_run: which of levels 1 to 6 (default 1-5; level 6 runs the built-in tiny
         Llama under the config's PPO choices, `iterations.level6_settings`).
       num_rows: examples taken from the start of each step's training data.
-      print_table: print the table and the skipped items to stdout.
+      print_table: print the per-level summary (`level_summary`), the table and the skipped
+        items to stdout, and a progress line per level to stderr.
 
     Returns:
       The rows; a level or step that cannot run is reported as skipped, not as a row.
@@ -226,9 +259,12 @@ def run_parity(
                          f"{list(AVAILABLE_LEVELS)}")
     rows: list[Row] = []
     skipped: list[str] = []
+    progress = _Progress(print_table, levels_to_run)
     with _float32_on_cpu():
-        _run_levels(config, model_dir, levels_to_run, num_rows, rows, skipped)
+        _run_levels(config, model_dir, levels_to_run, num_rows, rows, skipped, progress)
     if print_table:
+        print(level_summary(rows, levels_to_run))
+        print()
         print(format_table(rows))
         print(pass_counts(rows))
         for item in skipped:
@@ -236,19 +272,22 @@ def run_parity(
     return rows
 
 
-def _run_levels(config, model_dir, levels_to_run, num_rows, rows, skipped) -> None:
+def _run_levels(config, model_dir, levels_to_run, num_rows, rows, skipped,
+                progress: _Progress) -> None:
     if 1 in levels_to_run:
         from parity_tests.shared_cases import CASES, case_rows
 
-        for padding in B.PADDINGS:
-            for case in CASES:
-                rows += case_rows(case, padding)
+        with progress.level(1, rows):
+            for padding in B.PADDINGS:
+                for case in CASES:
+                    rows += case_rows(case, padding)
     if set(levels_to_run) & {2, 3, 4, 5}:
         with tempfile.TemporaryDirectory(prefix="rlhf-parity-") as tmp:
             rows += _model_levels(config, model_dir, Path(tmp), levels_to_run, num_rows,
-                                  skipped)
+                                  skipped, progress)
     if 6 in levels_to_run:
-        rows += _level6(config, skipped)
+        with progress.level(6, rows):
+            rows += _level6(config, skipped)
 
 
 def _level6(config, skipped: list[str]) -> list[Row]:
@@ -273,7 +312,9 @@ def _level6(config, skipped: list[str]) -> list[Row]:
     return rows
 
 
-def _model_levels(config, model_dir, tmp, levels_to_run, num_rows, skipped) -> list[Row]:
+def _model_levels(config, model_dir, tmp, levels_to_run, num_rows, skipped,
+                  progress: _Progress) -> list[Row]:
+    progress.say("loading the models and data of levels 2-5 ...")
     actor_dir, critic_dir = _model_dirs(config, model_dir, tmp)
     actor = load_pair(actor_dir, kind="lm") if actor_dir is not None else None
     critic = load_pair(critic_dir, kind="value") if critic_dir is not None else None
@@ -292,38 +333,47 @@ def _model_levels(config, model_dir, tmp, levels_to_run, num_rows, skipped) -> l
                 _check_vocab(pair, arrays, what)
 
     if 2 in levels_to_run:
-        if sft_rows is not None:
-            rows += levels.forward_rows("sft data, right-padded", sft_rows["input_ids"],
-                                        sft_rows["attention_mask"], lm=actor, value=critic)
-        if prompt_rows is not None:
-            # Left-padded prompts end on a real token: any prompt_length past the padding
-            # reads the last one. (width itself, an empty answer part, makes torch's
-            # gather_end_values call argmax on an empty axis.)
-            width = prompt_rows["prompt_input_ids"].shape[1]
-            rows += levels.forward_rows("ppo prompts, left-padded",
-                                        prompt_rows["prompt_input_ids"],
-                                        prompt_rows["prompt_attention_mask"], lm=actor,
-                                        value=critic, prompt_length=width - 1)
+        with progress.level(2, rows):
+            if sft_rows is not None:
+                rows += levels.forward_rows("sft data, right-padded", sft_rows["input_ids"],
+                                            sft_rows["attention_mask"], lm=actor, value=critic)
+            if prompt_rows is not None:
+                # Left-padded prompts end on a real token: any prompt_length past the padding
+                # reads the last one. (width itself, an empty answer part, makes torch's
+                # gather_end_values call argmax on an empty axis.)
+                width = prompt_rows["prompt_input_ids"].shape[1]
+                rows += levels.forward_rows("ppo prompts, left-padded",
+                                            prompt_rows["prompt_input_ids"],
+                                            prompt_rows["prompt_attention_mask"], lm=actor,
+                                            value=critic, prompt_length=width - 1)
     if 3 in levels_to_run:
-        rows += _level3(config, tokenizer, actor, critic, sft_rows, reward, prompt_rows,
-                        num_rows, skipped)
+        with progress.level(3, rows):
+            rows += _level3(config, tokenizer, actor, critic, sft_rows, reward, prompt_rows,
+                            num_rows, skipped)
     if 4 in levels_to_run:
-        rows += _level4(config, actor, actor_dir, sft, num_rows, skipped)
+        with progress.level(4, rows):
+            rows += _level4(config, actor, actor_dir, sft, num_rows, skipped)
     if 5 in levels_to_run:
-        if actor is None or prompt_rows is None:
-            skipped.append("level 5: needs a causal LM and PPO prompts")
-        else:
-            sampling = config.ppo.sampling
-            try:
-                rows += sampler_rows(
-                    actor, prompt_rows["prompt_input_ids"], prompt_rows["prompt_attention_mask"],
-                    max_new_tokens=config.data.max_answer_seq_len,
-                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                    seed=config.seed, temperature=sampling.temperature, top_k=sampling.top_k,
-                    top_p=sampling.top_p)
-            except LevelUnavailable as err:
-                skipped.append(f"level 5: {err}")
+        with progress.level(5, rows):
+            rows += _level5(config, tokenizer, actor, prompt_rows, skipped)
     return rows
+
+
+def _level5(config, tokenizer, actor, prompt_rows, skipped) -> list[Row]:
+    if actor is None or prompt_rows is None:
+        skipped.append("level 5: needs a causal LM and PPO prompts")
+        return []
+    sampling = config.ppo.sampling
+    try:
+        return sampler_rows(
+            actor, prompt_rows["prompt_input_ids"], prompt_rows["prompt_attention_mask"],
+            max_new_tokens=config.data.max_answer_seq_len,
+            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            seed=config.seed, temperature=sampling.temperature, top_k=sampling.top_k,
+            top_p=sampling.top_p)
+    except LevelUnavailable as err:
+        skipped.append(f"level 5: {err}")
+        return []
 
 
 def _level3(config, tokenizer, actor, critic, sft_rows, reward, prompt_rows, num_rows,
@@ -462,6 +512,23 @@ def check_model_support(config, model_dir: str | None = None) -> None:
             raise UnsupportedModelError(
                 f"{where}: model_type {model_type!r} cannot run on the JAX backend, and "
                 f"`rlhf parity` needs both: {err}") from None
+
+
+def level_summary(rows: Sequence[Row], levels_to_run: Sequence[int]) -> str:
+    """A table of the levels run: rows, passed, failed (a level with no row, skipped)."""
+    header = ("level", "what", "rows", "passed", "failed")
+    body = []
+    for level in sorted(levels_to_run):
+        part = [r for r in rows if r.level == str(level)]
+        passed = sum(r.passed for r in part)
+        failed = len(part) - passed
+        body.append((str(level), LEVEL_NAMES[level], str(len(part)), str(passed),
+                     (f"{failed} FAILED" if failed else "0") + ("" if part else "  (skipped)")))
+    widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True))
+             .rstrip() for line in [header, *body]]
+    lines.insert(1, "-" * max(len(line) for line in lines))
+    return "\n".join(lines)
 
 
 def model_dependent(row: Row) -> bool:

@@ -54,10 +54,29 @@ def test_demo_config_passes(demo_config, capsys):
     assert f"on your model (levels 2-5): {len(rows)}/{len(rows)} passed" in table
 
 
-def test_level1_through_run_parity(demo_config):
-    rows = run_parity(demo_config, levels_to_run=(1,), print_table=False)
+def test_level1_through_run_parity(demo_config, capsys):
+    rows = run_parity(demo_config, levels_to_run=(1,))
     assert _levels(rows) == ["1"]
     assert_passed(rows)
+    captured = capsys.readouterr()
+    n = len(rows)
+    # progress on stderr as the level starts and ends; the per-level table before the full one
+    assert "parity: level 1 (shared functions, numpy vs torch vs JAX) [1/1] ..." in captured.err
+    assert f"parity: level 1 done: {n} rows, 0 failed (" in captured.err
+    summary, _, table = captured.out.partition("\n\n")
+    assert summary.splitlines()[0].split() == ["level", "what", "rows", "passed", "failed"]
+    assert summary.splitlines()[2].split()[-3:] == [str(n), str(n), "0"]
+    assert "max abs diff" in table and "max abs diff" not in summary
+
+
+def test_level_summary_counts_each_level():
+    rows = [parity_run.Row(level, "q", 0.0, 0.0, None, passed)
+            for level, passed in (("1", True), ("1", True), ("2", True), ("2", False))]
+    lines = parity_run.level_summary(rows, (2, 1, 6)).splitlines()
+    assert [line.split()[0] for line in lines[2:]] == ["1", "2", "6"]
+    assert lines[2].split()[-3:] == ["2", "2", "0"]
+    assert lines[3].split()[-4:] == ["2", "1", "1", "FAILED"]
+    assert lines[4].split()[-4:] == ["0", "0", "0", "(skipped)"]
 
 
 def test_saved_model_dir_passes(demo_config, saved_model):
