@@ -60,6 +60,9 @@ class Experience:
     returns: np.ndarray | None = None
     kl: np.ndarray | None = None
     token_rewards: np.ndarray | None = None
+    importance_weights: np.ndarray | None = None
+    """[B, N] float32 TIS weights of the policy loss (``conventions.rollout_correction``
+    "tis"); None without them, and then no micro-batch carries the key."""
     short_answers: int = 0
     logprob_gap: float = 0.0
     answer_width: int = 0
@@ -68,7 +71,7 @@ class Experience:
 
     ROW_FIELDS = ("prompt_ids", "prompt_mask", "response", "sample_mask", "sample_logprobs",
                   "response_mask", "logprobs", "ref_logprobs", "values", "scores", "is_short",
-                  "advantages", "returns", "kl", "token_rewards")
+                  "advantages", "returns", "kl", "token_rewards", "importance_weights")
 
     def __len__(self) -> int:
         return self.response.shape[0]
@@ -86,7 +89,8 @@ class Experience:
     def train_arrays(self, rows: np.ndarray) -> dict[str, np.ndarray]:
         """The training fields of ``rows`` (a mini-batch), float arrays as float32."""
         out = {}
-        for f in TRAIN_FIELDS:
+        optional = ("importance_weights",) if self.importance_weights is not None else ()
+        for f in TRAIN_FIELDS + optional:
             x = getattr(self, f)[rows]
             out[f] = x.astype(np.float32) if x.dtype.kind == "f" else x
         return out
@@ -115,7 +119,7 @@ class Experience:
     @staticmethod
     def from_state(state: dict[str, Any]) -> Experience:
         """Inverse of ``to_state``."""
-        fields = {f: None if state[f] is None else
+        fields = {f: None if state.get(f) is None else
                   np.asarray(state[f]["data"], dtype=state[f]["dtype"])
                   for f in Experience.ROW_FIELDS}
         return Experience(**fields, short_answers=int(state["short_answers"]),

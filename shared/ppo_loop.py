@@ -37,6 +37,12 @@ import numpy as np
 from shared.aggregation import loss_normalizer
 from shared.checkpoints import CheckpointDir
 from shared.config import RLHFConfig
+from shared.critic_free import (
+    group_prompts,
+    models_used,
+    outcome_advantages,
+    rollout_correction,
+)
 from shared.data import BatchIterator, PromptBatch, TextBatch, build_ptx_data, build_step_data
 from shared.errors import RunError
 from shared.evaluation import decode_answers
@@ -47,6 +53,7 @@ from shared.manifest import config_fingerprint
 from shared.masked import masked_whiten
 from shared.model_card import ExportCard, complete_export, describe_source
 from shared.ppo_step import compute_advantages, make_kl_controller
+from shared.reward_fn import load_reward_function, mix_rewards
 from shared.rollout import minibatch_schedule, ppo_update_counts, sampling_uniforms
 from shared.runlog import PhaseTimer, RunLogger, progress, truncate_metrics
 
@@ -60,6 +67,8 @@ TOKEN_STATS = ("clip_fraction", "approx_kl", "value_clip_fraction", "entropy")
 LAST_STEP = ("actor_lr", "critic_lr")
 """Reported from the iteration's last optimiser step; every other training statistic is the
 mean over the iteration's optimiser steps."""
+CRITIC_STATS = ("critic_loss", "value_clip_fraction", "critic_lr", "critic_grad_norm")
+"""Statistics of the critic's step: 0 in the metrics of a critic-free run."""
 
 
 class PPOBackend(Protocol):
@@ -147,11 +156,17 @@ class PPOLoop:
         self.generation_rows = ppo.per_device_generation_batch_size * world_size
         self.minibatch_rows = ppo.per_device_training_batch_size * world_size
         self.generation_batches = self._generation_batches()
-        self.prompt_iterator = BatchIterator(self.data.train, self.generation_rows,
+        # the group layout (shared.critic_free): a batch of rows holds rows / n prompts
+        self.group_size = ppo.n_samples_per_prompt
+        self.models = models_used(config)
+        self.reward_function = (load_reward_function(ppo.reward_function)
+                                if ppo.reward_function is not None else None)
+        self.prompt_iterator = BatchIterator(self.data.train,
+                                             self.generation_rows // self.group_size,
                                              seed=config.seed, shuffle=True, drop_last=True,
                                              name="ppo prompts")
         self.counts = ppo_update_counts(
-            num_prompts=len(self.data.train), world_size=world_size,
+            num_prompts=len(self.data.train) * self.group_size, world_size=world_size,
             generation_batch_size=ppo.per_device_generation_batch_size,
             generation_batches=self.generation_batches,
             training_batch_size=ppo.per_device_training_batch_size, ppo_epochs=ppo.ppo_epochs,
@@ -217,6 +232,7 @@ class PPOLoop:
         set by ``train_on_experience``, over the whole buffer)."""
         iteration = self.iteration if iteration is None else iteration
         ppo = self.config.ppo
+        prompts = group_prompts(prompts, self.group_size)
         rows, width = len(prompts), self.config.data.max_answer_seq_len
         uniforms = sampling_uniforms(self.config.seed, iteration, batch_index,
                                      shape=(rows, width))
@@ -251,6 +267,7 @@ class PPOLoop:
             is_short, answer_width = last.is_short, last.answer_width
         with self.timer.phase("scoring"):
             scored = self.score(prompt_ids, prompt_mask, response, sample_mask)
+            scored = self._with_reward(scored, prompt_ids, prompt_mask, response, sample_mask)
         experience = Experience(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask, response=response,
             sample_mask=sample_mask, sample_logprobs=np.asarray(sample_logprobs, np.float32),
@@ -268,12 +285,52 @@ class PPOLoop:
             self._print_answers(prompts, experience, iteration)
         return experience
 
+    def _with_reward(self, scored: dict[str, np.ndarray], prompt_ids: np.ndarray,
+                     prompt_mask: np.ndarray, response: np.ndarray,
+                     sample_mask: np.ndarray) -> dict[str, np.ndarray]:
+        """The backend's outputs with the run's reward as ``scores`` and zero values without a
+        critic: the reward model's end score and ``ppo.reward_function`` on the decoded
+        prompt and answer, mixed with their weights (``shared.reward_fn.mix_rewards``)."""
+        ppo = self.config.ppo
+        out = dict(scored)
+        if "critic" not in self.models:
+            out["values"] = np.zeros(response.shape, np.float32)
+        function_scores = None
+        if self.reward_function is not None:
+            prompts = self.tokenizer.batch_decode(
+                np.where(prompt_mask > 0, prompt_ids, self.pad_token_id),
+                skip_special_tokens=True)
+            answers = decode_answers(self.tokenizer, response, sample_mask)
+            function_scores = self.reward_function(prompts, answers)
+        model_scores = out.get("scores") if "reward_model" in self.models else None
+        if function_scores is None:  # the reward model alone, its scores unchanged
+            return out
+        out["scores"] = mix_rewards(model_scores, function_scores,
+                                    model_weight=ppo.reward_model_weight,
+                                    function_weight=ppo.reward_function_weight)
+        return out
+
     def with_advantages(self, buffer: list[Experience],
                         kl_coef: float | None = None) -> Experience:
-        """One buffer with ``shared.compute_advantages`` over every row (whitening over all
-        of them) at the controller's coefficient (or ``kl_coef``)."""
+        """One buffer with ``shared.compute_advantages`` (or a critic-free estimator,
+        ``shared.critic_free.outcome_advantages``) over every row (whitening over all of
+        them) at the controller's coefficient (or ``kl_coef``), then the rollout
+        correction (``shared.critic_free.rollout_correction``)."""
+        experience = self._advantages(buffer, kl_coef)
+        weights, mask = rollout_correction(experience.logprobs, experience.sample_logprobs,
+                                           experience.response_mask,
+                                           conventions=self.conventions)
+        return dataclasses.replace(experience, importance_weights=weights, response_mask=mask)
+
+    def _advantages(self, buffer: list[Experience], kl_coef: float | None) -> Experience:
         c = self.conventions
         beta = float(self.kl_state.kl_coef) if kl_coef is None else kl_coef
+        if c.advantage_estimator != "gae":
+            exp = Experience.cat(buffer)
+            out = outcome_advantages(exp.scores, exp.logprobs, exp.ref_logprobs,
+                                     exp.response_mask, conventions=c, kl_coef=beta,
+                                     group_size=self.group_size)
+            return dataclasses.replace(exp, **out)
         if not c.trim_answer_width:
             exp = Experience.cat(buffer)
             out = compute_advantages(exp.scores, exp.logprobs, exp.ref_logprobs, exp.values,
@@ -357,6 +414,8 @@ class PPOLoop:
                 joint = ptx if self.ptx_mode == "joint" else None
                 stats = dict(self.train_step(micro, normalizers=normalizers, ptx=joint,
                                              ptx_normalizers=ptx_normalizers, kl_coef=kl_coef))
+                if "critic" not in self.models:  # nothing trained a critic: 0 in the metrics
+                    stats = {k: v for k, v in stats.items() if k not in CRITIC_STATS}
                 if self.ptx_mode == "separate":
                     stats.update(self.ptx_step(ptx, ptx_normalizers=ptx_normalizers))
                 # EMA after every actor optimiser step (DeepSpeed-Chat's moving_average).
@@ -589,7 +648,8 @@ class PPOLoop:
         entry.update(paths, data_quality=self.data.quality)
         entry.update(final_reward=self.last_metrics.get("reward_score"),
                      final_kl=self.last_metrics.get("kl"), iterations=self.iteration,
-                     rollout_path=self.rollout_path, timings=timings)
+                     rollout_path=self.rollout_path, models=list(self.models),
+                     timings=timings)
         self.run_logger.update_summary(ppo=entry)
         logger.info("ppo done: final reward %.4f, final kl %.4f -> %s",
                     entry["final_reward"] or 0.0, entry["final_kl"] or 0.0,

@@ -4,10 +4,11 @@
 
 from __future__ import annotations
 
-from shared._array import Array
+from shared._array import Array, namespace
 from shared.advantages import gae_advantages
 from shared.control import KLController, adaptive_kl_controller, fixed_kl_controller
-from shared.masked import masked_whiten
+from shared.masked import masked_mean, masked_whiten
+from shared.policy_variants import gspo_policy_loss
 from shared.ppo_losses import entropy_bonus, kl_loss, policy_loss, value_loss
 from shared.presets import PPOConventions
 from shared.rewards import episode_mask, shape_rewards
@@ -101,16 +102,21 @@ def ppo_losses(
     ref_logprobs: Array | None = None,
     kl_coef: Array | float | None = None,
     normalizer: Array | float | None = None,
+    importance_weights: Array | None = None,
 ) -> tuple[Array, Array, dict[str, Array]]:
     """Actor and critic losses of one (micro-)batch under `conventions`.
 
     actor = policy_loss - entropy_coef * entropy_bonus [+ kl_coef * kl_loss if kl_in="loss"]
-    critic = value_loss (value_clip, value_loss_scale)
+    critic = value_loss (value_clip, value_loss_scale); 0 without a critic (`values` None)
+
+    The policy loss is `policy_loss` or, with conventions.policy_loss "gspo",
+    `gspo_policy_loss` (whose stats gain PPO's token approx_kl).
 
     Args:
       logprobs: [B, T] current policy log-probs (differentiable).
       old_logprobs, advantages: [B, T] from the rollout, detached.
-      values: [B, T] current critic values (differentiable).
+      values: [B, T] current critic values (differentiable); None for a critic-free run
+        (critic_loss and value_clip_fraction are then 0).
       old_values, returns: [B, T] from the rollout, detached.
       response_mask: [B, T] float or bool mask.
       conventions: a `PPOConventions`.
@@ -119,6 +125,8 @@ def ppo_losses(
       ref_logprobs: [B, T] reference log-probs, detached; required when kl_in="loss".
       kl_coef: the current KL coefficient; default conventions.kl_coef.
       normalizer: the global count for `aggregate_loss` (see `loss_normalizer`).
+      importance_weights: [B, T] detached per-token weights of the policy loss (TIS,
+        `shared.critic_free.rollout_correction`); None: none.
 
     Returns:
       actor_loss, critic_loss (scalars) and stats: the policy and value stats plus
@@ -126,17 +134,27 @@ def ppo_losses(
     """
     c = conventions
     agg = {"agg_mode": c.loss_agg_mode, "normalizer": normalizer}
-    actor, stats = policy_loss(
-        logprobs,
-        old_logprobs,
-        advantages,
-        response_mask,
-        clip_low=c.clip_low,
-        clip_high=c.clip_high,
-        dual_clip=c.dual_clip,
-        log_ratio_clamp=c.log_ratio_clamp,
-        **agg,
-    )
+    if c.policy_loss == "gspo":
+        actor, stats = gspo_policy_loss(
+            logprobs, old_logprobs, advantages, response_mask, clip_low=c.clip_low,
+            clip_high=c.clip_high, importance_weights=importance_weights, **agg,
+        )
+        log_ratio = logprobs - old_logprobs
+        stats["approx_kl"] = masked_mean(
+            namespace(log_ratio).exp(log_ratio) - 1.0 - log_ratio, response_mask)
+    else:
+        actor, stats = policy_loss(
+            logprobs,
+            old_logprobs,
+            advantages,
+            response_mask,
+            clip_low=c.clip_low,
+            clip_high=c.clip_high,
+            dual_clip=c.dual_clip,
+            log_ratio_clamp=c.log_ratio_clamp,
+            importance_weights=importance_weights,
+            **agg,
+        )
     stats["pg_loss"] = actor
     if c.entropy_coef != 0.0:
         if entropy is None:
@@ -152,6 +170,10 @@ def ppo_losses(
             estimator=c.kl_estimator, clamp=c.kl_clamp, **agg,
         )
         actor = actor + beta * stats["kl_loss"]
+    if values is None:
+        zero = namespace(actor).zeros_like(actor)
+        stats["value_clip_fraction"] = zero
+        return actor, zero, stats
     critic, value_stats = value_loss(
         values,
         old_values,
@@ -163,3 +185,4 @@ def ppo_losses(
     )
     stats.update(value_stats)
     return actor, critic, stats
+

@@ -43,10 +43,18 @@ from shared.advantages import GAE_MASK_MODES
 from shared.aggregation import AGG_MODES
 from shared.kl import KL_ESTIMATORS
 from shared.rewards import SCORE_POSITIONS
+from shared.rollout_correction import RATIO_LEVELS
 
 KL_IN = ("reward", "loss")
 KL_CONTROLLERS = ("fixed", "adaptive")
 ACCUMULATION_SCALINGS = ("global", "micro_batch_mean")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_plus_plus")
+CRITIC_FREE_ESTIMATORS = ADVANTAGE_ESTIMATORS[1:]
+"""Estimators that need no critic (and so build none)."""
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
+"""Estimators whose baseline is the other answers to the same prompt (the group layout)."""
+POLICY_LOSSES = ("ppo", "gspo")
+ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,27 @@ class PPOConventions:
     shuffle_minibatches: bool = True
     """Visit the rollout buffer in a fresh seeded order every PPO epoch; False walks it in
     order, as DeepSpeed-Chat does (`ppo.shuffle_minibatches` in the config)."""
+    advantage_estimator: str = "gae"
+    """"gae" (a critic; `gae_advantages`) or a critic-free outcome estimator over each
+    answer's summed token reward (`shared.critic_free`): "grpo" (group mean and std,
+    Shao et al. 2024), "dr_grpo" (group mean only, Liu et al. 2025), "rloo" (leave-one-out
+    mean, Ahmadian et al. 2024; `ppo.n_samples_per_prompt` >= 2) or "reinforce_plus_plus"
+    (discounted returns whitened over the batch, Hu 2025). Every estimator but gae runs
+    without a critic."""
+    policy_loss: str = "ppo"
+    """"ppo" (token-level clipped ratio, `policy_loss`) or "gspo" (the clip on each answer's
+    length-normalised sequence ratio, Zheng et al. 2025; `gspo_policy_loss`)."""
+    rollout_correction: str = "none"
+    """The sampler's recorded log-probs against the training forward's (`shared.
+    rollout_correction`): "none"; "tis" weights every token's policy loss by
+    min(rho, rollout_correction_threshold) (Yao et al. 2025); "mis" drops from the loss the
+    tokens (or rows, by `rollout_correction_level`) whose rho lies outside
+    [1 / threshold, threshold]."""
+    rollout_correction_threshold: float = 2.0
+    """C of TIS's truncation and MIS's acceptance band (verl's rollout_is_threshold 2)."""
+    rollout_correction_level: str = "token"
+    """The ratio rho: "token", "sequence" (product over the answer) or "geometric" (its
+    per-token geometric mean)."""
 
     def __post_init__(self) -> None:
         _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
@@ -126,6 +155,13 @@ class PPOConventions:
         _choice("gae_mask_mode", self.gae_mask_mode, GAE_MASK_MODES)
         _choice("loss_agg_mode", self.loss_agg_mode, AGG_MODES)
         _choice("accumulation_scaling", self.accumulation_scaling, ACCUMULATION_SCALINGS)
+        _choice("advantage_estimator", self.advantage_estimator, ADVANTAGE_ESTIMATORS)
+        _choice("policy_loss", self.policy_loss, POLICY_LOSSES)
+        _choice("rollout_correction", self.rollout_correction, ROLLOUT_CORRECTIONS)
+        _choice("rollout_correction_level", self.rollout_correction_level, RATIO_LEVELS)
+        _check(_finite(self.rollout_correction_threshold)
+               and self.rollout_correction_threshold > 1, "rollout_correction_threshold",
+               self.rollout_correction_threshold, "a finite number > 1")
         for name in ("zero_after_end", "whiten_advantages", "whiten_rewards", "mask_pad_tokens",
                      "trim_answer_width", "shuffle_minibatches"):
             _choice(name, getattr(self, name), (True, False))
@@ -156,6 +192,12 @@ class PPOConventions:
                 "PPOConventions.trim_answer_width computes each generation batch's rewards on "
                 "its own width, so whiten_rewards (over the whole buffer) cannot be combined "
                 "with it; set one of them to False"
+            )
+        if self.trim_answer_width and self.advantage_estimator != "gae":
+            raise ValueError(
+                f"PPOConventions.trim_answer_width cuts each generation batch to its own width "
+                f"before GAE; advantage_estimator {self.advantage_estimator!r} computes its "
+                "advantages over the whole buffer: set trim_answer_width to False"
             )
         if self.reward_position == "dschat" and self.gae_mask_mode == "skip_masked":
             raise ValueError(
@@ -285,6 +327,53 @@ DEFAULT = PPOConventions(
 )
 """The project's own conventions (reasons in `_DEFAULT_REASONS`)."""
 
+GRPO = PPOConventions(
+    advantage_estimator="grpo",
+    kl_estimator="k3",
+    kl_in="loss",
+    kl_coef=0.04,
+    kl_controller="fixed",
+    reward_clip=None,
+    reward_position="last_token",
+    gae_mask_mode="skip_masked",
+    whiten_advantages=False,
+    clip_low=0.2,
+    log_ratio_clamp=20.0,
+    entropy_coef=0.0,
+    loss_agg_mode="seq-mean-token-mean",
+)
+"""GRPO (Shao et al. 2024, arXiv:2402.03300, eqs. 3-4): group-normalised outcome advantages,
+no critic, the KL to the reference as a loss term with the k3 estimator and beta 0.04, the
+per-answer token mean then the mean over answers; verl's `algorithm.adv_estimator=grpo`
+with `use_kl_loss`, `kl_loss_type=low_var_kl`."""
+
+DR_GRPO = replace(GRPO, advantage_estimator="dr_grpo", loss_agg_mode="seq-mean-token-sum-norm")
+"""Dr. GRPO (Liu et al. 2025, arXiv:2503.20783, sec. 3.1): GRPO without the std division and
+with a constant length normaliser (the answer budget); verl `norm_adv_by_std_in_grpo=False`,
+`loss_agg_mode=seq-mean-token-sum-norm`."""
+
+DAPO = replace(GRPO, kl_coef=0.0, clip_high=0.28, loss_agg_mode="token-mean")
+"""DAPO (Yu et al. 2025, arXiv:2503.14476): GRPO's advantages without a KL term (sec. 2.3),
+clip-higher eps_low 0.2 / eps_high 0.28 (sec. 3.1) and the token-level loss (sec. 3.3).
+Dynamic sampling and overlong shaping are not built."""
+
+RLOO = replace(GRPO, advantage_estimator="rloo", kl_estimator="k1", kl_in="reward",
+               kl_coef=0.05, loss_agg_mode="token-mean")
+"""RLOO (Ahmadian et al. 2024, arXiv:2402.14740, eq. 6): the leave-one-out baseline, the KL
+(k1, beta 0.05) in the reward as TRL's `RLOOTrainer`."""
+
+REINFORCE_PLUS_PLUS = replace(GRPO, advantage_estimator="reinforce_plus_plus",
+                              kl_estimator="k1", kl_in="reward", kl_coef=0.01,
+                              reward_clip=10.0, loss_agg_mode="token-mean")
+"""REINFORCE++ (Hu 2025, arXiv:2501.03262): discounted returns of the KL-penalised token
+rewards (k1, beta 0.01) whitened over the global batch, OpenRLHF's defaults
+(`init_kl_coef=0.01`, `reward_clip_range=(-10, 10)`)."""
+
+GSPO = replace(GRPO, policy_loss="gspo", kl_coef=0.0, clip_low=3e-4, clip_high=4e-4)
+"""GSPO (Zheng et al. 2025, arXiv:2507.18071 v2, sec. 5.1): GRPO's advantages with the clip
+on the length-normalised sequence ratio at 3e-4 / 4e-4, no KL term, seq-mean-token-mean
+(verl's GSPO recipe)."""
+
 _DEFAULT_REASONS = {
     "kl_estimator": "k1 in the reward: unbiased, and its sum over tokens is the sequence "
     "log-ratio whose expectation is the KL of InstructGPT's objective",
@@ -318,6 +407,12 @@ PRESETS: dict[str, PPOConventions] = {
     "nemo": NEMO,
     "openrlhf": OPENRLHF,
     "trl": TRL,
+    "grpo": GRPO,
+    "dr_grpo": DR_GRPO,
+    "dapo": DAPO,
+    "rloo": RLOO,
+    "reinforce_plus_plus": REINFORCE_PLUS_PLUS,
+    "gspo": GSPO,
 }
 
 

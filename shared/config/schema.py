@@ -300,12 +300,15 @@ class SamplingConfig:
 class PPOConfig:
     """Step 3: PPO with actor, reference, critic and reward models."""
 
-    # Base conventions: default | deepspeed_chat | nemo | openrlhf | trl (shared.presets).
+    # Base conventions: default | deepspeed_chat | nemo | openrlhf | trl (PPO with a critic)
+    # | grpo | dr_grpo | dapo | rloo | reinforce_plus_plus | gspo (critic-free;
+    # shared.presets, docs/conventions.md).
     preset: str = "default"
     # The preset's conventions with the overrides given under `conventions:`
     # applied; the run snapshot stores every field, so it reloads identically.
     conventions: PPOConventions = field(default_factory=lambda: get_preset("default"))
-    # Prompts per device per generation batch (DS-Chat
+    # Rollout rows (answers) per device per generation batch: that many prompts, or that
+    # many / n_samples_per_prompt prompts answered n times each (DS-Chat
     # --per_device_generation_batch_size; NeMo rollout_micro_batch_size).
     per_device_generation_batch_size: int = 16
     # Mini-batch per device for each PPO update (DS-Chat --per_device_training_batch_size).
@@ -364,6 +367,20 @@ class PPOConfig:
     compute_fp32_loss: bool = False
     # fp16: skip both steps when either overflows (DS-Chat --align_overflow).
     align_overflow: bool = False
+    # Answers sampled per prompt (the group of GRPO / RLOO; TRL num_generations, verl
+    # rollout.n). A generation batch of per_device_generation_batch_size rows holds that
+    # many / n prompts, each repeated n times: rows i*n .. i*n+n-1 answer prompt i, each
+    # with its own sampling uniforms. Must divide per_device_generation_batch_size.
+    n_samples_per_prompt: int = 1
+    # A rule-based reward "module:function" (e.g. shared.data.demo:arithmetic_reward),
+    # called as function(prompt, answer) -> float on the decoded prompt and answer text of
+    # every rollout row; null: none.
+    reward_function: str | None = None
+    # reward = reward_model_weight * reward-model end score + reward_function_weight *
+    # reward_function (when set). reward_model_weight 0 loads no reward model.
+    reward_model_weight: float = 1.0
+    # Weight of reward_function in the reward (see reward_model_weight).
+    reward_function_weight: float = 1.0
 
     def __post_init__(self):
         _check_batches("", per_device_generation_batch_size=self.per_device_generation_batch_size,
@@ -389,6 +406,33 @@ class PPOConfig:
         _check_number("ema_beta", self.ema_beta, 0, 1, low_open=True, high_open=True)
         _check(self.min_answer_tokens >= 0, "min_answer_tokens", self.min_answer_tokens,
                "must be >= 0")
+        self._check_critic_free()
+
+    def _check_critic_free(self) -> None:
+        """The group layout, the estimator's group needs and the reward mix."""
+        n = self.n_samples_per_prompt
+        _check(isinstance(n, int) and n >= 1, "n_samples_per_prompt", n, "must be >= 1")
+        if self.per_device_generation_batch_size % n:
+            raise ConfigError(
+                f"n_samples_per_prompt: {n} does not divide per_device_generation_batch_size="
+                f"{self.per_device_generation_batch_size}; a generation batch holds whole "
+                "groups of n answers to one prompt")
+        estimator = self.conventions.advantage_estimator
+        if estimator == "rloo" and n < 2:
+            raise ConfigError(f"n_samples_per_prompt: {n} is invalid with "
+                              "conventions.advantage_estimator rloo; must be >= 2 (the "
+                              "leave-one-out baseline needs another answer)")
+        _check_number("reward_model_weight", self.reward_model_weight, 0)
+        _check_number("reward_function_weight", self.reward_function_weight, 0)
+        if self.reward_function is not None:
+            module, _, function = self.reward_function.partition(":")
+            _check(bool(module) and function.isidentifier()
+                   and all(p.isidentifier() for p in module.split(".")), "reward_function",
+                   self.reward_function, "must be 'module:function' (e.g. "
+                   "shared.data.demo:arithmetic_reward) or null")
+        elif self.reward_model_weight == 0:
+            raise ConfigError("reward_model_weight: 0 is invalid without a reward_function; "
+                              "the reward would be 0 for every answer")
 
 
 @dataclass(frozen=True)

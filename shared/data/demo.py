@@ -89,6 +89,13 @@ def arithmetic_accuracy(prompts: Sequence[str], completions: Sequence[str]) -> f
     return float(arithmetic_correct(prompts, completions).mean())
 
 
+def arithmetic_reward(prompt: str, answer: str) -> float:
+    """A rule-based reward (``ppo.reward_function: shared.data.demo:arithmetic_reward``): 1.0
+    when ``answer`` is exactly the sum asked by ``prompt`` (`arithmetic_correct`'s rule, the
+    held-out metric's), else 0.0. A prompt that is not ``a+b=`` raises ValueError."""
+    return float(answer == str(expected_answer(prompt)))
+
+
 def _carries(a: int, b: int) -> bool:
     return a % 10 + b % 10 >= 10
 

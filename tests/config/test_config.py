@@ -150,7 +150,10 @@ def test_nemo_keys_in_yaml_ppo_section(tmp_path):
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_preset_selects_conventions_and_overrides_apply(name):
-    config = config_from_dict(MINIMAL, [f"ppo.preset={name}", "ppo.conventions.gamma=0.5"])
+    # rloo's leave-one-out baseline needs two answers per prompt
+    group = ["ppo.n_samples_per_prompt=2"] if name == "rloo" else []
+    config = config_from_dict(MINIMAL, [f"ppo.preset={name}", "ppo.conventions.gamma=0.5",
+                                        *group])
     expected = dataclasses.replace(PRESETS[name], gamma=0.5)
     assert config.ppo.conventions == expected
 

@@ -25,7 +25,27 @@ def test_other_presets():
     assert (nemo.kl_estimator, nemo.kl_coef, nemo.whiten_advantages) == ("abs", 0.01, True)
     default = get_preset("default")
     assert default.reward_position == "last_token"
-    assert set(PRESETS) == {"default", "deepspeed_chat", "nemo", "openrlhf", "trl"}
+    assert set(PRESETS) == {"default", "deepspeed_chat", "nemo", "openrlhf", "trl", "grpo",
+                            "dr_grpo", "dapo", "rloo", "reinforce_plus_plus", "gspo"}
+
+
+def test_critic_free_presets_name_their_estimator_and_kl():
+    """Every preset says which advantage estimator and KL placement it uses."""
+    grpo = get_preset("grpo")
+    assert (grpo.advantage_estimator, grpo.kl_in, grpo.kl_estimator, grpo.kl_coef) == (
+        "grpo", "loss", "k3", 0.04)
+    assert not grpo.whiten_advantages and grpo.loss_agg_mode == "seq-mean-token-mean"
+    assert get_preset("dr_grpo").advantage_estimator == "dr_grpo"
+    dapo = get_preset("dapo")
+    assert (dapo.clip_low, dapo.clip_high, dapo.kl_coef) == (0.2, 0.28, 0.0)
+    assert get_preset("gspo").policy_loss == "gspo"
+    assert (get_preset("rloo").advantage_estimator, get_preset("rloo").kl_in) == ("rloo",
+                                                                                 "reward")
+    assert get_preset("reinforce_plus_plus").kl_in == "reward"
+    for name in ("default", "deepspeed_chat", "nemo", "openrlhf", "trl"):
+        assert get_preset(name).advantage_estimator == "gae"
+        assert get_preset(name).policy_loss == "ppo"
+        assert get_preset(name).rollout_correction == "none"
 
 
 def test_get_preset_errors_list_names():
