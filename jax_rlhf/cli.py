@@ -18,16 +18,15 @@ from shared.errors import InputError, Interrupted
 
 logger = logging.getLogger("jax_rlhf")
 
-ISSUE = "jax_rlhf: the JAX backend, flax NNX models, optax, orbax and a sharded jax.jit engine"
-
 
 def run(command: str, config: Any, args: Any) -> int:
-    """Runs one `rlhf` subcommand; returns the exit status."""
+    """Runs one `rlhf` subcommand; returns the exit status. `parity` and `bench` are not
+    among them: they compare or measure both backends, and `shared.cli` runs them itself."""
     if command in ("parity", "bench"):
-        raise NotImplementedError(
-            f"`rlhf {command}` is not part of the JAX engine layer yet (issue {ISSUE!r}); "
-            "parity runs live in parity_tests/, benchmarks in bench/"
-        )
+        entry = "parity_tests.run.main" if command == "parity" else "bench.run.main"
+        raise ValueError(f"`rlhf {command}` compares or measures both backends: shared.cli "
+                         f"runs it with {entry}(config, args), not through one backend's run() "
+                         "(docs/jax.md)")
     from jax_rlhf import distributed
 
     distributed.initialize(config.engine.jax)

@@ -52,13 +52,13 @@ def run(command: str, config: RLHFConfig, args: Any) -> int:
     ``.run_dir``, ``.actor`` / ``.critic`` (ppo), ``.model`` (eval, chat),
     ``.checkpoint`` / ``.out`` (export). Returns the exit status.
     """
+    if command in ("parity", "bench"):
+        entry = "parity_tests.run.main" if command == "parity" else "bench.run.main"
+        raise ValueError(f"`rlhf {command}` compares or measures both backends: shared.cli "
+                         f"runs it with {entry}(config, args), not through one backend's run() "
+                         "(docs/torch.md)")
     _quiet_libraries()
     _cpu_threads()
-    if command == "parity":
-        raise NotImplementedError("rlhf parity is not run by the torch backend's CLI; run "
-                                  "`pytest parity_tests` (docs/torch.md)")
-    if command == "bench":
-        raise NotImplementedError("rlhf bench is not built for the torch backend yet")
     if command == "export":
         return _export(args)
     from torch_rlhf.deepspeed_config import init_distributed

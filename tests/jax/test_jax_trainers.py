@@ -180,7 +180,7 @@ def test_chat_answers_each_line(pipeline_run, capsys, monkeypatch):
 def test_parity_and_bench_are_not_backend_commands():
     # `rlhf parity` and `rlhf bench` run parity_tests/ and bench/ themselves (shared.cli).
     for command in ("parity", "bench"):
-        with pytest.raises(NotImplementedError, match="issue"):
+        with pytest.raises(ValueError, match=f"rlhf {command}. compares or measures both"):
             jax_cli.run(command, None, None)
 
 

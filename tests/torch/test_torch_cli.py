@@ -135,7 +135,8 @@ def test_eval_detects_a_reward_model_and_compares_two_policies(tmp_path, distrib
 
 
 @pytest.mark.parametrize("command", ["parity", "bench"])
-def test_unbuilt_commands_say_so(command, tmp_path):
+def test_parity_and_bench_are_not_backend_commands(command, tmp_path):
+    # shared.cli runs them itself (parity_tests.run.main, bench.run.main)
     _, config = write_config(tmp_path)
-    with pytest.raises(NotImplementedError, match=command):
+    with pytest.raises(ValueError, match=f"rlhf {command}. compares or measures both"):
         run(command, config, _args())
