@@ -30,7 +30,7 @@ def run(command: str, config: Any, args: Any) -> int:
     from jax_rlhf import distributed
 
     distributed.initialize(config.engine.jax)
-    if command in ("sft", "rm", "ppo", "pipeline"):
+    if command in ("sft", "rm", "ppo", "dpo", "pipeline"):
         return _train(command, config, args)
     if command == "eval":
         return _eval(config, args)

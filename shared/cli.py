@@ -63,6 +63,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Trains the actor (and critic) with PPO; `--actor`/`--critic` point at the step-1/2 "
         "models (default: model.actor_model_name_or_path / model.critic_model_name_or_path).",
     ),
+    "dpo": (
+        "offline DPO on comparisons, from the SFT model",
+        "Trains the policy with DPO (or IPO, cDPO: the `dpo:` section) on the comparisons "
+        "the reward step reads, against a frozen reference = its starting weights; `--actor` "
+        "points at the SFT model (default: model.actor_model_name_or_path). In a pipeline: "
+        "`pipeline_steps: [sft, dpo]`.",
+    ),
     "chat": ("talk to a trained model", "An interactive multi-turn prompt loop."),
     "eval": (
         "evaluate a policy or a reward model on held-out data",
@@ -120,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=_DEBUG_HELP)
         p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS,
                        help=_LOCAL_RANK_HELP)
-        if name in ("pipeline", "sft", "rm", "ppo"):
+        if name in ("pipeline", "sft", "rm", "ppo", "dpo"):
             p.add_argument("--resume", action="store_true",
                            help="continue the run in --run-dir from its last checkpoint")
             p.add_argument("--run-dir", type=Path, default=None,
@@ -128,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "ppo":
             p.add_argument("--actor", default=None, help="SFT model directory (actor, reference)")
             p.add_argument("--critic", default=None, help="reward model directory (critic, reward)")
+        if name == "dpo":
+            p.add_argument("--actor", default=None,
+                           help="SFT model directory (the policy and its frozen reference)")
         if name in ("chat", "eval", "parity", "export"):
             p.add_argument("--model", default=None,
                            help="Hugging Face model directory (default: from the config)")
@@ -260,7 +270,7 @@ def _model_sources(command: str, config, args: argparse.Namespace) -> list[tuple
             sources.append(("--model", args.model))
         elif model.actor_model_name_or_path is not None:
             sources.append(("model.actor_model_name_or_path", model.actor_model_name_or_path))
-    elif command in ("pipeline", "sft", "ppo"):
+    elif command in ("pipeline", "sft", "ppo", "dpo"):
         actor = getattr(args, "actor", None)
         if actor is not None:
             sources.append(("--actor", actor))

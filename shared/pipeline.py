@@ -47,7 +47,7 @@ __all__ = ["BACKENDS", "COMMAND_STEPS", "Backend", "Session", "final_model", "ge
 
 logger = logging.getLogger(__name__)
 
-COMMAND_STEPS = {"sft": "sft", "rm": "reward", "ppo": "ppo"}
+COMMAND_STEPS = {"sft": "sft", "rm": "reward", "ppo": "ppo", "dpo": "dpo"}
 """``rlhf`` subcommand -> pipeline step."""
 
 
@@ -102,11 +102,13 @@ class Backend:
 BACKENDS = {
     "torch": Backend("torch", {"sft": "torch_rlhf.sft:SFTTrainer",
                                "reward": "torch_rlhf.reward:RewardTrainer",
-                               "ppo": "torch_rlhf.ppo:PPOTrainer"},
+                               "ppo": "torch_rlhf.ppo:PPOTrainer",
+                               "dpo": "torch_rlhf.dpo:DPOTrainer"},
                      session="torch_rlhf.runtime:open_session"),
     "jax": Backend("jax", {"sft": "jax_rlhf.train.sft:SFTTrainer",
                            "reward": "jax_rlhf.train.reward:RewardTrainer",
-                           "ppo": "jax_rlhf.train.ppo:PPOTrainer"},
+                           "ppo": "jax_rlhf.train.ppo:PPOTrainer",
+                           "dpo": "jax_rlhf.train.dpo:DPOTrainer"},
                    session="jax_rlhf.train.common:open_session"),
 }
 
@@ -144,6 +146,8 @@ def _trainer(backend: Backend, config: Any, run_dir: Path, step: str, session: S
         # (DeepSpeed-Chat's step 2 starts from its own pretrained --model_name_or_path).
         return cls(config, **kwargs)
     actor = actor or final_model(run_dir, "sft")
+    if step == "dpo":  # the policy and its frozen reference start from the SFT model
+        return cls(config, model_name_or_path=None if actor is None else str(actor), **kwargs)
     critic = critic or final_model(run_dir, "reward")
     return cls(config, actor_model_name_or_path=None if actor is None else str(actor),
                critic_model_name_or_path=None if critic is None else str(critic), **kwargs)
@@ -152,11 +156,11 @@ def _trainer(backend: Backend, config: Any, run_dir: Path, step: str, session: S
 def run_step(backend: str | Backend, config: Any, run_dir: str | Path, step: str, *,
              resume: bool = False, actor: str | None = None, critic: str | None = None,
              session: Session | None = None) -> dict[str, Any]:
-    """Runs one step (``sft``, ``reward`` or ``ppo``) and records its ``summary.json`` entry
-    and ``timings.<step>_wall_time``; returns the entry.
+    """Runs one step (``sft``, ``reward``, ``ppo`` or ``dpo``) and records its
+    ``summary.json`` entry and ``timings.<step>_wall_time``; returns the entry.
 
-    Initial models: ``actor`` / ``critic`` (PPO) when given, else this run's earlier final
-    models, else the config's.
+    Initial models: ``actor`` / ``critic`` (PPO; ``actor`` for DPO) when given, else this
+    run's earlier final models (``<run>/sft/final``), else the config's.
     """
     backend = get_backend(backend)
     run_dir = Path(run_dir)
@@ -222,7 +226,7 @@ def run_pipeline(backend: str | Backend, config: Any, run_dir: str | Path, *,
 def run_command(backend: str | Backend, command: str, config: Any, run_dir: str | Path, *,
                 resume: bool = False, actor: str | None = None,
                 critic: str | None = None) -> dict[str, Any]:
-    """``rlhf pipeline|sft|rm|ppo`` in ``run_dir`` (already prepared:
+    """``rlhf pipeline|sft|rm|ppo|dpo`` in ``run_dir`` (already prepared:
     ``shared.runlog.prepare_run_dir``); returns the run's summary."""
     backend = get_backend(backend)
     session = backend.open_session(config, Path(run_dir))

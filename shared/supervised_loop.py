@@ -39,7 +39,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from shared.checkpoints import CheckpointDir
-from shared.data import BatchIterator, StepData
+from shared.data import BatchIterator, StepData, build_step_data
 from shared.exports import verify_export
 from shared.guard import NonFiniteGuard, nonfinite_values
 from shared.manifest import config_fingerprint
@@ -52,7 +52,8 @@ __all__ = ["LOG_KEYS", "LoopTrainer", "SupervisedBackend", "SupervisedLoop", "ev
 logger = logging.getLogger(__name__)
 
 LOG_KEYS = {"sft": ("loss", "lr", "grad_norm", "tokens"),
-            "reward": ("loss", "accuracy", "chosen_score", "rejected_score", "lr")}
+            "reward": ("loss", "accuracy", "chosen_score", "rejected_score", "lr"),
+            "dpo": ("loss", "rewards/accuracies", "rewards/margins", "lr")}
 """The training metrics of each step printed in the run log (docs/architecture.md)."""
 
 
@@ -95,18 +96,19 @@ def model_source(config: Any, step: str) -> tuple[str | None, Mapping[str, Any] 
     """Where ``step``'s model starts when no directory is given: ``(path, None)`` to load one,
     ``(None, hf_config)`` to build a fresh one.
 
-    SFT: ``model.actor_model_name_or_path``, else a fresh ``model.actor_config``. Reward:
+    SFT and DPO (the policy): ``model.actor_model_name_or_path``, else a fresh
+    ``model.actor_config``. Reward:
     ``ModelConfig.reward_model_source`` (``model.critic_model_name_or_path``, else a fresh
     ``model.critic_config``, else the actor's base model with a fresh value head), the rule
     both backends and the PPO critic share.
     """
     model = config.model
-    if step == "sft":
+    if step in ("sft", "dpo"):
         path, fresh = model.actor_model_name_or_path, model.actor_config
     elif step == "reward":
         path, fresh = model.reward_model_source()
     else:
-        raise ValueError(f"step: {step!r} is invalid; allowed: sft, reward")
+        raise ValueError(f"step: {step!r} is invalid; allowed: sft, reward, dpo")
     if path is None and fresh is None:
         raise ValueError(f"{step}: no model to start from; set model.*_model_name_or_path or "
                          "model.*_config")
@@ -130,8 +132,13 @@ def eval_metrics(step: str, sums: Mapping[str, float]) -> dict[str, float]:
     SFT (sums ``nll``, ``tokens``): ``eval_loss`` = token-mean negative log-likelihood and
     ``eval_perplexity`` = exp(eval_loss). Reward (sums ``correct``, ``pairs``,
     ``chosen_sum``, ``chosen_count``, ``rejected_sum``, ``rejected_count``):
-    ``eval_accuracy``, ``eval_chosen_score``, ``eval_rejected_score``.
+    ``eval_accuracy``, ``eval_chosen_score``, ``eval_rejected_score``. DPO:
+    ``shared.dpo_step.dpo_metrics`` with ``eval_`` in front.
     """
+    if step == "dpo":
+        from shared.dpo_step import dpo_metrics  # it builds on this module
+
+        return dpo_metrics(sums, "eval_")
     if step == "sft":
         loss = sums["nll"] / max(sums["tokens"], 1.0)
         return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 700.0))}
@@ -200,6 +207,12 @@ class SupervisedLoop:
         self._saved_at: int | None = None
         self._pending: Path | None = None  # saved in the background, not yet marked complete
         self.guard = NonFiniteGuard(step, max_consecutive=config.guard.max_consecutive_skips)
+
+    @classmethod
+    def build_data(cls, config: Any, tokenizer: Any, step: str) -> StepData:
+        """The step's tokenised data (``shared.data.build_step_data``; `DPOLoop` converts the
+        reward step's comparisons)."""
+        return build_step_data(config.data, tokenizer, step)
 
     # ----------------------------------------------------------------- state
 
@@ -352,7 +365,7 @@ class SupervisedLoop:
         fresh = None
         if path is None:
             path, fresh = model_source(self.config, self.step)
-        key = "model.actor_config" if self.step == "sft" else "model.critic_config"
+        key = "model.actor_config" if self.step in ("sft", "dpo") else "model.critic_config"
         return ExportCard(backend=backend.backend, step=self.step, role="final",
                           run_dir=str(self.run_dir),
                           progress=f"step {self.global_step} of {self.total_steps}",

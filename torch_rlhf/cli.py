@@ -26,7 +26,7 @@ __all__ = ["chat", "run"]
 
 logger = logging.getLogger("rlhf.torch")
 
-_TRAIN_COMMANDS = ("sft", "rm", "ppo", "pipeline")
+_TRAIN_COMMANDS = ("sft", "rm", "ppo", "dpo", "pipeline")
 
 
 def _cpu_threads() -> None:

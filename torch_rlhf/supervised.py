@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from shared.config import RLHFConfig
-from shared.data import build_step_data
 from shared.runlog import RunLogger
 from shared.supervised_loop import LoopTrainer, SupervisedLoop, model_source
 from torch_rlhf.checkpoint import CheckpointManager
@@ -61,6 +60,7 @@ class SupervisedTrainer(LoopTrainer):
 
     step: ClassVar[str]
     kind: ClassVar[str]  # "causal_lm" | "value"
+    loop_class: ClassVar[type[SupervisedLoop]] = SupervisedLoop
     backend: ClassVar[str] = "torch"
     saves_in_background = False
 
@@ -72,8 +72,8 @@ class SupervisedTrainer(LoopTrainer):
         self.model_name_or_path = model_name_or_path or path
         fresh = None if self.model_name_or_path else fresh
         self.tokenizer = resolve_tokenizer(config, self.model_name_or_path)
-        self.loop = SupervisedLoop(
-            config, self.step, data=build_step_data(config.data, self.tokenizer, self.step),
+        self.loop = self.loop_class(
+            config, self.step, data=self.loop_class.build_data(config, self.tokenizer, self.step),
             run_dir=run_dir, run_logger=run_logger or open_run_logger(config, run_dir),
             data_parallel_size=world_size(), is_main=is_main(), barrier=barrier)
         s = self.section

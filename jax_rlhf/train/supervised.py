@@ -39,7 +39,6 @@ from jax_rlhf.train.step import (
     jit_step,
     stack_micro_batches,
 )
-from shared.data import build_step_data
 from shared.supervised_loop import LoopTrainer, SupervisedLoop, model_source
 
 
@@ -102,6 +101,7 @@ class SupervisedTrainer(LoopTrainer):
 
     step: ClassVar[str]
     backend: ClassVar[str] = "jax"
+    loop_class: ClassVar[type[SupervisedLoop]] = SupervisedLoop
 
     def __init__(self, config: Any, *, run_dir: str | Path,
                  model_name_or_path: str | Path | None = None, ctx: RunContext | None = None):
@@ -117,8 +117,8 @@ class SupervisedTrainer(LoopTrainer):
         self.ctx, self.config = ctx, config
         self.section = getattr(config, self.step)
         self.module_cfg = self.section.model
-        self.loop = SupervisedLoop(
-            config, self.step, data=build_step_data(config.data, ctx.tokenizer, self.step),
+        self.loop = self.loop_class(
+            config, self.step, data=self.loop_class.build_data(config, ctx.tokenizer, self.step),
             run_dir=ctx.run_dir, run_logger=ctx.logger, data_parallel_size=ctx.dp,
             is_main=ctx.is_main, barrier=ctx.barrier)
         model = self.build_model(path, fresh)

@@ -12,6 +12,7 @@ from shared.config.loader import (
 )
 from shared.config.schema import (
     EngineConfig,
+    DPOConfig,
     EvalConfig,
     JaxEngineConfig,
     LoggingConfig,
@@ -31,6 +32,7 @@ from shared.config.schema import (
 __all__ = [
     "ConfigError",
     "DSCHAT_ARGS",
+    "DPOConfig",
     "DSCHAT_STEP_ARGS",
     "EngineConfig",
     "EvalConfig",

@@ -148,6 +148,8 @@ def _step_args(section: str, model_key: str) -> dict[str, Alias]:
 DSCHAT_STEP_ARGS: dict[str, dict[str, Alias]] = {
     "sft": _step_args("sft", "model.actor_model_name_or_path"),
     "rm": _step_args("reward", "model.critic_model_name_or_path"),
+    # Not a DeepSpeed-Chat step: `rlhf dpo` reads the step-1 names into its own section.
+    "dpo": _step_args("dpo", "model.actor_model_name_or_path"),
 }
 
 # DeepSpeed-Chat arguments that are not configuration here, and why. Given on the

@@ -20,6 +20,7 @@ from shared.data.config import DataConfig
 from shared.presets import PPOConventions, get_preset
 
 __all__ = [
+    "DPOConfig",
     "EngineConfig",
     "EvalConfig",
     "JaxEngineConfig",
@@ -275,6 +276,34 @@ class RewardConfig(_StepConfig):
         if self.margin is not None:
             _check(math.isfinite(self.margin), "margin", self.margin,
                    "must be a finite number or null")
+
+
+@dataclass(frozen=True)
+class DPOConfig(_StepConfig):
+    """Offline DPO on the reward step's comparisons (`rlhf dpo`; pipeline [sft, dpo]).
+
+    The policy starts from the SFT model; its frozen starting weights are the reference."""
+
+    # Comparison pairs (a chosen and a rejected sequence each) per device per micro-step.
+    per_device_train_batch_size: int = 16
+    optim: OptimizerConfig = field(default_factory=lambda: OptimizerConfig(learning_rate=1e-6))
+    # The KL strength beta: the implicit reward is beta * (log pi - log pi_ref) (TRL's 0.1).
+    beta: float = 0.1
+    # sigmoid: DPO's -log sigmoid(beta h) (cDPO with label_smoothing; Rafailov et al. 2023);
+    # ipo: (h - 1 / (2 beta))^2 on length-averaged log-probs (Azar et al. 2023, as TRL).
+    loss_type: Literal["sigmoid", "ipo"] = "sigmoid"
+    # cDPO's assumed label-flip rate e, in [0, 0.5); sigmoid only (0: plain DPO).
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_number("beta", self.beta, 0, low_open=True)
+        _check_number("label_smoothing", self.label_smoothing, 0, 0.5, high_open=True,
+                      note=" (0: plain DPO)")
+        if self.loss_type == "ipo" and self.label_smoothing:
+            raise ConfigError(f"label_smoothing: {self.label_smoothing!r} is invalid with "
+                              "loss_type 'ipo'; allowed: 0 (label smoothing is cDPO's, for "
+                              "loss_type 'sigmoid')")
 
 
 @dataclass(frozen=True)
@@ -590,8 +619,8 @@ class RLHFConfig:
     run_name: str | None = None
     # Which backend `rlhf` uses when --backend is not given.
     backend: Literal["torch", "jax"] = "torch"
-    # Steps `rlhf pipeline` runs, in order.
-    pipeline_steps: tuple[Literal["sft", "reward", "ppo"], ...] = ("sft", "reward", "ppo")
+    # Steps `rlhf pipeline` runs, in order: sft, reward, ppo (RLHF) or sft, dpo.
+    pipeline_steps: tuple[Literal["sft", "reward", "ppo", "dpo"], ...] = ("sft", "reward", "ppo")
     model: ModelConfig = field(default_factory=lambda: ModelConfig(
         actor_model_name_or_path="facebook/opt-1.3b",
         critic_model_name_or_path="facebook/opt-350m"))
@@ -599,6 +628,7 @@ class RLHFConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -606,7 +636,11 @@ class RLHFConfig:
 
     def __post_init__(self):
         if not self.pipeline_steps:
-            raise ConfigError("pipeline_steps: must name at least one of sft, reward, ppo")
+            raise ConfigError("pipeline_steps: must name at least one of sft, reward, ppo, "
+                              "dpo")
+        if len(set(self.pipeline_steps)) != len(self.pipeline_steps):
+            raise ConfigError(f"pipeline_steps: {list(self.pipeline_steps)} is invalid; each "
+                              "step may run once")
         tp = self.engine.torch
         if tp.hybrid_engine == "on" and tp.inference_tp_size > 1 and tp.actor_zero_stage != 3:
             raise ConfigError(

@@ -78,12 +78,18 @@ class SFTBatch(ArrayBatch):
 
 @dataclasses.dataclass(frozen=True)
 class PairwiseBatch(ArrayBatch):
-    """Chosen and rejected sequences (prompt + response + eoc), each right-padded to L."""
+    """Chosen and rejected sequences (prompt + response + eoc), each right-padded to L.
+
+    prompt_lengths[i] is the length of the (identically truncated) prompt both sequences of
+    row i start with, so tokens `prompt_lengths[i]:` of a sequence are its answer (DPO's
+    log-probs are taken over them); None in batches built without it.
+    """
 
     chosen_input_ids: np.ndarray  # [N, L] int32
     chosen_attention_mask: np.ndarray  # [N, L] int32
     rejected_input_ids: np.ndarray  # [N, L] int32
     rejected_attention_mask: np.ndarray  # [N, L] int32
+    prompt_lengths: np.ndarray | None = None  # [N] int32
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,7 +19,7 @@ import numpy as np
 from shared.data.batches import BATCH_TYPES, ArrayBatch
 from shared.data.records import DataReport
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 """Bump when the arrays this layer produces change for the same inputs."""
 
 

@@ -369,7 +369,8 @@ def encode_pairwise(
     eoc_ids: Sequence[int],
     report: DataReport,
 ) -> PairwiseBatch:
-    """Chosen and rejected sequences [N, L] sharing each (identically truncated) prompt."""
+    """Chosen and rejected sequences [N, L] sharing each (identically truncated) prompt,
+    whose lengths are `prompt_lengths`."""
     enc = _SequenceEncoder(
         tokenizer,
         max_seq_len=max_seq_len,
@@ -382,7 +383,8 @@ def encode_pairwise(
     chosen = enc.pad(enc.join(prompts, [e.chosen for e in examples]))
     rejected = enc.pad(enc.join(prompts, [e.rejected for e in examples]))
     enc.finish(len(examples))
-    return PairwiseBatch(chosen[0], chosen[1], rejected[0], rejected[1])
+    lengths = np.array([len(p) for p in prompts], dtype=np.int32)
+    return PairwiseBatch(chosen[0], chosen[1], rejected[0], rejected[1], lengths)
 
 
 def encode_ranking(

@@ -256,6 +256,9 @@ def test_step_batches_have_fixed_shapes_and_int32(write_jsonl, write_text, token
                 if array.dtype.kind == "U":
                     continue
                 assert array.dtype == np.int32, (step, name)
+                if name == "prompt_lengths":  # PairwiseBatch: one per comparison
+                    assert array.shape == (len(batch),) and (array < length).all()
+                    continue
                 assert array.shape == (len(batch), length), (step, name)
     ptx_data = build_ptx_data(config, tokenizer)
     assert ptx_data.train.input_ids.shape[1] == 8 and ptx_data.eval is None
