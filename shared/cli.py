@@ -92,6 +92,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "measure throughput, MFU and memory",
         "Writes JSON and a markdown table (see docs/performance.md).",
     ),
+    "plot": (
+        "draw a run's metrics as PNG curves, or compare runs",
+        "One RUN_DIR: redraws <RUN_DIR>/plots/ (one PNG per step, and the held-out metric). "
+        "Several: overlays them, one colour per run, into --out (default ./plots-compare). "
+        "Needs no config and no backend (docs/monitoring.md).",
+    ),
 }
 
 
@@ -117,6 +123,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_line, description) in COMMANDS.items():
         p = sub.add_parser(name, help=help_line, description=description)
+        if name == "plot":  # reads run directories: no config, no backend
+            p.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+            p.add_argument("--out", type=Path, default=None,
+                           help="where the PNGs go (default: <RUN_DIR>/plots for one run, "
+                                "./plots-compare for several)")
+            p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                           help=_DEBUG_HELP)
+            continue
         p.add_argument("--config", type=Path, default=None,
                        help=f"YAML config (default: {DEMO_CONFIG.name}, the shipped demo)")
         p.add_argument("--backend", choices=("torch", "jax"), default=None,
@@ -339,7 +353,29 @@ def _report(exc: BaseException, *, command: str, debug: bool) -> int:
     return failure.exit_code
 
 
+def _plot(args: argparse.Namespace) -> int:
+    """``rlhf plot RUN_DIR [RUN_DIR ...] [--out DIR]`` (``shared.plots``)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        raise InputError(f"rlhf plot needs matplotlib ({err}); `pip install matplotlib`") from None
+    from shared.plots import plot_run, plot_runs
+
+    if len(args.run_dirs) == 1:
+        paths = plot_run(args.run_dirs[0], out_dir=args.out)
+    else:
+        paths = plot_runs(args.run_dirs, args.out or Path("plots-compare"))
+    if not paths:
+        raise InputError(f"{', '.join(map(str, args.run_dirs))}: no metrics to plot "
+                         "(metrics.jsonl holds no numbers yet)")
+    print(f"rlhf plot: wrote {len(paths)} PNG(s) to {paths[0].parent}: "
+          + ", ".join(p.name for p in paths))
+    return 0
+
+
 def _run(args: argparse.Namespace) -> int:
+    if args.command == "plot":
+        return _plot(args)
     config_path = args.config or DEMO_CONFIG
     try:
         config = load_config(config_path, args.overrides, command=args.command)

@@ -650,7 +650,7 @@ class PPOLoop:
                      final_kl=self.last_metrics.get("kl"), iterations=self.iteration,
                      rollout_path=self.rollout_path, models=list(self.models),
                      timings=timings)
-        self.run_logger.update_summary(ppo=entry)
+        self.run_logger.finish_step(self.step, self.iteration, ppo=entry)  # summary, TB, plots/
         logger.info("ppo done: final reward %.4f, final kl %.4f -> %s",
                     entry["final_reward"] or 0.0, entry["final_kl"] or 0.0,
                     entry.get("final_model"))

@@ -4,7 +4,9 @@ Layout of ``<output_dir>/<run_name>/``::
 
     config.yaml          the resolved config (reloads to the same RLHFConfig)
     metrics.jsonl        one JSON object per logged step: {"step": "ppo", "iteration": 3, ...}
-    tensorboard/         TensorBoard events (tensorboardX), scalars named "<step>/<metric>"
+    tensorboard/         TensorBoard events (tensorboardX), scalars named "<step>/<metric>";
+                         the held-out metric as "<step>/heldout_<metric>" and "heldout/<metric>"
+    plots/               PNG curves of each step (shared.plots), drawn when the step ends
     summary.json         the held-out metric after each step, final reward, KL, timings
     sft/ reward/ ppo/    each step's final Hugging Face model and its checkpoints/
     .lock                the owner (pid, host, start) of the run writing it (shared.runlock)
@@ -28,7 +30,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from shared.config import RLHFConfig, load_config, save_config
+from shared.config import ConfigError, RLHFConfig, load_config, save_config, to_dict
 from shared.errors import InputError
 from shared.manifest import MANIFEST, ResumeMismatchError, backend_hint, config_diff, describe_diff
 from shared.runlock import check_run_dir_free
@@ -149,20 +151,43 @@ def _plain(value: Any) -> Any:
     return number if math.isfinite(number) else str(number)
 
 
+HELDOUT_STAGE = {"sft": 1, "reward": 2, "dpo": 2, "ppo": 3}
+"""The x of ``heldout/<metric>`` in TensorBoard: the model after SFT, then after RL."""
+
+
 class RunLogger:
-    """Appends metrics to ``metrics.jsonl`` and TensorBoard; keeps ``summary.json``."""
+    """Appends metrics to ``metrics.jsonl``, TensorBoard and (``report_to: [wandb]``) Weights
+    & Biases; keeps ``summary.json``; draws ``plots/`` when a step ends (``finish_step``).
+
+    ``from_config`` builds one from the config's ``logging`` section."""
 
     def __init__(self, run_dir: str | Path, *, enable_tensorboard: bool = True,
-                 tensorboard_path: str | Path | None = None, is_main: bool = True):
+                 tensorboard_path: str | Path | None = None, is_main: bool = True,
+                 report_to: tuple[str, ...] = ("tensorboard",), plots: bool = False,
+                 config: RLHFConfig | None = None):
         self.run_dir = Path(run_dir)
         self.is_main = is_main
+        self.plots = plots
         self._writer = None
+        self._wandb = None
+        self._wandb_steps: set[str] = set()
         if is_main:
             drop_torn_record(self.run_dir / "metrics.jsonl")
-        if is_main and enable_tensorboard:
+        if is_main and enable_tensorboard and "tensorboard" in report_to:
             from tensorboardX import SummaryWriter
 
             self._writer = SummaryWriter(str(tensorboard_path or self.run_dir / "tensorboard"))
+        if is_main and "wandb" in report_to:
+            self._wandb = _open_wandb(self.run_dir, config)
+
+    @classmethod
+    def from_config(cls, config: RLHFConfig, run_dir: str | Path, *,
+                    is_main: bool = True) -> RunLogger:
+        """The run logger ``config.logging`` asks for (TensorBoard, W&B, plots)."""
+        cfg = config.logging
+        return cls(run_dir, enable_tensorboard=cfg.enable_tensorboard,
+                   tensorboard_path=cfg.tensorboard_path, is_main=is_main,
+                   report_to=cfg.report_to, plots=cfg.plots, config=config)
 
     def log(self, step: str, index: int, metrics: Mapping[str, Any], *,
             index_name: str = "iteration") -> None:
@@ -172,10 +197,53 @@ class RunLogger:
         record = {"step": step, index_name: index, "time": time.time(), **_plain(metrics)}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        self._scalars(step, index_name, index,
+                      {f"{step}/{key}": value for key, value in record.items()
+                       if key not in ("step", index_name, "time")})
+
+    def _scalars(self, step: str, index_name: str, index: int,
+                 tagged: Mapping[str, Any]) -> None:
+        """Numbers of ``tagged`` ({tag: value}) to TensorBoard and W&B at ``index``."""
+        numbers = {tag: value for tag, value in tagged.items()
+                   if isinstance(value, (int, float))}
         if self._writer is not None:
-            for key, value in record.items():
-                if key not in ("step", index_name, "time") and isinstance(value, (int, float)):
-                    self._writer.add_scalar(f"{step}/{key}", value, index)
+            for tag, value in numbers.items():
+                self._writer.add_scalar(tag, value, index)
+        if self._wandb is not None and numbers:
+            axis = f"{step}/{index_name}"
+            if step not in self._wandb_steps:  # each step's curves against its own counter
+                self._wandb.define_metric(axis)
+                self._wandb.define_metric(f"{step}/*", step_metric=axis)
+                self._wandb_steps.add(step)
+            self._wandb.log({**numbers, axis: index})
+
+    def finish_step(self, step: str, index: int, *, index_name: str = "iteration",
+                    **entries: Any) -> dict[str, Any]:
+        """The end of ``step`` at ``index``: ``update_summary(**entries)``, its held-out metric
+        (``entries[step]["heldout"]``, ``["heldout_ema"]``) to TensorBoard and W&B as
+        ``<step>/heldout_<metric>`` at ``index`` and ``heldout/<metric>`` at the step's place
+        in the pipeline (``HELDOUT_STAGE``), and, with ``plots``, ``<run>/plots/<step>.png``
+        (a failure to draw is only a warning). Returns the summary."""
+        summary = self.update_summary(**entries)
+        entry = entries.get(step)
+        if self.is_main and isinstance(entry, Mapping):
+            for key in ("heldout", "heldout_ema"):
+                values = entry.get(key)
+                if not isinstance(values, Mapping):
+                    continue
+                suffix = "_ema" if key == "heldout_ema" else ""
+                self._scalars(step, index_name, index,
+                              {f"{step}/{key}_{name}": v for name, v in values.items()})
+                if step in HELDOUT_STAGE:
+                    self._scalars("heldout", "stage", HELDOUT_STAGE[step],
+                                  {f"heldout/{name}{suffix}": v for name, v in values.items()})
+            if self._writer is not None:
+                self._writer.flush()
+        if self.is_main and self.plots:
+            from shared.plots import safe_plot_run
+
+            safe_plot_run(self.run_dir, steps=[step])
+        return summary
 
     def truncate(self, step: str, first_dropped: int, *, index_name: str = "iteration") -> None:
         """``truncate_metrics`` of this run, on the main process only."""
@@ -200,6 +268,22 @@ class RunLogger:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _open_wandb(run_dir: Path, config: RLHFConfig | None):
+    """A Weights & Biases run named after ``run_dir`` (its files under it), holding the
+    config; ``ConfigError`` naming ``logging.report_to`` when wandb is not installed."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("logging.report_to: lists wandb, but the wandb package is not "
+                          "installed; `pip install wandb` (and `wandb login`, or "
+                          "WANDB_MODE=offline), or take wandb out of logging.report_to") from None
+    return wandb.init(project=os.environ.get("WANDB_PROJECT", "rlhf"), name=run_dir.name,
+                      dir=str(run_dir), config=None if config is None else to_dict(config))
 
 
 def drop_torn_record(path: Path) -> None:

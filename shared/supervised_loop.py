@@ -395,7 +395,8 @@ class SupervisedLoop:
             entry["heldout"] = heldout
         entry.update(steps=self.global_step, final_model=str(final), timings=timings,
                      data_quality=self.data.quality)
-        self.run_logger.update_summary(**{self.step: entry, "backend": backend.backend})
+        self.run_logger.finish_step(self.step, self.global_step,  # summary, TB, plots/
+                                    **{self.step: entry, "backend": backend.backend})
         logger.info("%s done: %s -> %s", self.step,
                     format_metrics(self.eval_metrics, tuple(self.eval_metrics)), final)
         return entry

@@ -108,8 +108,7 @@ def open_run_logger(config: RLHFConfig, run_dir: str | Path) -> RunLogger:
     ``run_dir`` if needed."""
     if is_main():
         Path(run_dir).mkdir(parents=True, exist_ok=True)
-    return RunLogger(run_dir, enable_tensorboard=config.logging.enable_tensorboard,
-                     tensorboard_path=config.logging.tensorboard_path, is_main=is_main())
+    return RunLogger.from_config(config, run_dir, is_main=is_main())
 
 
 def open_session(config: RLHFConfig, run_dir: str | Path):

@@ -87,10 +87,7 @@ class RunContext:
         is_main = jax.process_index() == 0 and run_dir is not None
         if is_main:
             Path(run_dir).mkdir(parents=True, exist_ok=True)
-        run_logger = RunLogger(run_dir or ".",
-                               enable_tensorboard=config.logging.enable_tensorboard,
-                               tensorboard_path=config.logging.tensorboard_path,
-                               is_main=is_main)
+        run_logger = RunLogger.from_config(config, run_dir or ".", is_main=is_main)
         return cls(config, None if run_dir is None else Path(run_dir), run_logger,
                    sharding.make_mesh(config.engine.jax.mesh), tokenizer)
 

@@ -560,8 +560,20 @@ class LoggingConfig:
     progress_bar: bool = True
     # TensorBoard directory; null: <run>/tensorboard (DS-Chat --tensorboard_path).
     tensorboard_path: str | None = None
+    # Where metrics go besides metrics.jsonl (Hugging Face's report_to): a list of
+    # tensorboard (also needs enable_tensorboard) and wandb (Weights & Biases: `pip install
+    # wandb` first; WANDB_PROJECT, WANDB_MODE and the other WANDB_* variables apply), or
+    # all, or none (docs/monitoring.md). The snapshot stores the list.
+    report_to: (Literal["all", "none", "tensorboard", "wandb"]
+                | tuple[Literal["tensorboard", "wandb"], ...]) = ("tensorboard",)
+    # Draw PNG curves of each step into <run>/plots when it finishes (`rlhf plot` redraws).
+    plots: bool = True
 
     def __post_init__(self):
+        reports = {"all": ("tensorboard", "wandb"), "none": ()}.get(
+            self.report_to, (self.report_to,) if isinstance(self.report_to, str)
+            else self.report_to)
+        object.__setattr__(self, "report_to", tuple(dict.fromkeys(reports)))
         _check(self.log_interval >= 1, "log_interval", self.log_interval, "must be >= 1")
         _check(self.save_interval >= 0, "save_interval", self.save_interval, "must be >= 0")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints,
