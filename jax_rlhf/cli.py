@@ -8,12 +8,12 @@ directories and checkpoints.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Any
 
+from shared.console import summary_table
 from shared.errors import InputError, Interrupted
 
 logger = logging.getLogger("jax_rlhf")
@@ -61,8 +61,7 @@ def _train(command: str, config: Any, args: Any) -> int:
     except KeyboardInterrupt:
         raise Interrupted(run_dir, command) from None
     if is_main:
-        logger.info("run directory: %s", run_dir)
-        print(json.dumps({k: summary[k] for k in summary if k != "timings"}, indent=2))
+        print(summary_table(summary, run_dir), flush=True)
     return 0
 
 

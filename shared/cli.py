@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 
 from shared.config import ConfigError, foreign_engine_keys, load_config, to_dict
+from shared.console import NORMAL, QUIET, VERBOSE
+from shared.console import configure as configure_console
 from shared.errors import (
     EXIT_INPUT,
     EXIT_RUN,
@@ -107,6 +109,16 @@ _LOCAL_RANK_HELP = ("set by the deepspeed launcher; ignored (the rank comes from
                     "LOCAL_RANK environment variable)")
 
 
+def _verbosity_flags(parser: argparse.ArgumentParser, default) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-v", "--verbose", action="store_const", const=VERBOSE,
+                       dest="verbosity", default=default,
+                       help="also print library messages and every metric line (all of "
+                            "them are always in <run_dir>/run.log)")
+    group.add_argument("-q", "--quiet", action="store_const", const=QUIET, dest="verbosity",
+                       default=default, help="print only warnings, errors and the results")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rlhf",
@@ -118,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true",
                         help=_DEBUG_HELP)
+    _verbosity_flags(parser, argparse.SUPPRESS)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help=_LOCAL_RANK_HELP)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -139,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="print the resolved, validated config as YAML and exit")
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                        help=_DEBUG_HELP)
+        _verbosity_flags(p, argparse.SUPPRESS)
         p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS,
                        help=_LOCAL_RANK_HELP)
         if name in ("pipeline", "sft", "rm", "ppo", "dpo"):
@@ -400,10 +414,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, datefmt="%H:%M:%S",
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(flags_to_overrides(sys.argv[1:] if argv is None else argv, parser))
+    configure_console(getattr(args, "verbosity", NORMAL))
     debug = bool(getattr(args, "debug", False)) or os.environ.get("RLHF_DEBUG", "") not in (
         "", "0")
     try:

@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from shared.console import attach_run_log
 from shared.runlock import hold_run_dir
 from shared.runlog import RunLogger, check_run_backend
 
@@ -230,6 +231,8 @@ def run_command(backend: str | Backend, command: str, config: Any, run_dir: str 
     ``shared.runlog.prepare_run_dir``); returns the run's summary."""
     backend = get_backend(backend)
     session = backend.open_session(config, Path(run_dir))
+    if session.run_logger.is_main:
+        attach_run_log(run_dir)  # everything logged so far and from now on: <run_dir>/run.log
     try:
         with _writing(Path(run_dir), backend, session, resume=resume):
             if command == "pipeline":

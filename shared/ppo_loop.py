@@ -37,6 +37,7 @@ import numpy as np
 from shared.aggregation import loss_normalizer
 from shared.checkpoints import CheckpointDir
 from shared.config import RLHFConfig
+from shared.console import FILE_ONLY, console_every
 from shared.critic_free import (
     group_prompts,
     models_used,
@@ -592,6 +593,8 @@ class PPOLoop:
         start = time.perf_counter()
         bar = progress(self.total_iterations, desc="ppo", initial=self.iteration,
                        enabled=cfg.progress_bar and self.is_main)
+        on_console = console_every(self.total_iterations, log_interval=cfg.log_interval,
+                                   lines=cfg.console_lines)
         try:
             while self.iteration < self.total_iterations:
                 started = time.perf_counter()
@@ -599,7 +602,9 @@ class PPOLoop:
                 if (self.iteration % cfg.log_interval == 0
                         or self.iteration == self.total_iterations):
                     self.run_logger.log(self.step, self.iteration, metrics)
-                    self._log_lines(metrics, time.perf_counter() - started)
+                    last = self.iteration == self.total_iterations
+                    self._log_lines(metrics, time.perf_counter() - started, console=last or (
+                        bool(on_console) and self.iteration % on_console == 0))
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics['reward_score']:.3f}",
                                 kl=f"{metrics['kl']:.3f}")
@@ -672,19 +677,27 @@ class PPOLoop:
                           base_model=describe_source(path and str(path), fresh, key),
                           config_sha256=config_fingerprint(self.config)[1])
 
-    def _log_lines(self, metrics: dict[str, Any], seconds: float) -> None:
-        # DeepSpeed-Chat's step-3 run log: losses, average reward, then the timings.
+    def _log_lines(self, metrics: dict[str, Any], seconds: float, *,
+                   console: bool = True) -> None:
+        """DeepSpeed-Chat's step-3 run log (losses, average reward, timings) into the run
+        log; with ``console`` also one line of the key figures on the console."""
+        nan = float("nan")
         logger.info("epoch: %d|step: %d|ppo_ep: %d|act_loss: %.4f|cri_loss: %.4f|"
                     "unsuper_loss: %.4f", self.prompt_iterator.epoch, self.iteration,
-                    self.config.ppo.ppo_epochs, metrics["actor_loss"], metrics["critic_loss"],
-                    metrics["ptx_loss"])
+                    self.config.ppo.ppo_epochs, metrics.get("actor_loss", nan),
+                    metrics.get("critic_loss", nan), metrics.get("ptx_loss", nan),
+                    extra=FILE_ONLY)
         logger.info("average reward score: %.4f|kl: %.4f|kl_coef: %.4g|short answers: %d",
-                    metrics["reward_score"], metrics["kl"], metrics["kl_coef"],
-                    metrics["short_answers"])
+                    metrics["reward_score"], metrics["kl"], metrics.get("kl_coef", nan),
+                    metrics.get("short_answers", 0), extra=FILE_ONLY)
         logger.info("iteration %d/%d => latency %.2fs|generation %.2fs|scoring %.2fs|"
                     "training %.2fs", self.iteration, self.total_iterations, seconds,
                     metrics["generation_time"], metrics["scoring_time"],
-                    metrics["training_time"])
+                    metrics["training_time"], extra=FILE_ONLY)
+        if console:
+            logger.info("ppo iteration %d/%d|reward: %.4g|kl: %.4g|act_loss: %.4g|%.2fs",
+                        self.iteration, self.total_iterations, metrics["reward_score"],
+                        metrics["kl"], metrics.get("actor_loss", nan), seconds)
 
     def _print_answers(self, prompts: PromptBatch, exp: Experience, iteration: int,
                        count: int = 4) -> None:

@@ -39,6 +39,7 @@ from typing import Any, ClassVar, Protocol
 import numpy as np
 
 from shared.checkpoints import CheckpointDir
+from shared.console import FILE_ONLY, console_every
 from shared.data import BatchIterator, StepData, build_step_data
 from shared.exports import verify_export
 from shared.guard import NonFiniteGuard, nonfinite_values
@@ -315,6 +316,9 @@ class SupervisedLoop:
         cfg = self.config.logging
         bar = progress(self.total_steps, desc=self.step, initial=self.global_step,
                        enabled=cfg.progress_bar and self.is_main)
+        on_console = console_every(self.total_steps, log_interval=cfg.log_interval,
+                                   lines=cfg.console_lines)
+        postfix = LOG_KEYS[self.step][:2]
         try:
             while self.global_step < self.total_steps:
                 with self.timer.phase("training"):
@@ -330,12 +334,16 @@ class SupervisedLoop:
                 last = self.global_step == self.total_steps
                 if self.global_step % cfg.log_interval == 0 or last:
                     self.run_logger.log(self.step, self.global_step, metrics)
+                    shown = last or (on_console and self.global_step % on_console == 0)
                     logger.info("%s epoch %d/%d|step %d/%d|%s", self.step,
                                 self.iterator.epoch + 1, self.num_epochs,
                                 self.global_step, self.total_steps,
-                                format_metrics(metrics, LOG_KEYS[self.step]))
+                                format_metrics(metrics, LOG_KEYS[self.step]),
+                                extra=None if shown else FILE_ONLY)
                 bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+                bar.set_postfix({k.split("/")[-1]: f"{float(metrics[k]):.4g}" for k in postfix
+                                 if isinstance(metrics.get(k), (float, np.floating))},
+                                refresh=False)
                 interval = self.section.eval_interval
                 if interval and self.global_step % interval == 0 and not last:
                     self._evaluate_and_log(backend)

@@ -7,7 +7,6 @@ with ``deepspeed`` or ``torchrun`` for several processes (docs/torch.md); a plai
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -18,6 +17,7 @@ from typing import Any, TextIO
 import torch
 
 from shared.config import RLHFConfig
+from shared.console import summary_table
 from shared.errors import InputError, Interrupted
 from shared.evaluation import decode_answers
 from shared.runlog import prepare_run_dir
@@ -97,7 +97,7 @@ def _train(command: str, config: RLHFConfig, args: Any) -> int:
     except KeyboardInterrupt:
         raise Interrupted(run_dir, command) from None
     if is_main():
-        logger.info("summary (%s): %s", run_dir / "summary.json", json.dumps(summary))
+        print(summary_table(summary, run_dir), flush=True)
     return 0
 
 

@@ -206,8 +206,16 @@ def init_distributed(dist_backend: str | None = None) -> None:
 
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return
-    import deepspeed
+    from shared.console import route_library_loggers, stdout_to_log
 
+    with stdout_to_log("deepspeed.stdout"):  # its import-time and op-build prints
+        import deepspeed
+
+        route_library_loggers()
+        _init_distributed(deepspeed, torch, dist_backend)
+
+
+def _init_distributed(deepspeed, torch, dist_backend: str | None) -> None:
     if "RANK" not in os.environ:
         # a port inherited from a parent process (which may hold it) is never reused
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",

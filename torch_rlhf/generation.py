@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from shared.console import say_once
 from shared.sampling import sample_token
 from torch_rlhf.deepspeed_config import HybridEngineUnavailable
 from torch_rlhf.models import position_ids_from_mask, takes_logits_to_keep, unwrap_model
@@ -405,10 +406,11 @@ def generate_rollout(
                     f"engine.torch.hybrid_engine is on, but {err}; set it to auto (falls "
                     "back to the module path) or off") from err
             path, reason = "module", f"falling back from the Hybrid Engine: {err}"
-            logger.warning("rollout path: module (%s)", reason)
+            say_once(logger, logging.WARNING, "rollout path: module (%s)", reason)
         else:
-            logger.info("rollout path: hybrid_engine (%s)", reason)
+            say_once(logger, logging.INFO, "rollout path: hybrid_engine (%s)", reason,
+                     console=False)
             return output, path
     else:
-        logger.info("rollout path: module (%s)", reason)
+        say_once(logger, logging.INFO, "rollout path: module (%s)", reason, console=False)
     return generate(engine, prompt_ids, prompt_mask, uniforms=uniforms, **sampling), path

@@ -558,6 +558,9 @@ class LoggingConfig:
     keep_checkpoints: int = 2
     # Show tqdm progress bars with ETA on the main process.
     progress_bar: bool = True
+    # Metric lines per step on the console, spread evenly over its steps (0: none; `rlhf
+    # --verbose`: every log_interval). All of them, every log_interval, are in <run>/run.log.
+    console_lines: int = 4
     # TensorBoard directory; null: <run>/tensorboard (DS-Chat --tensorboard_path).
     tensorboard_path: str | None = None
     # Where metrics go besides metrics.jsonl (Hugging Face's report_to): a list of
@@ -576,6 +579,7 @@ class LoggingConfig:
         object.__setattr__(self, "report_to", tuple(dict.fromkeys(reports)))
         _check(self.log_interval >= 1, "log_interval", self.log_interval, "must be >= 1")
         _check(self.save_interval >= 0, "save_interval", self.save_interval, "must be >= 0")
+        _check(self.console_lines >= 0, "console_lines", self.console_lines, "must be >= 0")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints,
                "must be >= 1")
 

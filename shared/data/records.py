@@ -139,7 +139,9 @@ class DataReport:
         return "\n".join(lines)
 
     def log(self, level: int = logging.INFO) -> None:
-        logger.log(level, "data report:\n%s", self.summary())
+        """Writes the report to the run log (the console shows the one-line counts and any
+        warning; `--verbose` shows this too)."""
+        logger.log(level, "data report:\n%s", self.summary(), extra={"console": False})
 
     def to_json(self) -> str:
         return json.dumps({"counts": dict(sorted(self.counts.items())), "notes": self.notes})
