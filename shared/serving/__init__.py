@@ -4,7 +4,7 @@ protocol, the aiohttp server with request batching, and the PPO actor's client
 
 from shared.serving.client import RoleClient, ServedRoleError
 from shared.serving.protocol import ENDPOINTS, ROLES, ProtocolError, tokenizer_fingerprint
-from shared.serving.server import RoleHandler, ServerLimits, make_app, serve
+from shared.serving.server import RoleHandler, ServerLimits, ServerThread, make_app, serve
 
 __all__ = ["ENDPOINTS", "ROLES", "ProtocolError", "RoleClient", "RoleHandler", "ServedRoleError",
-           "ServerLimits", "make_app", "serve", "tokenizer_fingerprint"]
+           "ServerLimits", "ServerThread", "make_app", "serve", "tokenizer_fingerprint"]

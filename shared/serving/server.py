@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +24,7 @@ from aiohttp import web
 
 from shared.serving.protocol import ENDPOINTS, ProtocolError, decode_array, encode_arrays
 
-__all__ = ["BATCHABLE", "RoleHandler", "ServerLimits", "make_app", "serve"]
+__all__ = ["BATCHABLE", "RoleHandler", "ServerLimits", "ServerThread", "make_app", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -231,3 +232,62 @@ def serve(handler: RoleHandler, *, host: str, port: int,
                 identity.get("backend"), identity.get("model"), host, port)
     web.run_app(make_app(handler, limits), host=host, port=port, print=None,
                 handle_signals=True)
+
+
+class ServerThread:
+    """``make_app(handler)`` served on a thread of this process (tests, notebooks, a role
+    beside the trainer): ``with ServerThread(handler, port=0) as server: server.url``.
+    ``port=0`` takes a free port."""
+
+    def __init__(self, handler: RoleHandler, *, host: str = "127.0.0.1", port: int = 0,
+                 limits: ServerLimits | None = None):
+        self.handler, self.host, self.port, self.limits = handler, host, port, limits
+        self.loop = asyncio.new_event_loop()
+        self.thread: threading.Thread | None = None
+        self.runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> ServerThread:
+        ready, failure = threading.Event(), []
+
+        async def boot():
+            self.runner = web.AppRunner(make_app(self.handler, self.limits))
+            await self.runner.setup()
+            site = web.TCPSite(self.runner, self.host, self.port)
+            await site.start()
+            self.port = site._server.sockets[0].getsockname()[1]  # noqa: SLF001 (port 0)
+
+        def run():
+            asyncio.set_event_loop(self.loop)
+            try:
+                self.loop.run_until_complete(boot())
+            except Exception as err:  # noqa: BLE001 (re-raised in start)
+                failure.append(err)
+                ready.set()
+                return
+            ready.set()
+            self.loop.run_forever()
+
+        self.thread = threading.Thread(target=run, name="rlhf-serve-loop", daemon=True)
+        self.thread.start()
+        if not ready.wait(30) or failure:
+            raise RuntimeError(f"could not serve on {self.host}:{self.port}: "
+                               f"{failure[0] if failure else 'timed out'}")
+        return self
+
+    def stop(self) -> None:
+        if self.thread is None or not self.thread.is_alive():
+            return
+        if self.runner is not None:
+            asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

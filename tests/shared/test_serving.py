@@ -3,7 +3,6 @@ with a numpy stand-in for a model)."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
 import socket
@@ -13,11 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from aiohttp import web
 
 from shared.serving.client import RoleClient, ServedRoleError
 from shared.serving.protocol import ProtocolError, decode_array, encode_array
-from shared.serving.server import ServerLimits, make_app
+from shared.serving.server import ServerLimits, ServerThread
 
 
 class FakeReward:
@@ -48,50 +46,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class Served:
-    """A server on a thread of its own; `stop` and `start` again on the same port."""
-
-    def __init__(self, handler, limits=None, port=None):
-        self.handler, self.limits = handler, limits or ServerLimits(max_wait_ms=50)
-        self.port = port or _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-
-    def start(self):
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        async def boot():
-            self.runner = web.AppRunner(make_app(self.handler, self.limits))
-            await self.runner.setup()
-            await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
-            ready.set()
-
-        self.thread = threading.Thread(
-            target=lambda: (self.loop.run_until_complete(boot()), self.loop.run_forever()),
-            daemon=True)
-        self.thread.start()
-        assert ready.wait(10)
-        return self
-
-    def stop(self):
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-
-
 @pytest.fixture
 def served():
     servers = []
 
-    def start(handler=None, **kwargs):
-        s = Served(handler or FakeReward(), **kwargs).start()
-        servers.append(s)
-        return s
+    def start(handler=None, limits=None):
+        server = ServerThread(handler or FakeReward(),
+                              limits=limits or ServerLimits(max_wait_ms=50)).start()
+        servers.append(server)
+        return server
 
     yield start
-    for s in servers:
-        if s.thread.is_alive():
-            s.stop()
+    for server in servers:
+        server.stop()
 
 
 def _rows(n, width=5, seed=0):
@@ -206,16 +173,14 @@ def test_transient_server_errors_are_retried_and_a_restarted_server_is_reached_a
     out = client.call("score", input_ids=ids, attention_mask=mask)
     np.testing.assert_array_equal(out["scores"], (ids * mask).sum(-1).astype(np.float32))
     server.stop()
-    restarted = Served(handler, port=server.port)
-    threading.Timer(0.5, restarted.start).start()  # comes back while the client retries
+    restarted = ServerThread(handler, port=server.port)
+    timer = threading.Timer(0.5, restarted.start)  # comes back while the client retries
+    timer.start()
     try:
         out = client.call("score", input_ids=ids, attention_mask=mask)
         np.testing.assert_array_equal(out["scores"], (ids * mask).sum(-1).astype(np.float32))
     finally:
-        for _ in range(50):
-            if getattr(restarted, "runner", None) is not None:
-                break
-            threading.Event().wait(0.1)
+        timer.join()
         restarted.stop()
 
 

@@ -1,0 +1,74 @@
+"""The JAX backend's served roles: a `shared.serving.server.RoleHandler` per role, computing
+what `jax_rlhf.train.engine.score` computes in process (the same forwards, end-score rule and
+log-probs), so a client of either backend gets the same numbers from either server.
+
+Requests (docs/serving.md): ``prompt_ids``/``prompt_mask`` [B, P] (left-padded) and
+``response``/``sample_mask`` [B, N].
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import shared
+from jax_rlhf.params import ModelDef
+from jax_rlhf.train.common import build_model, compute_dtype, load_tokenizer
+from jax_rlhf.train.engine import _response_forward
+from jax_rlhf.train.reward import end_scores
+from shared.serving.protocol import ProtocolError, tokenizer_fingerprint
+
+__all__ = ["JaxRoleHandler"]
+
+ROLLOUT_FIELDS = ("prompt_ids", "prompt_mask", "response", "sample_mask")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _forward(endpoint: str, mdef: ModelDef, params, rollout):
+    args = (rollout["prompt_ids"], rollout["prompt_mask"], rollout["response"],
+            rollout["sample_mask"])
+    out, every, seq_mask = _response_forward(mdef.merge(params), *args)
+    if endpoint == "logprobs":
+        return shared.token_logprobs(out.astype(jnp.float32), rollout["response"])
+    if endpoint == "values":
+        return out.astype(jnp.float32)
+    return end_scores(every.astype(jnp.float32), seq_mask)  # score
+
+
+class JaxRoleHandler:
+    """Loads the role's model from ``model_dir`` (a reward model directory for reward and
+    critic, a causal LM for the initial policy) with ``config``'s tokenizer and dtype."""
+
+    def __init__(self, role: str, model_dir: str, config: Any):
+        if role not in ("reward", "initial-policy", "critic"):
+            raise ValueError(f"role: {role!r} is invalid; allowed: reward, initial-policy, "
+                             "critic")
+        self.role, self.config = role, config
+        self.tokenizer = load_tokenizer(config, model_dir)
+        kind = "causal_lm" if role == "initial-policy" else "value_head"
+        model = build_model(kind, path=model_dir, hf_config=None,
+                            seed=config.seed + (0 if kind == "causal_lm" else 1),
+                            dtype=compute_dtype(config))
+        self.mdef, self.params, _ = ModelDef.split(model)
+        self.identity = {"role": role, "backend": "jax", "model": str(model_dir),
+                         "tokenizer_sha256": tokenizer_fingerprint(self.tokenizer)}
+
+    def call(self, endpoint: str, arrays: dict[str, np.ndarray],
+             body: Mapping[str, Any]) -> dict[str, Any]:
+        allowed = {"reward": ("score",), "critic": ("values",),
+                   "initial-policy": ("logprobs",)}[self.role]
+        if endpoint not in allowed:
+            raise ProtocolError(f"{endpoint}: not served by the JAX {self.role} handler "
+                                f"(it serves {', '.join(allowed)})")
+        missing = [f for f in ROLLOUT_FIELDS if f not in arrays]
+        if missing:
+            raise ProtocolError(f"missing field(s): {', '.join(missing)}")
+        rollout = {k: jnp.asarray(arrays[k].astype(np.int32)) for k in ROLLOUT_FIELDS}
+        result = np.asarray(jax.device_get(_forward(endpoint, self.mdef, self.params, rollout)))
+        name = {"score": "scores", "values": "values", "logprobs": "logprobs"}[endpoint]
+        return {name: result.astype(np.float32)}

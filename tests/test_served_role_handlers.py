@@ -1,0 +1,98 @@
+"""The two backends' served-role handlers compute the same numbers on the same exported
+models (so a client of either backend can use a server of either), and a torch server
+answers over HTTP exactly what its handler computes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import transformers
+
+from shared.config import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "configs" / "demo.yaml"
+TOLERANCE = 2e-5  # fp32 forwards of two frameworks (parity_tests/tolerances.py: logits)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny random causal LM and reward model of the demo's shape, with its tokenizer."""
+    out = tmp_path_factory.mktemp("served")
+    config = load_config(DEMO, [])
+    hf = dict(config.model.actor_config)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(ROOT / "configs/demo/tokenizer")
+    built = {}
+    for name, auto, extra in (("policy", transformers.AutoModelForCausalLM, {}),
+                              ("reward", transformers.AutoModelForSequenceClassification,
+                               {"num_labels": 1})):
+        cfg = transformers.AutoConfig.for_model(**hf, **extra)
+        transformers.set_seed(7)
+        model = auto.from_config(cfg)
+        path = out / name
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        built[name] = str(path)
+    return config, built
+
+
+def _rollout(seed=0, batch=3, prompt=6, answer=4, vocab=17):
+    rng = np.random.default_rng(seed)
+    prompt_ids = rng.integers(3, vocab, (batch, prompt))
+    prompt_mask = np.ones((batch, prompt), np.int64)
+    prompt_mask[0, :2] = 0  # left padding
+    prompt_ids[0, :2] = 0
+    response = rng.integers(3, vocab, (batch, answer))
+    sample_mask = np.ones((batch, answer), np.int64)
+    sample_mask[1, 2:] = 0  # ended early
+    response[1, 2:] = 0
+    return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response": response,
+            "sample_mask": sample_mask}
+
+
+@pytest.mark.parametrize(("role", "model", "endpoint", "key", "shape"), [
+    ("reward", "reward", "score", "scores", (3,)),
+    ("critic", "reward", "values", "values", (3, 4)),
+    ("initial-policy", "policy", "logprobs", "logprobs", (3, 4)),
+])
+def test_torch_and_jax_handlers_agree(models, role, model, endpoint, key, shape):
+    from jax_rlhf.serving import JaxRoleHandler
+    from torch_rlhf.serving import TorchRoleHandler
+
+    config, paths = models
+    rollout = _rollout()
+    torch_handler = TorchRoleHandler(role, paths[model], config)
+    jax_handler = JaxRoleHandler(role, paths[model], config)
+    assert torch_handler.identity["tokenizer_sha256"] == jax_handler.identity["tokenizer_sha256"]
+    a = torch_handler.call(endpoint, rollout, {})[key]
+    b = jax_handler.call(endpoint, rollout, {})[key]
+    assert a.shape == b.shape == shape and a.dtype == b.dtype == np.float32
+    assert np.abs(a).max() > 0
+    np.testing.assert_allclose(a, b, atol=TOLERANCE, rtol=0)
+
+
+def test_a_handler_refuses_another_roles_endpoint(models):
+    from jax_rlhf.serving import JaxRoleHandler
+    from shared.serving.protocol import ProtocolError
+
+    config, paths = models
+    with pytest.raises(ProtocolError, match="logprobs: not served by the JAX reward handler"):
+        JaxRoleHandler("reward", paths["reward"], config).call("logprobs", _rollout(), {})
+    with pytest.raises(ValueError, match="role: 'judge' is invalid"):
+        JaxRoleHandler("judge", paths["reward"], config)
+
+
+def test_a_torch_reward_server_answers_what_its_handler_computes(models):
+    from shared.serving import RoleClient, ServerThread
+    from torch_rlhf.serving import TorchRoleHandler
+
+    config, paths = models
+    handler = TorchRoleHandler("reward", paths["reward"], config)
+    rollout = _rollout(seed=3)
+    with ServerThread(handler, host="127.0.0.1", port=0) as server:
+        client = RoleClient("reward", server.url,
+                            tokenizer_sha256=handler.identity["tokenizer_sha256"], timeout_s=10)
+        remote = client.call("score", expect={"scores": (3,)}, **rollout)["scores"]
+    assert remote.tobytes() == handler.call("score", rollout, {})["scores"].tobytes()
