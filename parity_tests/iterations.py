@@ -142,7 +142,8 @@ def level6_config(tmp: str | Path, dirs: dict[str, Path], *, kl: str | None = "a
                   min_answer_tokens: int = MIN_ANSWER_TOKENS, short_answer_policy: str = "mask",
                   gradient_accumulation_steps: int = 1, pad_with_eos: bool = False,
                   enable_ema: bool = True, ema_beta: float = 0.9,
-                  sampling: dict[str, Any] | None = None, seed: int = LEVEL6_SEED):
+                  sampling: dict[str, Any] | None = None, seed: int = LEVEL6_SEED,
+                  ppo: dict[str, Any] | None = None):
     """The demo config on the level-6 models: small batches, binding schedules, decay and
     clipping, ppo_epochs 2 over 2 mini-batches of a 2-batch rollout buffer (4 mini-batches per
     iteration, `gradient_accumulation_steps` of them per optimiser step), EMA on, the demo ptx
@@ -163,6 +164,7 @@ def level6_config(tmp: str | Path, dirs: dict[str, Path], *, kl: str | None = "a
       pad_with_eos: `data.pad_with_eos` (the tokenizer pads with its EOS, as DeepSpeed-Chat
         does for OPT): with `conventions.mask_pad_tokens` every sampled EOS leaves the mask.
       seed: the run's seed (prompt order, sampling uniforms, LoRA adapters).
+      ppo: further `ppo.*` keys (n_samples_per_prompt, reward_function and its weights).
       the rest: the `ppo.*` keys of the same names (`sampling`: `ppo.sampling`).
     """
     from shared.config import load_config
@@ -212,6 +214,7 @@ def level6_config(tmp: str | Path, dirs: dict[str, Path], *, kl: str | None = "a
     }
     if sampling:
         data["ppo"]["sampling"] = dict(sampling)
+    data["ppo"].update(ppo or {})
     path = Path(tmp) / name
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return load_config(path)
@@ -224,6 +227,20 @@ def _modules(what: str, value: bool | tuple[str, ...]) -> tuple[str, ...]:
     if unknown:
         raise ValueError(f"{what}: {sorted(unknown)} are not among {MODULES}")
     return tuple(value)
+
+
+def level6_reward(prompt: str, answer: str) -> float:
+    """The level-6 rule-based reward (`ppo.reward_function`): the demo's arithmetic checker
+    plus 0.25 per answer character, so that the random level-6 models' answers differ."""
+    from shared.data.demo import arithmetic_reward
+
+    return arithmetic_reward(prompt, answer) + 0.25 * len(answer)
+
+
+GROUPS = {"n_samples_per_prompt": 2}
+"""Two answers per prompt: each generation batch of 4 rows holds 2 prompts."""
+RULE_REWARD = {"reward_function": "parity_tests.iterations:level6_reward",
+               "reward_model_weight": 0.0}
 
 
 DSCHAT_SEED, DSCHAT_MIN_ANSWER_TOKENS = 39, 2
@@ -242,6 +259,8 @@ def level6_settings(config: Any) -> dict[str, Any]:
 
     Kept from level 6: the tiny models and the demo data, batch sizes and schedules, 3 steps
     / iterations, the ptx loss (on, with `unsup_coef` 0.5, so `ptx_mode` always acts), and
+    `n_samples_per_prompt` (4 answers per prompt at most, a divisor of the 4 rows of a level-6
+    generation batch), `reward_function` and the reward weights,
     the seed and `min_answer_tokens` (those of the `deepspeed_chat` case under the dschat
     policy, which must find a valid first batch; `MIN_ANSWER_TOKENS` and `LEVEL6_SEED`
     otherwise). A `gradient_accumulation_steps` that does not divide the 4 mini-batches of an
@@ -255,6 +274,7 @@ def level6_settings(config: Any) -> dict[str, Any]:
     only = tuple(k for k in lora if modules[k].lora.only_optimize)
     accumulation = ppo.gradient_accumulation_steps
     dschat = ppo.short_answer_policy == "dschat"
+    group = ppo.n_samples_per_prompt
     return {
         "kl": None, "preset": ppo.preset, "conventions": to_dict(ppo.conventions),
         "lora": lora, "only_optimize": only, "ptx_mode": ppo.ptx_mode,
@@ -265,6 +285,11 @@ def level6_settings(config: Any) -> dict[str, Any]:
         "generation_batches": 2 if 4 % accumulation == 0 else accumulation,
         "pad_with_eos": config.data.pad_with_eos, "enable_ema": ppo.enable_ema,
         "ema_beta": ppo.ema_beta, "sampling": to_dict(ppo.sampling),
+        # the group (a divisor of level 6's 4 rows per generation batch) and the reward mix
+        "ppo": {"n_samples_per_prompt": group if 4 % group == 0 else min(4, 2 * (group // 2)),
+                "reward_function": ppo.reward_function,
+                "reward_model_weight": ppo.reward_model_weight,
+                "reward_function_weight": ppo.reward_function_weight},
     }
 
 
@@ -332,6 +357,26 @@ LEVEL6_CASES: dict[str, Level6Case] = {
         "LoRA rank 4 with only_optimize on every model (SFT, reward model, actor, critic), "
         "fixed KL",
         {"kl": "fixed", "lora": True, "only_optimize": True}, steps=("sft", "reward", "ppo")),
+    "grpo_rule_reward": Level6Case(
+        "preset grpo (no critic: group-normalised advantages, k3 KL as a loss), 2 answers per "
+        "prompt, a rule-based reward alone (`level6_reward`, no reward model)",
+        {"kl": None, "preset": "grpo", "ppo": {**GROUPS, **RULE_REWARD}}, slow=False),
+    "rloo": Level6Case("preset rloo (leave-one-out baseline, KL in the reward), 2 answers "
+                       "per prompt, the reward model", {"kl": None, "preset": "rloo",
+                                                        "ppo": GROUPS}),
+    "reinforce_plus_plus": Level6Case(
+        "preset reinforce_plus_plus (KL-penalised returns whitened over the buffer), the "
+        "reward model mixed with the rule-based reward",
+        {"kl": None, "preset": "reinforce_plus_plus",
+         "ppo": {**RULE_REWARD, "reward_model_weight": 0.5}}),
+    "gspo": Level6Case("preset gspo (sequence-ratio clip), 2 answers per prompt, the reward "
+                       "model", {"kl": None, "preset": "gspo", "ppo": GROUPS}),
+    "ppo_tis": Level6Case(
+        "preset default with TIS: token weights min(rho, 2) of the training forward's "
+        "log-probs against the sampler's reach both backends' steps (with the backends' own "
+        "samplers rho is 1 within ~1e-6, so the weights are ~1; truncation and MIS on a real "
+        "gap are tested in tests/shared/test_ppo_loop_critic_free.py)",
+        {"kl": "adaptive", "conventions": {"rollout_correction": "tis"}}),
     "lora_only_optimize_lm": Level6Case(
         "LoRA rank 4 with only_optimize on the causal LMs (SFT model, actor) only, LoRA without "
         "it on the value models, fixed KL",
@@ -365,7 +410,8 @@ class Level6Result:
     rollouts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     """Per generation batch: generated_mask (the sampler's: up to and including the EOS),
     sample_mask and response_mask [B, N] (after mask_pad_tokens and the short-answer rule),
-    is_short [B], answer_width, rows (a fingerprint per row), and reused (under the dschat
+    is_short [B], answer_width, rows (a fingerprint per row), prompts (one of its prompt
+    alone, to see the group layout), and reused (under the dschat
     policy, whether the batch was replaced by the last valid rollout)."""
     steps: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     """Per PPO optimiser step: the loss normalisers of its micro-batches, and the row
@@ -431,6 +477,7 @@ def _ppo_iterations(ppo: Any) -> tuple[list[dict[str, float]], list[np.ndarray],
         rollouts.append({
             "generated_mask": np.array(sampled_masks[-1], np.float32),
             "rows": _fingerprint(experience.prompt_ids, experience.response),
+            "prompts": _fingerprint(experience.prompt_ids, experience.response[:, :0]),
             "sample_mask": np.array(experience.sample_mask),
             "response_mask": np.array(experience.response_mask),
             "is_short": np.array(experience.is_short),
@@ -508,13 +555,15 @@ def run_torch(config: Any, tmp: Path, *, steps: tuple[str, ...] = STEPS,
         out["weights"][step] = torch_state_dict(trainer.engine)
     if "ppo" in steps:
         ppo = PPOTrainer(config, run_dir=run_dir)
-        initial["actor"] = _copy(torch_state_dict(ppo.engine.actor))
-        initial["critic"] = _copy(torch_state_dict(ppo.engine.critic))
+        trained = {"actor": ppo.engine.actor, "critic": ppo.engine.critic}
+        trained = {k: v for k, v in trained.items() if v is not None}  # critic-free: actor
+        for model, engine in trained.items():
+            initial[model] = _copy(torch_state_dict(engine))
         if perturb is not None:
-            _perturb_([ppo.engine.actor, ppo.engine.critic], perturb)
+            _perturb_(list(trained.values()), perturb)
         out["ppo"], out["tokens"], out["rollouts"], out["steps"] = _ppo_iterations(ppo)
-        out["weights"]["actor"] = torch_state_dict(ppo.engine.actor)
-        out["weights"]["critic"] = torch_state_dict(ppo.engine.critic)
+        for model, engine in trained.items():
+            out["weights"][model] = torch_state_dict(engine)
         if config.ppo.enable_ema:
             with torch.no_grad():
                 out["weights"]["ema"] = {k: to_numpy(v)
@@ -589,13 +638,15 @@ def run_jax(config: Any, tmp: Path, *, steps: tuple[str, ...] = STEPS) -> Level6
         ppo = PPOTrainer(config, run_dir=run_dir, ctx=ctx)
         initial["actor"] = _jax_weights(ppo.actor_mdef, ppo.actor_state.params,
                                         ppo.actor_state.frozen)
-        initial["critic"] = _jax_weights(ppo.critic_mdef, ppo.critic_state.params,
-                                         ppo.critic_state.frozen)
+        if ppo.critic_state is not None:
+            initial["critic"] = _jax_weights(ppo.critic_mdef, ppo.critic_state.params,
+                                             ppo.critic_state.frozen)
         out["ppo"], out["tokens"], out["rollouts"], out["steps"] = _ppo_iterations(ppo)
         out["weights"]["actor"] = _jax_weights(ppo.actor_mdef, ppo.actor_state.params,
                                                ppo.actor_state.frozen)
-        out["weights"]["critic"] = _jax_weights(ppo.critic_mdef, ppo.critic_state.params,
-                                                ppo.critic_state.frozen)
+        if ppo.critic_state is not None:
+            out["weights"]["critic"] = _jax_weights(ppo.critic_mdef, ppo.critic_state.params,
+                                                    ppo.critic_state.frozen)
         if ppo.ema_params is not None:
             out["weights"]["ema"] = _jax_weights(ppo.actor_mdef, ppo.ema_params,
                                                  ppo.actor_state.frozen)

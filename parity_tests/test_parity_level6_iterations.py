@@ -3,9 +3,11 @@ HF directories and the same config: 3 PPO iterations (2 generation batches, ppo_
 2 mini-batches, EMA, ptx, short answers), with 3 SFT and 3 reward-model steps where the case
 changes their config. One run per case of `iterations.LEVEL6_CASES` (every preset, both
 short-answer policies, ptx_mode separate, gradient accumulation, pad = EOS, LoRA with and
-without only_optimize); the default suite runs `default` and `deepspeed_chat`, the rest is
-slow. Compared: per-step metrics, sampled tokens and rollout masks (exactly), the tensors each
-backend trained, and final parameters of every trained model."""
+without only_optimize, and the critic-free algorithms: GRPO with a rule-based reward, RLOO,
+REINFORCE++, GSPO, and PPO with TIS); the default suite runs `default`, `deepspeed_chat` and
+`grpo_rule_reward`, the rest is slow. Compared: per-step metrics, sampled tokens and rollout
+masks (exactly), the tensors each backend trained, and final parameters of every trained
+model."""
 
 from __future__ import annotations
 
@@ -126,6 +128,20 @@ def test_short_answers_and_ptx_are_exercised(case_run):
     assert shorts == [m["short_answers"] for m in jax_result.ppo]
     assert any(shorts) and all(s < 8 for s in shorts)  # some masked, some valid rows left
     assert all(m["ptx_loss"] > 0 for m in torch_result.ppo)
+
+
+def test_grpo_case_is_critic_free_with_groups(case_run):
+    """GRPO with the rule-based reward alone: no critic trained (nor any critic statistic),
+    two answers per prompt in the group layout, sampled from different uniforms."""
+    torch_result, jax_result = case_run("grpo_rule_reward")
+    for result in (torch_result, jax_result):
+        assert set(result.weights) == {"actor", "ema"}
+        assert all(m["critic_loss"] == 0 and m["critic_lr"] == 0 for m in result.ppo)
+        for rollout in result.rollouts:
+            prompts = rollout["prompts"]
+            assert prompts[0] == prompts[1] and prompts[2] == prompts[3]
+            assert prompts[1] != prompts[2]
+    assert any(rollout["rows"][0] != rollout["rows"][1] for rollout in torch_result.rollouts)
 
 
 @pytest.mark.slow

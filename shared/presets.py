@@ -32,6 +32,9 @@ Where each preset's formulas come from:
   TRL's value loss also covers the score slot (its `padding_mask_p1`), and
   `missing_eos_penalty`.
 - `default`: this project's own choices, each explained in `_DEFAULT_REASONS`.
+- critic-free (`advantage_estimator` other than "gae"; no critic is built): `grpo`,
+  `dr_grpo`, `dapo`, `rloo`, `reinforce_plus_plus`, `gspo`, each with its paper and the
+  framework settings it follows in its docstring below (formulas in docs/algorithms.md).
 """
 
 from __future__ import annotations
@@ -136,8 +139,8 @@ class PPOConventions:
     """"ppo" (token-level clipped ratio, `policy_loss`) or "gspo" (the clip on each answer's
     length-normalised sequence ratio, Zheng et al. 2025; `gspo_policy_loss`)."""
     rollout_correction: str = "none"
-    """The sampler's recorded log-probs against the training forward's (`shared.
-    rollout_correction`): "none"; "tis" weights every token's policy loss by
+    """The sampler's recorded log-probs against the training forward's
+    (`shared.rollout_correction`): "none"; "tis" weights every token's policy loss by
     min(rho, rollout_correction_threshold) (Yao et al. 2025); "mis" drops from the loss the
     tokens (or rows, by `rollout_correction_level`) whose rho lies outside
     [1 / threshold, threshold]."""

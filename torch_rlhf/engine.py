@@ -30,6 +30,7 @@ from torch import nn
 
 from shared.config import RLHFConfig
 from shared.control import EmaState, ema
+from shared.critic_free import models_used
 from shared.data import prepare_tokenizer
 from torch_rlhf.deepspeed_config import (
     HybridEngineUnavailable,
@@ -71,8 +72,11 @@ class RLHFEngine:
       actor_total_steps, critic_total_steps: optimiser steps of the run (LR schedules).
 
     Attributes:
-      actor, critic: DeepSpeed training engines.
-      ref, reward: DeepSpeed inference engines (``ref`` may be a CPU module, see above).
+      actor, critic: DeepSpeed training engines (``critic`` None when the run's advantage
+        estimator needs none, ``shared.critic_free.models_used``).
+      ref, reward: DeepSpeed inference engines (``ref`` may be a CPU module, see above;
+        ``reward`` None with ``ppo.reward_model_weight`` 0).
+      models: the models the run uses (``shared.critic_free.models_used``).
       rollout_path, rollout_reason: "hybrid_engine" or "module", and why.
       reward_tokenizer, reward_reads_actor_tokens: the reward model's tokenizer and
         whether it reads the actor's token ids as they are (else rollouts are decoded
@@ -93,17 +97,21 @@ class RLHFEngine:
         # `on` where the Hybrid Engine cannot run raises here, before any model is built.
         self.rollout_path, self.rollout_reason = select_rollout_path(
             tp.hybrid_engine, device_type=device_type, model_type=model_type)
+        # shared.critic_free.models_used: no critic for a critic-free estimator, no reward
+        # model with ppo.reward_model_weight 0
+        self.models = models_used(config)
         self.actor = self._init_actor(actor_total_steps)
         self.ref = self._init_ref()
-        self.critic = self._init_critic(critic_total_steps)
-        self.reward = self._init_reward()
+        self.critic = (self._init_critic(critic_total_steps) if "critic" in self.models
+                       else None)
+        self.reward = self._init_reward() if "reward_model" in self.models else None
         self.reward_tokenizer = tokenizer
-        if model_cfg.reward_tokenizer_name_or_path:
+        if model_cfg.reward_tokenizer_name_or_path and self.reward is not None:
             self.reward_tokenizer = prepare_tokenizer(load_tokenizer(
                 model_cfg.reward_tokenizer_name_or_path,
                 trust_remote_code=model_cfg.trust_remote_code),
                 pad_with_eos=config.data.pad_with_eos)
-        self.reward_reads_actor_tokens = check_reward_tokenizer(
+        self.reward_reads_actor_tokens = self.reward is None or check_reward_tokenizer(
             tokenizer, self.reward_tokenizer,
             retokenize_for_reward=model_cfg.retokenize_for_reward)
         self.ema = ema(beta=ppo.ema_beta) if ppo.enable_ema else None
@@ -214,10 +222,11 @@ class RLHFEngine:
     def train(self) -> None:
         """Training mode for the actor and critic (the frozen models stay in eval mode)."""
         self.actor.train()
-        self.critic.train()
+        if self.critic is not None:
+            self.critic.train()
 
     def eval(self) -> None:
-        for model in (self.actor, self.critic, self.ref, self.reward):
+        for model in self.modules.values():
             model.eval()
 
     # ----------------------------------------------------------------- EMA
@@ -259,5 +268,7 @@ class RLHFEngine:
 
     @property
     def modules(self) -> dict[str, nn.Module]:
-        return {"actor": self.actor, "ref": self.ref, "critic": self.critic,
-                "reward": self.reward}
+        """The models this run built (``critic`` and ``reward`` only where it uses them)."""
+        modules = {"actor": self.actor, "ref": self.ref, "critic": self.critic,
+                   "reward": self.reward}
+        return {k: v for k, v in modules.items() if v is not None}

@@ -186,9 +186,11 @@ class PPOTrainer(PPOLoop):
                 logits = self._response_logits(model, sequences, attention_mask, prompt_length)
                 out[name] = token_logprobs(logits, tokens)
                 del logits
-            out["values"] = self._values(self.engine.critic, sequences, attention_mask,
-                                         prompt_length)
-            out["scores"] = self._reward_scores(batch)
+            if self.engine.critic is not None:  # critic-free runs: the loop's zeros
+                out["values"] = self._values(self.engine.critic, sequences, attention_mask,
+                                             prompt_length)
+            if self.engine.reward is not None:  # function-only reward: the loop's
+                out["scores"] = self._reward_scores(batch)
         finally:
             self.engine.train()
         return {k: all_gather_rows(v).cpu().numpy() for k, v in out.items()}
@@ -216,12 +218,14 @@ class PPOTrainer(PPOLoop):
         with torch.no_grad():
             token_entropy = (entropy.detach() if entropy is not None
                              else entropy_from_logits(logits.detach()))
-        values = self._values(self.engine.critic, sequences, attention_mask, prompt_length)
+        critic = self.engine.critic
+        values = (None if critic is None
+                  else self._values(critic, sequences, attention_mask, prompt_length))
         mask = t["response_mask"]
         actor_loss, critic_loss, stats = ppo_losses(
             logprobs, t["logprobs"], t["advantages"], values, t["values"], t["returns"], mask,
             conventions=c, entropy=entropy, ref_logprobs=t["ref_logprobs"], kl_coef=kl_coef,
-            normalizer=normalizer)
+            normalizer=normalizer, importance_weights=t.get("importance_weights"))
         total = actor_loss
         if ptx is not None:
             ptx_loss = self._ptx_loss(ptx, ptx_normalizer)
@@ -229,10 +233,12 @@ class PPOTrainer(PPOLoop):
             sums["ptx_loss"] += float(ptx_loss.detach())
         backward(self.engine.actor, total)
         actor_norm = optimizer_step(self.engine.actor)
-        backward(self.engine.critic, critic_loss)
-        critic_norm = optimizer_step(self.engine.critic)
+        norms = {"actor_grad_norm": actor_norm}
+        if critic is not None:
+            backward(critic, critic_loss)
+            norms["critic_grad_norm"] = optimizer_step(critic)
         if actor_norm is not None:  # the accumulation boundary: the step's global norms
-            self._grad_norms = {"actor_grad_norm": actor_norm, "critic_grad_norm": critic_norm}
+            self._grad_norms = norms
         tokens = float(mask.sum())
         sums["actor_loss"] += float(actor_loss.detach())
         sums["critic_loss"] += float(critic_loss.detach())
@@ -251,8 +257,9 @@ class PPOTrainer(PPOLoop):
     def train_step(self, micro_batches, *, normalizers, ptx, ptx_normalizers, kl_coef):
         mine = rank_rows(self.minibatch_rows)
         # the learning rates this optimiser step uses (the schedulers step at its end)
-        lrs = {"actor_lr": current_lr(self.engine.actor),
-               "critic_lr": current_lr(self.engine.critic)}
+        lrs = {"actor_lr": current_lr(self.engine.actor)}
+        if self.engine.critic is not None:
+            lrs["critic_lr"] = current_lr(self.engine.critic)
         sums: Counter = Counter()
         self._grad_norms: dict[str, float] = {}
         self.engine.train()
@@ -279,7 +286,8 @@ class PPOTrainer(PPOLoop):
     # ------------------------------------------------------------ checkpoints and export
 
     def _engines(self) -> dict[str, Any]:
-        return {"actor": self.engine.actor, "critic": self.engine.critic}
+        engines = {"actor": self.engine.actor, "critic": self.engine.critic}
+        return {k: v for k, v in engines.items() if v is not None}
 
     saves_in_background = False
 
@@ -294,8 +302,7 @@ class PPOTrainer(PPOLoop):
         state = {**state, "ema": None if ema is None else ema.ema}
         self.checkpoint_files.write(
             path, self._engines(), state, tokenizer=self.tokenizer,
-            lora={"actor": lora_settings(self.config.ppo.actor),
-                  "critic": lora_settings(self.config.ppo.critic)})
+            lora={k: lora_settings(getattr(self.config.ppo, k)) for k in self._engines()})
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         state = self.checkpoint_files.load(path, self._engines())
@@ -304,9 +311,11 @@ class PPOTrainer(PPOLoop):
         return state
 
     def export(self, step_dir: Path) -> dict[str, str]:
-        paths = {"final_model": step_dir / "final", "critic_model": step_dir / "critic"}
+        paths = {"final_model": step_dir / "final"}
         save_hf(self.engine.actor, self.tokenizer, str(paths["final_model"]))
-        save_hf(self.engine.critic, self.tokenizer, str(paths["critic_model"]))
+        if self.engine.critic is not None:
+            paths["critic_model"] = step_dir / "critic"
+            save_hf(self.engine.critic, self.tokenizer, str(paths["critic_model"]))
         if self.engine.ema is not None:
             paths["ema_model"] = step_dir / "ema"
             self.engine.save_ema(str(paths["ema_model"]))

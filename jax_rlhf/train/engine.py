@@ -48,9 +48,11 @@ class PPOSpec:
     equal configs share their compiled functions)."""
 
     actor: ModelDef
-    critic: ModelDef
+    critic: ModelDef | None
+    """None in a critic-free run (`shared.critic_free.models_used`)."""
     reference: ModelDef
-    reward: ModelDef
+    reward: ModelDef | None
+    """None with `ppo.reward_model_weight` 0 (the loop's reward function alone)."""
     conventions: Any
     """The `PPOConventions`."""
     actor_optim: Any
@@ -85,14 +87,17 @@ def score(spec: PPOSpec, actor_params, actor_frozen, ref_params, critic_params, 
     tokens = rollout["response"]
     logits, _, _ = _response_forward(spec.actor.merge(actor_params, actor_frozen), *args)
     ref_logits, _, _ = _response_forward(spec.reference.merge(ref_params), *args)
-    values, _, _ = _response_forward(spec.critic.merge(critic_params, critic_frozen), *args)
-    _, all_rewards, seq_mask = _response_forward(spec.reward.merge(reward_params), *args)
-    return {
+    out = {
         "logprobs": shared.token_logprobs(logits.astype(jnp.float32), tokens),  # [B, N]
         "ref_logprobs": shared.token_logprobs(ref_logits.astype(jnp.float32), tokens),
-        "values": values.astype(jnp.float32),
-        "scores": end_scores(all_rewards.astype(jnp.float32), seq_mask),  # [B]
     }
+    if spec.critic is not None:  # critic-free runs: the loop's zeros
+        values, _, _ = _response_forward(spec.critic.merge(critic_params, critic_frozen), *args)
+        out["values"] = values.astype(jnp.float32)
+    if spec.reward is not None:  # a function-only reward: the loop's
+        _, all_rewards, seq_mask = _response_forward(spec.reward.merge(reward_params), *args)
+        out["scores"] = end_scores(all_rewards.astype(jnp.float32), seq_mask)  # [B]
+    return out
 
 
 def _ptx_loss(actor, mb, normalizer):
@@ -109,7 +114,8 @@ def ppo_step(spec: PPOSpec, actor_state: TrainState, critic_state: TrainState, b
     row carries its micro-batch's loss normaliser (`normalizer`, `ptx_normalizer`)."""
     c = spec.conventions
     actor_opt = spec.actor_optimizer(actor_state.params)
-    critic_opt = spec.critic_optimizer(critic_state.params)
+    has_critic = spec.critic is not None  # else critic_state is None (a critic-free run)
+    critic_opt = spec.critic_optimizer(critic_state.params) if has_critic else None
     joint_ptx = spec.ptx_mode == "joint"
 
     def loss_fn(params, mb):
@@ -120,14 +126,18 @@ def ppo_step(spec: PPOSpec, actor_state: TrainState, critic_state: TrainState, b
         logits = logits.astype(jnp.float32)  # [M, N, V]
         logprobs = shared.token_logprobs(logits, mb["response"])
         entropy = shared.entropy_from_logits(logits)
-        critic = spec.critic.merge(critic_params, critic_state.frozen)
-        values, _, _ = _response_forward(critic, *args)
+        values = None
+        if has_critic:
+            critic = spec.critic.merge(critic_params, critic_state.frozen)
+            values, _, _ = _response_forward(critic, *args)
+            values = values.astype(jnp.float32)
         mask = mb["response_mask"]
         actor_loss, critic_loss, stats = shared.ppo_losses(
-            logprobs, mb["logprobs"], mb["advantages"], values.astype(jnp.float32),
+            logprobs, mb["logprobs"], mb["advantages"], values,
             mb["values"], mb["returns"], mask, conventions=c, entropy=entropy,
             ref_logprobs=mb["ref_logprobs"], kl_coef=kl_coef,
             normalizer=jnp.max(mb["normalizer"]),
+            importance_weights=mb.get("importance_weights"),
         )
         tokens = jnp.sum(mask)
         aux = {k: stats[k] * tokens for k in TOKEN_SUMS}
@@ -142,13 +152,15 @@ def ppo_step(spec: PPOSpec, actor_state: TrainState, critic_state: TrainState, b
             )
         return actor_loss + critic_loss, aux
 
-    grads, aux = accumulate_gradients(loss_fn, (actor_state.params, critic_state.params), batch)
+    critic_params = critic_state.params if has_critic else None
+    grads, aux = accumulate_gradients(loss_fn, (actor_state.params, critic_params), batch)
     aux["actor_lr"] = actor_opt.schedule(actor_state.step)
-    aux["critic_lr"] = critic_opt.schedule(critic_state.step)
     actor_state, aux["actor_grad_norm"] = apply_gradients(actor_state, grads[0], actor_opt.tx)
-    critic_state, aux["critic_grad_norm"] = apply_gradients(
-        critic_state, grads[1], critic_opt.tx
-    )
+    if has_critic:
+        aux["critic_lr"] = critic_opt.schedule(critic_state.step)
+        critic_state, aux["critic_grad_norm"] = apply_gradients(
+            critic_state, grads[1], critic_opt.tx
+        )
     return actor_state, critic_state, aux
 
 

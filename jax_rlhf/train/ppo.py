@@ -106,19 +106,28 @@ class PPOTrainer(PPOLoop):
         self.actor_mdef, actor_params, actor_frozen = ModelDef.split(
             actor, trainable=trainable_filter(ppo.actor, adapted)
         )
-        critic = build_model("value_head", path=critic_path, hf_config=config.model.critic_config,
-                             seed=config.seed + 1, dtype=dtype)
-        self.reward_mdef, reward_params, _ = ModelDef.split(critic)
-        adapted = configure_module(critic, ppo.critic, seed=config.seed + 1,
-                                   lora_seed=config.seed)
-        self.critic_mdef, critic_params, critic_frozen = ModelDef.split(
-            critic, trainable=trainable_filter(ppo.critic, adapted)
-        )
+        # shared.critic_free.models_used (self.models): no critic for a critic-free
+        # estimator, no reward model with ppo.reward_model_weight 0
+        self.critic_mdef = self.reward_mdef = critic_params = critic_frozen = None
+        reward_params = None
+        if "critic" in self.models or "reward_model" in self.models:
+            critic = build_model("value_head", path=critic_path,
+                                 hf_config=config.model.critic_config, seed=config.seed + 1,
+                                 dtype=dtype)
+            self.reward_mdef, reward_params, _ = ModelDef.split(critic)
+            if "reward_model" not in self.models:
+                self.reward_mdef = reward_params = None
+            if "critic" in self.models:
+                adapted = configure_module(critic, ppo.critic, seed=config.seed + 1,
+                                           lora_seed=config.seed)
+                self.critic_mdef, critic_params, critic_frozen = ModelDef.split(
+                    critic, trainable=trainable_filter(ppo.critic, adapted)
+                )
         # copies: the actor/critic buffers are donated to their training steps
         ref_params, reward_params = jax.tree.map(jnp.copy, (ref_params, reward_params))
         self._ref_on_host = False
         self.ref_params = self._place_reference(ref_params)
-        self.reward_params = sharding.shard_like(
+        self.reward_params = None if reward_params is None else sharding.shard_like(
             reward_params, sharding.param_shardings(reward_params, mesh)
         )
         self.spec = PPOSpec(
@@ -135,7 +144,7 @@ class PPOTrainer(PPOLoop):
         self.actor_state = init_train_state(
             actor_params, actor_frozen, self.spec.actor_optimizer(actor_params).tx, mesh
         )
-        self.critic_state = init_train_state(
+        self.critic_state = None if self.critic_mdef is None else init_train_state(
             critic_params, critic_frozen, self.spec.critic_optimizer(critic_params).tx, mesh
         )
         self.ema_params = (
@@ -146,7 +155,8 @@ class PPOTrainer(PPOLoop):
             eos_ids=eos_ids(ctx.tokenizer, self.actor_mdef), pad_id=ctx.tokenizer.pad_token_id,
         )
         actor_sh = sharding.tree_shardings(self.actor_state)
-        critic_sh = sharding.tree_shardings(self.critic_state)
+        critic_sh = (None if self.critic_state is None
+                     else sharding.tree_shardings(self.critic_state))
         rep, batch_sh = sharding.replicated(mesh), sharding.batch_sharding(mesh, axis=1)
         self._ppo_step = jax.jit(
             engine.ppo_step, in_shardings=(actor_sh, critic_sh, batch_sh, rep),
@@ -185,9 +195,11 @@ class PPOTrainer(PPOLoop):
             {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response": response,
              "sample_mask": sample_mask.astype(np.int32)}, self.ctx.mesh,
         )
+        critic = self.critic_state
         return to_host(engine.score(
             self.spec, self.actor_state.params, self.actor_state.frozen, self.ref_params,
-            self.critic_state.params, self.critic_state.frozen, self.reward_params, rollout,
+            None if critic is None else critic.params, None if critic is None else critic.frozen,
+            self.reward_params, rollout,
         ))
 
     # -- training ---------------------------------------------------------------------------
@@ -246,15 +258,18 @@ class PPOTrainer(PPOLoop):
             self._checkpointer.wait()
 
     def _state_tree(self) -> dict:
-        tree = {"actor": self.actor_state, "critic": self.critic_state}
+        tree = {"actor": self.actor_state}
+        if self.critic_state is not None:
+            tree["critic"] = self.critic_state
         if self.ema_params is not None:
             tree["ema"] = self.ema_params
         return tree
 
     def save_checkpoint(self, path: Path, state: dict[str, Any]) -> None:
-        meta = {**state, "models": {"actor": model_meta(self.actor_mdef, self.config.ppo.actor),
-                                    "critic": model_meta(self.critic_mdef,
-                                                         self.config.ppo.critic)}}
+        models = {"actor": model_meta(self.actor_mdef, self.config.ppo.actor)}
+        if self.critic_mdef is not None:
+            models["critic"] = model_meta(self.critic_mdef, self.config.ppo.critic)
+        meta = {**state, "models": models}
         self.checkpointer.save(path, self._state_tree(), meta)
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
@@ -263,9 +278,10 @@ class PPOTrainer(PPOLoop):
             self._state_tree(),
         )
         abstract["actor"] = abstract_train_state(self.actor_state)
-        abstract["critic"] = abstract_train_state(self.critic_state)
+        if self.critic_state is not None:
+            abstract["critic"] = abstract_train_state(self.critic_state)
         tree, meta = self.checkpointer.restore(path, abstract)
-        self.actor_state, self.critic_state = tree["actor"], tree["critic"]
+        self.actor_state, self.critic_state = tree["actor"], tree.get("critic")
         self.ema_params = tree.get("ema")
         return meta
 
@@ -274,12 +290,12 @@ class PPOTrainer(PPOLoop):
             self._checkpointer.close()
             self._checkpointer = None
         state, tokenizer = self.actor_state, self.tokenizer
-        paths = {
-            "final_model": export_hf(self.actor_mdef, state.params, state.frozen,
-                                     step_dir / "final", tokenizer),
-            "critic_model": export_hf(self.critic_mdef, self.critic_state.params,
-                                      self.critic_state.frozen, step_dir / "critic", tokenizer),
-        }
+        paths = {"final_model": export_hf(self.actor_mdef, state.params, state.frozen,
+                                          step_dir / "final", tokenizer)}
+        if self.critic_state is not None:
+            paths["critic_model"] = export_hf(self.critic_mdef, self.critic_state.params,
+                                              self.critic_state.frozen, step_dir / "critic",
+                                              tokenizer)
         if self.ema_params is not None:
             paths["ema_model"] = export_hf(self.actor_mdef, self.ema_params, state.frozen,
                                            step_dir / "ema", tokenizer)
