@@ -44,6 +44,7 @@ from shared.errors import (
     one_line,
     process_rank,
 )
+from shared.serving.command import add_serve_arguments, serve_command
 
 __all__ = ["COMMANDS", "build_parser", "flags_to_overrides", "main"]
 
@@ -89,6 +90,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": (
         "export a checkpoint as a Hugging Face model directory",
         "Consolidates a (sharded) checkpoint into safetensors plus config and tokenizer.",
+    ),
+    "serve": (
+        "serve a reward model, the initial policy or a reward function over HTTP",
+        "NeMo-RLHF's served roles: the PPO actor calls the server named by "
+        "ppo.reward_model.url / ppo.initial_policy.url / ppo.reward_function: http://... "
+        "instead of loading the model (docs/serving.md).",
     ),
     "bench": (
         "measure throughput, MFU and memory",
@@ -166,9 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "dpo":
             p.add_argument("--actor", default=None,
                            help="SFT model directory (the policy and its frozen reference)")
-        if name in ("chat", "eval", "parity", "export"):
+        if name in ("chat", "eval", "parity", "export", "serve"):
             p.add_argument("--model", default=None,
                            help="Hugging Face model directory (default: from the config)")
+        if name == "serve":
+            add_serve_arguments(p)
         if name == "eval":
             p.add_argument("--model-baseline", default=None,
                            help="with --model-finetune: DeepSpeed-Chat's prompt_eval, the two "
@@ -293,7 +302,7 @@ def _model_sources(command: str, config, args: argparse.Namespace) -> list[tuple
     for flag in ("model_baseline", "model_finetune"):
         if getattr(args, flag, None) is not None:
             sources.append((f"--{flag.replace('_', '-')}", getattr(args, flag)))
-    if command in ("chat", "eval", "parity") and not sources:
+    if command in ("chat", "eval", "parity", "serve") and not sources:
         if args.model is not None:
             sources.append(("--model", args.model))
         elif model.actor_model_name_or_path is not None:
@@ -410,6 +419,8 @@ def _run(args: argparse.Namespace) -> int:
         sys.stdout.write(yaml.safe_dump(to_dict(config), sort_keys=False))
         return 0
     _check_sources(args.command, config, args)
+    if args.command == "serve":
+        return serve_command(config, args)
     return _run_backend(args.command, config, args)
 
 

@@ -51,7 +51,12 @@ class RewardFunction:
 
 def load_reward_function(spec: str) -> RewardFunction:
     """Import ``module:function``; a missing module or function, or one that is not callable,
-    is an error naming ``spec``."""
+    is an error naming ``spec``. An ``http(s)://`` URL is a function server (`rlhf serve
+    function`), called the same way."""
+    if spec.startswith(("http://", "https://")):  # `rlhf serve function` (docs/serving.md)
+        from shared.serving.function import RemoteRewardFunction
+
+        return RemoteRewardFunction(spec)
     module_name, _, name = spec.partition(":")
     if not module_name or not name:
         raise RunError(f"ppo.reward_function: {spec!r} is not 'module:function'")

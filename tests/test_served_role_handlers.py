@@ -96,3 +96,69 @@ def test_a_torch_reward_server_answers_what_its_handler_computes(models):
                             tokenizer_sha256=handler.identity["tokenizer_sha256"], timeout_s=10)
         remote = client.call("score", expect={"scores": (3,)}, **rollout)["scores"]
     assert remote.tobytes() == handler.call("score", rollout, {})["scores"].tobytes()
+
+
+def _serve(argv, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "shared.cli", "serve", *argv], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(process):
+    import signal
+
+    process.send_signal(signal.SIGINT)
+    try:
+        return process.wait(30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def test_rlhf_serve_reward_on_torch_answers_the_jax_handlers_numbers(models, tmp_path):
+    """A server of one backend, checked against the other backend's handler."""
+    from jax_rlhf.serving import JaxRoleHandler
+    from shared.serving import RoleClient
+
+    config, paths = models
+    port = _free_port()
+    server = _serve(["reward", "--backend", "torch", "--model", paths["reward"], "--port",
+                     str(port), "--config", str(DEMO)], tmp_path)
+    try:
+        local = JaxRoleHandler("reward", paths["reward"], config)
+        client = RoleClient("reward", f"http://127.0.0.1:{port}", timeout_s=90,
+                            tokenizer_sha256=local.identity["tokenizer_sha256"])
+        assert client.wait_until_ready()["identity"]["backend"] == "torch"
+        rollout = _rollout(seed=5)
+        remote = client.call("score", expect={"scores": (3,)}, **rollout)["scores"]
+        np.testing.assert_allclose(remote, local.call("score", rollout, {})["scores"],
+                                   atol=TOLERANCE, rtol=0)
+    finally:
+        assert _stop(server) == 0, server.stderr.read().decode()[-2000:]
+
+
+def test_a_served_reward_function_scores_as_the_local_one(tmp_path):
+    from shared.reward_fn import load_reward_function
+
+    port = _free_port()
+    spec = "shared.data.demo:arithmetic_reward"
+    server = _serve(["function", "--function", spec, "--port", str(port)], tmp_path)
+    try:
+        remote = load_reward_function(f"http://127.0.0.1:{port}")
+        remote.client.timeout_s = 60
+        prompts, answers = ["12+7=", "3+4=", "1+1="], ["19", "8", "2"]
+        scores = remote(prompts, answers)
+        np.testing.assert_array_equal(scores, load_reward_function(spec)(prompts, answers))
+        assert scores.tolist() == [1.0, 0.0, 1.0]
+    finally:
+        assert _stop(server) == 0, server.stderr.read().decode()[-2000:]

@@ -194,6 +194,10 @@ NEMO_PPO_KEYS: dict[str, Alias] = {
     "temperature": _a("ppo.sampling.temperature"),
     "top_k": _a("ppo.sampling.top_k"),
     "top_p": _a("ppo.sampling.top_p"),
+    # The served roles (NeMo-RLHF's SLURM script: model.rlhf.<role>.{ip,port}).
+    **{f"{prefix}rlhf.{role}.{part}": _a(f"ppo.{role}.{part}")
+       for prefix in ("", "model.") for role in ("reward_model", "initial_policy")
+       for part in ("ip", "port")},
 }
 
 

@@ -160,6 +160,39 @@ class LoRAConfig:
 
 
 @dataclass(frozen=True)
+class ServedRoleConfig:
+    """A model served by `rlhf serve` instead of run in the trainer (NeMo-RLHF's
+    rlhf.<role>.{ip,port}; docs/serving.md)."""
+
+    # http://host:port of the server; null (and no ip/port): in the trainer's process.
+    url: str | None = None
+    # NeMo-RLHF's spelling: ip and port together make url http://ip:port.
+    ip: str | None = None
+    # NeMo-RLHF's spelling (its guide: 5555 reward model, 5556 initial policy).
+    port: int | None = None
+    # Give up on one request after this many seconds of retries (backoff from 0.25 s, doubling
+    # to 8 s); the error names the role, the URL and what the client last heard.
+    timeout_s: float = 120.0
+    # The model `rlhf launch` serves; null: the one the run would load in process.
+    model: str | None = None
+
+    def __post_init__(self):
+        if (self.ip is None) != (self.port is None):
+            raise ConfigError(f"ip: {self.ip!r} and port: {self.port!r}: give both (NeMo's "
+                              "spelling of url) or neither")
+        if self.ip is not None:
+            composed = f"http://{self.ip}:{self.port}"
+            if self.url not in (None, composed):
+                raise ConfigError(f"url: {self.url!r} and ip/port ({composed}) disagree; "
+                                  "give one of them")
+            object.__setattr__(self, "url", composed)
+        if self.url is not None:
+            _check(self.url.startswith(("http://", "https://")), "url", self.url,
+                   "must start with http:// or https://")
+        _check(self.timeout_s > 0, "timeout_s", self.timeout_s, "must be > 0")
+
+
+@dataclass(frozen=True)
 class ModuleConfig:
     """How one trained model (actor, critic, SFT or reward model) is run."""
 
@@ -410,6 +443,12 @@ class PPOConfig:
     reward_model_weight: float = 1.0
     # Weight of reward_function in the reward (see reward_model_weight).
     reward_function_weight: float = 1.0
+    # The reward model served by `rlhf serve reward` (NeMo's rlhf.reward_model); no url:
+    # in process.
+    reward_model: ServedRoleConfig = field(default_factory=ServedRoleConfig)
+    # The initial policy (reference) served by `rlhf serve initial-policy` (NeMo's
+    # rlhf.initial_policy); no url: in process.
+    initial_policy: ServedRoleConfig = field(default_factory=ServedRoleConfig)
 
     def __post_init__(self):
         _check_batches("", per_device_generation_batch_size=self.per_device_generation_batch_size,

@@ -1,10 +1,23 @@
 """Served roles (NeMo-RLHF's reward model, initial policy and critic servers): the wire
-protocol, the aiohttp server with request batching, and the PPO actor's client
-(docs/serving.md)."""
+protocol (`protocol`), the aiohttp server with request batching (`server`), the PPO actor's
+client (`client`), a served reward function (`function`) and `rlhf serve` (`command`);
+docs/serving.md. Names are imported on first use, so `rlhf` starts without aiohttp."""
 
-from shared.serving.client import RoleClient, ServedRoleError
-from shared.serving.protocol import ENDPOINTS, ROLES, ProtocolError, tokenizer_fingerprint
-from shared.serving.server import RoleHandler, ServerLimits, ServerThread, make_app, serve
+from __future__ import annotations
 
-__all__ = ["ENDPOINTS", "ROLES", "ProtocolError", "RoleClient", "RoleHandler", "ServedRoleError",
-           "ServerLimits", "ServerThread", "make_app", "serve", "tokenizer_fingerprint"]
+import importlib
+
+_WHERE = {
+    "RoleClient": "client", "ServedRoleError": "client",
+    "ENDPOINTS": "protocol", "ROLES": "protocol", "ProtocolError": "protocol",
+    "tokenizer_fingerprint": "protocol",
+    "RoleHandler": "server", "ServerLimits": "server", "ServerThread": "server",
+    "make_app": "server", "serve": "server",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"shared.serving.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'shared.serving' has no attribute {name!r}")
