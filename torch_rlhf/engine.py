@@ -29,6 +29,7 @@ import transformers
 from torch import nn
 
 from shared.config import RLHFConfig
+from shared.console import FILE_ONLY
 from shared.control import EmaState, ema
 from shared.critic_free import models_used
 from shared.data import prepare_tokenizer
@@ -119,10 +120,12 @@ class RLHFEngine:
         if self.ema is not None:
             weights = self.actor_weights()
             self.ema_state = self.ema.init(weights) if weights is not None else None
-        logger.info("RLHF engine: actor ZeRO-%d, critic ZeRO-%d, reference %s, rollouts via %s "
-                    "(%s)", tp.actor_zero_stage, tp.critic_zero_stage,
+        logger.info("RLHF engine: actor ZeRO-%d, critic ZeRO-%d, reference %s, rollouts via %s",
+                    tp.actor_zero_stage, tp.critic_zero_stage,
                     "in host memory" if ppo.offload_reference_model else "beside the actor",
-                    self.rollout_path, self.rollout_reason)
+                    self.rollout_path)
+        logger.info("rollouts via %s: %s", self.rollout_path, self.rollout_reason,
+                    extra=FILE_ONLY)  # the long why: in the run log
 
     # ----------------------------------------------------------------- the four models
 
