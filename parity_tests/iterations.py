@@ -58,7 +58,7 @@ LEVEL6_LLAMA = dict(
     eos_token_id=2)
 """The demo tokenizer's vocabulary (32) in a 2-layer GQA Llama, 32 wide."""
 
-SFT_STEPS = REWARD_STEPS = 3
+SFT_STEPS = REWARD_STEPS = DPO_STEPS = 3
 MODULES = ("sft", "reward", "actor", "critic")
 LEVEL6_SEED = 7
 
@@ -68,6 +68,8 @@ of reward_score, kl and the KL controller's input."""
 
 SFT_METRICS = ("loss", "lr", "grad_norm")
 REWARD_METRICS = ("loss", "lr", "accuracy", "chosen_score", "rejected_score")
+DPO_METRICS = ("loss", "lr", "grad_norm", "rewards/chosen", "rewards/rejected",
+               "rewards/accuracies", "rewards/margins")
 PPO_METRICS = ("actor_loss", "critic_loss", "pg_loss", "reward_score", "kl", "kl_coef",
                "rollout_logprob_gap", "advantages_mean", "returns_mean", "response_length",
                "clip_fraction", "approx_kl", "value_clip_fraction", "entropy", "actor_lr",
@@ -196,6 +198,8 @@ def level6_config(tmp: str | Path, dirs: dict[str, Path], *, kl: str | None = "a
                 "optim": optim, "model": module("sft")},
         "reward": {"per_device_train_batch_size": 8, "max_steps": REWARD_STEPS,
                    "num_train_epochs": 1, "optim": optim, "model": module("reward")},
+        "dpo": {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+                "max_steps": DPO_STEPS, "num_train_epochs": 1, "beta": 0.5, "optim": optim},
         "ppo": {"preset": preset,
                 "per_device_generation_batch_size": 4, "generation_batches": generation_batches,
                 "per_device_training_batch_size": 4, "ppo_epochs": 2,
@@ -306,6 +310,9 @@ class Level6Case:
     expect: dict[str, Any] = dataclasses.field(default_factory=dict)
     """What `exercised` must show in both backends: an int is a minimum count, a bool the
     value (the evidence that the case's settings acted)."""
+    dpo: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """`dpo.*` keys replacing `level6_config`'s (beta 0.5, sigmoid, 4 pairs x 2 micro-batches
+    per step, 3 steps)."""
 
 
 LEVEL6_CASES: dict[str, Level6Case] = {
@@ -382,6 +389,13 @@ LEVEL6_CASES: dict[str, Level6Case] = {
         "it on the value models, fixed KL",
         {"kl": "fixed", "lora": True, "only_optimize": ("sft", "actor")},
         steps=("sft", "ppo")),
+    "dpo": Level6Case(
+        "offline DPO from the SFT model (`rlhf dpo`): sigmoid loss with label smoothing 0.1 "
+        "(cDPO), beta 0.5, reference log-probs from the starting policy, 2 micro-batches of 4 "
+        "pairs per step", {"kl": None}, steps=("dpo",), slow=False,
+        dpo={"label_smoothing": 0.1}),
+    "dpo_ipo": Level6Case("offline IPO from the SFT model (length-averaged log-probs)",
+                          {"kl": None}, steps=("dpo",), dpo={"loss_type": "ipo"}),
 }
 """Every level-6 case (`run_case`); the default suite runs those with `slow=False`."""
 
@@ -393,6 +407,8 @@ def run_case(name: str, dirs: dict[str, Path], tmp: str | Path
     tmp = Path(tmp) / name
     tmp.mkdir(parents=True, exist_ok=True)
     config = level6_config(tmp, dirs, name=f"{name}.yaml", **case.settings)
+    if case.dpo:
+        config = config.replace(dpo=dataclasses.replace(config.dpo, **case.dpo))
     return run_level6(config, tmp, steps=case.steps)
 
 
@@ -407,6 +423,8 @@ class Level6Result:
     ppo: list[dict[str, float]]
     tokens: list[np.ndarray]  # [iteration * generation_batches] of [B, N]
     weights: dict[str, dict[str, np.ndarray]]  # sft, reward, actor, critic, ema
+    dpo: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    """Per DPO optimiser step (`DPOTrainer.train_step` after the reference log-probs)."""
     rollouts: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     """Per generation batch: generated_mask (the sampler's: up to and including the EOS),
     sample_mask and response_mask [B, N] (after mask_pad_tokens and the short-answer rule),
@@ -500,7 +518,7 @@ def _ppo_iterations(ppo: Any) -> tuple[list[dict[str, float]], list[np.ndarray],
     return metrics, tokens, rollouts, steps
 
 
-STEPS = ("sft", "reward", "ppo")
+STEPS = ("sft", "reward", "ppo", "dpo")
 
 
 PERTURBATION = 1e-6
@@ -533,6 +551,7 @@ def run_torch(config: Any, tmp: Path, *, steps: tuple[str, ...] = STEPS,
     perturbed by `PERTURBATION` right after it is built (`torch_sensitivity`)."""
     import torch
 
+    from torch_rlhf.dpo import DPOTrainer
     from torch_rlhf.ppo import PPOTrainer
     from torch_rlhf.reward import RewardTrainer
     from torch_rlhf.sft import SFTTrainer
@@ -543,13 +562,16 @@ def run_torch(config: Any, tmp: Path, *, steps: tuple[str, ...] = STEPS,
     out: dict[str, Any] = {"weights": {}, "sft": [], "reward": [], "ppo": [], "tokens": []}
     initial: dict[str, dict[str, np.ndarray]] = {}
     for step, cls, keys in (("sft", SFTTrainer, SFT_METRICS),
-                            ("reward", RewardTrainer, REWARD_METRICS)):
+                            ("reward", RewardTrainer, REWARD_METRICS),
+                            ("dpo", DPOTrainer, DPO_METRICS)):
         if step not in steps:
             continue
         trainer = cls(config, run_dir=run_dir)
         initial[step] = _copy(torch_state_dict(trainer.engine))
         if perturb is not None:
             _perturb_([trainer.engine], perturb)
+        if step == "dpo":  # the reference: the starting policy's log-probs (DPOLoop.fit)
+            trainer.loop.compute_reference(trainer)
         out[step] = [_pick(trainer.train_step(trainer.iterator.next_batch()), keys)
                      for _ in range(trainer.total_steps)]
         out["weights"][step] = torch_state_dict(trainer.engine)
@@ -615,6 +637,7 @@ def _has_lora(*trees: Any) -> bool:
 
 def run_jax(config: Any, tmp: Path, *, steps: tuple[str, ...] = STEPS) -> Level6Result:
     from jax_rlhf.train.common import RunContext
+    from jax_rlhf.train.dpo import DPOTrainer
     from jax_rlhf.train.ppo import PPOTrainer
     from jax_rlhf.train.reward import RewardTrainer
     from jax_rlhf.train.sft import SFTTrainer
@@ -625,11 +648,14 @@ def run_jax(config: Any, tmp: Path, *, steps: tuple[str, ...] = STEPS) -> Level6
     out: dict[str, Any] = {"weights": {}, "sft": [], "reward": [], "ppo": [], "tokens": []}
     initial: dict[str, dict[str, np.ndarray]] = {}
     for step, cls, keys in (("sft", SFTTrainer, SFT_METRICS),
-                            ("reward", RewardTrainer, REWARD_METRICS)):
+                            ("reward", RewardTrainer, REWARD_METRICS),
+                            ("dpo", DPOTrainer, DPO_METRICS)):
         if step not in steps:
             continue
         trainer = cls(config, run_dir=run_dir, ctx=ctx)
         initial[step] = _jax_weights(trainer.mdef, trainer.state.params, trainer.state.frozen)
+        if step == "dpo":
+            trainer.loop.compute_reference(trainer)
         out[step] = [_pick(trainer.train_step(trainer.iterator.next_batch()), keys)
                      for _ in range(trainer.total_steps)]
         out["weights"][step] = _jax_weights(trainer.mdef, trainer.state.params,
@@ -736,6 +762,7 @@ def level6_rows(torch_result: Level6Result, jax_result: Level6Result, *,
     sfx = f" [{label}]" if label else ""
     rows = _metric_rows(f"sft{sfx}", t.sft, j.sft, "iteration_metrics")
     rows += _metric_rows(f"reward{sfx}", t.reward, j.reward, "iteration_metrics")
+    rows += _dpo_rows(t.dpo, j.dpo, sfx)
     if t.tokens or j.tokens:
         same_count = len(t.tokens) == len(j.tokens)
         rows.append(compare("6", f"ppo tokens{sfx}", np.stack(j.tokens) if same_count else
@@ -751,7 +778,7 @@ def level6_rows(torch_result: Level6Result, jax_result: Level6Result, *,
                             note="sample and response masks of every generation batch"))
     aligned = tuple(k for k in PPO_METRICS if k not in KNOWN_DIFFERENT)
     rows += _metric_rows(f"ppo{sfx}", t.ppo, j.ppo, "iteration_metrics", aligned)
-    for model in ("sft", "reward", "actor", "critic", "ema"):
+    for model in ("sft", "reward", "dpo", "actor", "critic", "ema"):
         if model not in t.weights and model not in j.weights:
             continue
         if model in t.trained or model in j.trained:
@@ -771,6 +798,25 @@ def level6_rows(torch_result: Level6Result, jax_result: Level6Result, *,
         if t_noise or j_noise:
             rows.append(compare_grads("6", f"{model} key biases{sfx}", j_noise, t_noise,
                                       "optimiser_zero_grad"))
+    return rows
+
+
+def _dpo_rows(t_steps: list[dict[str, float]], j_steps: list[dict[str, float]],
+              sfx: str) -> list[Row]:
+    """The DPO metrics per step; `rewards/accuracies` (the share of pairs whose chosen reward
+    is strictly larger) only from the first step whose policy has moved: before that the
+    policy is its reference, every implicit reward is 0 up to rounding and rounding breaks
+    the ties (exact zeros in torch, +-1e-8 in JAX)."""
+    keys = tuple(k for k in DPO_METRICS if k != "rewards/accuracies")
+    rows = _metric_rows(f"dpo{sfx}", t_steps, j_steps, "iteration_metrics", keys)
+    moved = [i for i in range(len(t_steps)) if any(s["lr"] > 0 for s in t_steps[:i])]
+    if moved and len(t_steps) == len(j_steps):
+        row = compare("6", f"dpo{sfx} rewards/accuracies",
+                      np.asarray([j_steps[i]["rewards/accuracies"] for i in moved]),
+                      np.asarray([t_steps[i]["rewards/accuracies"] for i in moved]),
+                      "iteration_metrics")
+        rows.append(dataclasses.replace(row, note=f"steps {[i + 1 for i in moved]} (the "
+                                        "policy moved)"))
     return rows
 
 

@@ -11,6 +11,8 @@ model."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from parity_tests.harness import assert_passed
@@ -71,8 +73,9 @@ def _cases(names=tuple(LEVEL6_CASES), *, known: bool = True):
 def test_whole_runs_agree(case_run, name):
     torch_result, jax_result = case_run(name)
     assert_passed(level6_rows(torch_result, jax_result, label=name))
-    iterations = torch_result.config.ppo.max_iterations
-    assert len(torch_result.tokens) == iterations * torch_result.config.ppo.generation_batches
+    if "ppo" in LEVEL6_CASES[name].steps:
+        iterations = torch_result.config.ppo.max_iterations
+        assert len(torch_result.tokens) == iterations * torch_result.config.ppo.generation_batches
 
 
 @pytest.mark.parametrize("name", _cases([n for n, c in LEVEL6_CASES.items() if c.expect],
@@ -104,6 +107,19 @@ def test_deepspeed_chat_case_runs_its_conventions(case_run):
     assert torch_result.config.data.pad_with_eos
     assert all(len(step["normalizers"]) == 2 for step in torch_result.steps)
     assert all(m["ptx_loss"] > 0 for m in torch_result.ppo)
+
+
+def test_dpo_case_compares_every_step_and_the_policy(case_run):
+    """The DPO row: 3 optimiser steps in both backends (step 1 at log 2, label smoothing or
+    not: the policy is its reference), each metric compared, and the trained policy."""
+    torch_result, jax_result = case_run("dpo")
+    assert torch_result.config.dpo.label_smoothing == 0.1
+    for result in (torch_result, jax_result):
+        assert len(result.dpo) == torch_result.config.dpo.max_steps
+        assert result.dpo[0]["loss"] == pytest.approx(math.log(2.0), abs=1e-5)
+        assert result.trained["dpo"]  # the policy moved
+    names = {row.quantity for row in level6_rows(torch_result, jax_result, label="dpo")}
+    assert {"dpo [dpo] loss", "dpo [dpo] rewards/margins", "dpo params [dpo]"} <= names
 
 
 def test_adaptive_kl_moves(case_run):

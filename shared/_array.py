@@ -125,8 +125,17 @@ def log_softmax(xp: Any, x: Array, axis: int = -1) -> Array:
 
 
 def softplus(xp: Any, x: Array) -> Array:
-    """log(1 + exp(x)) computed as max(x, 0) + log1p(exp(-|x|)) (no overflow)."""
-    return xp.maximum(x, xp.zeros_like(x)) + xp.log1p(xp.exp(-xp.abs(x)))
+    """log(1 + exp(x)): x + log1p(exp(-x)) for x > 0, log1p(exp(x)) otherwise (no overflow;
+    each branch sees only its own inputs, so no inf reaches a gradient).
+
+    The same values as max(x, 0) + log1p(exp(-|x|)), whose gradient at exactly x = 0 depends
+    on the framework's max/abs subgradients: JAX gave 0 there instead of sigmoid(0) = 1/2
+    (DPO's first step, where policy = reference, hits x = 0 exactly)."""
+    zero = xp.zeros_like(x)
+    positive = x > 0
+    above = xp.where(positive, x, zero)
+    below = xp.where(positive, zero, x)
+    return xp.where(positive, above + xp.log1p(xp.exp(-above)), xp.log1p(xp.exp(below)))
 
 
 def log_sigmoid(xp: Any, x: Array) -> Array:

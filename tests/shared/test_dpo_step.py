@@ -129,6 +129,34 @@ def test_policy_equal_to_reference_gives_log_two():
     assert all(float(stats[k]) == 0.0 for k in METRIC_KEYS)
 
 
+@pytest.mark.parametrize("framework", ["torch", "jax"])
+def test_gradient_at_policy_equal_to_reference(framework):
+    """The first step (policy = reference, h = 0 exactly): dl/d log pi(y_w) = -beta sigma(0)
+    / N = -beta / (2N) and +beta / (2N) for y_l (sigmoid), -1 / (beta N) and +1 / (beta N)
+    for IPO. (JAX's max/abs subgradients made the old softplus give 0 at exactly 0.)"""
+    beta, n = 0.3, 3
+    lp = np.array([-4.0, -7.5, -2.25], np.float32)
+    expected = {"sigmoid": beta / 2, "ipo": 1.0 / beta}
+    for loss_type, slope in expected.items():
+        options = DPOOptions(beta, loss_type)
+        if framework == "torch":
+            torch = pytest.importorskip("torch")
+            chosen = torch.tensor(lp, requires_grad=True)
+            rejected = torch.tensor(lp, requires_grad=True)
+            ref = torch.tensor(lp)
+            dpo_micro_loss(chosen, rejected, ref, ref, options, float(n))[0].backward()
+            grads = chosen.grad.numpy(), rejected.grad.numpy()
+        else:
+            jax = pytest.importorskip("jax")
+            ref = jax.numpy.asarray(lp)
+            def loss(c, r, ref=ref, options=options):
+                return dpo_micro_loss(c, r, ref, ref, options, float(n))[0]
+
+            grads = jax.grad(loss, argnums=(0, 1))(ref, ref)
+        np.testing.assert_allclose(np.asarray(grads[0]), -slope / n, rtol=1e-6)
+        np.testing.assert_allclose(np.asarray(grads[1]), slope / n, rtol=1e-6)
+
+
 def test_eval_sums_count_only_valid_rows():
     chosen, rejected, ref_c, ref_r = _logprobs(5, seed=3)
     ids = np.ones((5, 4), np.int32)
