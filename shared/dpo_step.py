@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from shared._array import Array
-from shared.data import PairwiseBatch, StepData, build_step_data
+from shared.data import DataError, PairwiseBatch, StepData, build_step_data
 from shared.data.batches import ArrayBatch
 from shared.dpo import dpo_loss, sequence_logprobs
 from shared.errors import InputError
@@ -202,7 +202,10 @@ class DPOLoop(SupervisedLoop):
 
     @classmethod
     def build_data(cls, config: Any, tokenizer: Any, step: str = "dpo") -> StepData:
-        data = build_step_data(config.data, tokenizer, DATA_STEP)
+        try:
+            data = build_step_data(config.data, tokenizer, DATA_STEP)
+        except DataError as err:
+            raise DataError(f"dpo trains on the reward step's comparisons: {err}") from err
         train = preference_batch(data.train, split="train")
         evals = None if data.eval is None else preference_batch(data.eval, split="eval")
         return dataclasses.replace(data, train=train, eval=evals)

@@ -4,7 +4,8 @@
     run_step("jax", config, run_dir, "reward")        # rlhf rm
 
 Each step feeds the next through its final model: ``<run>/sft/final`` initialises the PPO
-actor and reference, ``<run>/reward/final`` the PPO critic and reward model. The reward
+actor and reference (or, with ``pipeline_steps: [sft, dpo]``, the DPO policy and its frozen
+reference), ``<run>/reward/final`` the PPO critic and reward model. The reward
 model itself starts from a base model (``ModelConfig.reward_model_source``), never from
 ``<run>/sft/final``. Each step reads its own share of the data
 (``data.data_split``, ``datasets[].steps``). With ``resume``, a step whose final model and

@@ -6,7 +6,7 @@ policy, kept in the checkpoints), the loss (``shared.dpo.dpo_loss`` via
 ``shared.dpo_step.dpo_micro_loss``, divided by the step's global pair count) and the metrics.
 This trainer is the SFT trainer (same model, export and held-out metric) with a DPO micro-step.
 
-Example (docs/torch.md)::
+Example::
 
     from shared.config import load_config
     from torch_rlhf.deepspeed_config import init_distributed

@@ -7,7 +7,7 @@ policy, kept in the checkpoints), the loss (`shared.dpo.dpo_loss` via
 This trainer is the SFT trainer (same model, export and held-out metric) with a DPO loss in
 the jitted step.
 
-Example (docs/jax.md)::
+Example::
 
     from jax_rlhf.train.dpo import DPOTrainer
     from shared.config import load_config

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from shared.config import ConfigError, config_from_dict
-from shared.data import DataReport, PairwiseBatch, RankingBatch, StepData
+from shared.data import DataError, DataReport, PairwiseBatch, RankingBatch, StepData
 from shared.dpo_step import (
     METRIC_KEYS,
     DPOEvalMixin,
@@ -98,6 +98,19 @@ def test_preference_batch_refuses_rankings_and_batches_without_prompt_lengths():
     ids = np.ones((1, 4), np.int32)
     with pytest.raises(InputError, match="no prompt lengths"):
         preference_batch(PairwiseBatch(ids, ids, ids, ids))
+
+
+def test_data_errors_say_which_comparisons_dpo_reads(monkeypatch):
+    import shared.dpo_step as dpo_step
+
+    def no_pairs(config, tokenizer, step):
+        assert step == "reward"
+        raise DataError("no dataset feeds step 'reward'; check `steps` and `data_split`")
+
+    monkeypatch.setattr(dpo_step, "build_step_data", no_pairs)
+    with pytest.raises(DataError, match="dpo trains on the reward step's comparisons: no "
+                                        "dataset feeds step 'reward'"):
+        DPOLoop.build_data(_config(), None)
 
 
 # ----------------------------------------------------------------------- the loss
