@@ -47,6 +47,7 @@ def test_sft_then_dpo_pipeline(dpo_run):
     start = load_file(run_dir / "sft" / "final" / "model.safetensors")
     final = run_dir / "dpo" / "final"
     trained = load_file(final / "model.safetensors")
+    assert f"base model: `{run_dir / 'sft' / 'final'}`" in (final / "README.md").read_text()
     assert any(not np.array_equal(start[k], trained[k]) for k in start)
     model = transformers.AutoModelForCausalLM.from_pretrained(final)
     tokenizer = transformers.AutoTokenizer.from_pretrained(final)

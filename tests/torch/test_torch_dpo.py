@@ -62,6 +62,7 @@ def test_rlhf_dpo_trains_from_the_sft_model(tmp_path, distributed, model_dirs, d
     assert records[0]["rewards/margins"] == pytest.approx(0.0, abs=1e-5)
 
     final = run_dir / "dpo" / "final"
+    assert f"base model: `{actor}`" in (final / "README.md").read_text()
     start, trained = load_file(f"{actor}/model.safetensors"), load_file(
         final / "model.safetensors")
     assert any(not torch.equal(start[k], trained[k]) for k in start)
