@@ -4,7 +4,8 @@ rollout correction. Every decision is here, so the two backends only follow it.
 
 - ``models_used(config)``: ``actor`` and ``reference`` always; ``critic`` with
   ``conventions.advantage_estimator: gae``; ``reward_model`` unless
-  ``ppo.reward_model_weight`` is 0; ``reward_fn`` with ``ppo.reward_function``. A backend
+  ``ppo.reward_model_weight`` is 0; ``reward_fn`` with ``ppo.reward_function``; a served
+  role as ``reference@<url>`` / ``reward_model@<url>`` (docs/serving.md). A backend
   builds, steps, checkpoints and exports no critic and loads no reward model that is not
   listed (``PPOLoop.models``; the ``ppo`` entry of ``summary.json`` records them).
 - ``group_prompts``: a generation batch's prompts each repeated ``n_samples_per_prompt``
@@ -36,23 +37,33 @@ from shared.presets import CRITIC_FREE_ESTIMATORS, PPOConventions
 from shared.rewards import episode_mask, shape_rewards
 from shared.rollout_correction import mis_mask, tis_weights
 
-__all__ = ["group_prompts", "models_used", "outcome_advantages", "rollout_correction"]
+__all__ = ["group_prompts", "models_used", "outcome_advantages", "rollout_correction",
+           "served_name"]
 
 ACTOR, REFERENCE, CRITIC, REWARD_MODEL, REWARD_FN = (
     "actor", "reference", "critic", "reward_model", "reward_fn")
 
 
 def models_used(config: Any) -> tuple[str, ...]:
-    """The models a PPO run with ``config`` builds and runs, in order (see module doc)."""
+    """The models a PPO run with ``config`` builds and runs, in order (see module doc). A
+    served role (``ppo.initial_policy.url``, ``ppo.reward_model.url``) is listed as
+    ``<name>@<url>``: the backend builds nothing for it, the loop calls the server."""
     ppo = config.ppo
-    models = [ACTOR, REFERENCE]
+    models = [ACTOR, served_name(REFERENCE, ppo.initial_policy.url)]
     if ppo.conventions.advantage_estimator not in CRITIC_FREE_ESTIMATORS:
         models.append(CRITIC)
     if ppo.reward_model_weight != 0:
-        models.append(REWARD_MODEL)
+        models.append(served_name(REWARD_MODEL, ppo.reward_model.url))
     if ppo.reward_function is not None:
-        models.append(REWARD_FN)
+        models.append(served_name(REWARD_FN, ppo.reward_function
+                                  if ppo.reward_function.startswith(("http://", "https://"))
+                                  else None))
     return tuple(models)
+
+
+def served_name(model: str, url: str | None) -> str:
+    """``model`` run in process (no ``url``), else ``model@url``."""
+    return model if url is None else f"{model}@{url}"
 
 
 def group_prompts(prompts: Any, n: int) -> Any:

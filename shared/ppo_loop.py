@@ -57,6 +57,7 @@ from shared.ppo_step import compute_advantages, make_kl_controller
 from shared.reward_fn import load_reward_function, mix_rewards
 from shared.rollout import minibatch_schedule, ppo_update_counts, sampling_uniforms
 from shared.runlog import PhaseTimer, RunLogger, progress, truncate_metrics
+from shared.serving.roles import ServedScoring
 
 __all__ = ["PHASES", "PPOBackend", "PPOLoop", "TOKEN_STATS"]
 
@@ -162,6 +163,7 @@ class PPOLoop:
         self.models = models_used(config)
         self.reward_function = (load_reward_function(ppo.reward_function)
                                 if ppo.reward_function is not None else None)
+        self.served = ServedScoring(config, tokenizer)  # docs/serving.md
         self.prompt_iterator = BatchIterator(self.data.train,
                                              self.generation_rows // self.group_size,
                                              seed=config.seed, shuffle=True, drop_last=True,
@@ -268,6 +270,9 @@ class PPOLoop:
             is_short, answer_width = last.is_short, last.answer_width
         with self.timer.phase("scoring"):
             scored = self.score(prompt_ids, prompt_mask, response, sample_mask)
+            if self.served:
+                scored = self.served.fill(scored, prompt_ids, prompt_mask, response,
+                                          sample_mask)
             scored = self._with_reward(scored, prompt_ids, prompt_mask, response, sample_mask)
         experience = Experience(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask, response=response,
@@ -303,7 +308,7 @@ class PPOLoop:
                 skip_special_tokens=True)
             answers = decode_answers(self.tokenizer, response, sample_mask)
             function_scores = self.reward_function(prompts, answers)
-        model_scores = out.get("scores") if "reward_model" in self.models else None
+        model_scores = out.get("scores") if ppo.reward_model_weight != 0 else None
         if function_scores is None:  # the reward model alone, its scores unchanged
             return out
         out["scores"] = mix_rewards(model_scores, function_scores,
@@ -589,6 +594,11 @@ class PPOLoop:
         ``summary.json`` entry."""
         if resume:
             self.resume()
+        if self.served:
+            for key, identity in self.served.wait_until_ready().items():
+                logger.info("ppo: %s from the %s server %s (%s backend, model %s)", key,
+                            identity.get("role"), self.served.clients[key][0].url,
+                            identity.get("backend"), identity.get("model"))
         cfg = self.config.logging
         start = time.perf_counter()
         bar = progress(self.total_iterations, desc="ppo", initial=self.iteration,

@@ -99,10 +99,11 @@ class RLHFEngine:
         self.rollout_path, self.rollout_reason = select_rollout_path(
             tp.hybrid_engine, device_type=device_type, model_type=model_type)
         # shared.critic_free.models_used: no critic for a critic-free estimator, no reward
-        # model with ppo.reward_model_weight 0
+        # model with ppo.reward_model_weight 0, neither reference nor reward model when
+        # served (docs/serving.md)
         self.models = models_used(config)
         self.actor = self._init_actor(actor_total_steps)
-        self.ref = self._init_ref()
+        self.ref = self._init_ref() if "reference" in self.models else None
         self.critic = (self._init_critic(critic_total_steps) if "critic" in self.models
                        else None)
         self.reward = self._init_reward() if "reward_model" in self.models else None
@@ -122,7 +123,8 @@ class RLHFEngine:
             self.ema_state = self.ema.init(weights) if weights is not None else None
         logger.info("RLHF engine: actor ZeRO-%d, critic ZeRO-%d, reference %s, rollouts via %s",
                     tp.actor_zero_stage, tp.critic_zero_stage,
-                    "in host memory" if ppo.offload_reference_model else "beside the actor",
+                    ("served" if self.ref is None else "in host memory"
+                     if ppo.offload_reference_model else "beside the actor"),
                     self.rollout_path)
         logger.info("rollouts via %s: %s", self.rollout_path, self.rollout_reason,
                     extra=FILE_ONLY)  # the long why: in the run log

@@ -183,6 +183,8 @@ class PPOTrainer(PPOLoop):
             out = {}
             for name, model in (("logprobs", self.engine.actor), ("ref_logprobs",
                                                                   self.engine.ref)):
+                if model is None:  # a served initial policy: the loop asks its server
+                    continue
                 logits = self._response_logits(model, sequences, attention_mask, prompt_length)
                 out[name] = token_logprobs(logits, tokens)
                 del logits

@@ -50,7 +50,8 @@ class PPOSpec:
     actor: ModelDef
     critic: ModelDef | None
     """None in a critic-free run (`shared.critic_free.models_used`)."""
-    reference: ModelDef
+    reference: ModelDef | None
+    """None when the initial policy is served (`ppo.initial_policy.url`)."""
     reward: ModelDef | None
     """None with `ppo.reward_model_weight` 0 (the loop's reward function alone)."""
     conventions: Any
@@ -86,11 +87,10 @@ def score(spec: PPOSpec, actor_params, actor_frozen, ref_params, critic_params, 
             rollout["sample_mask"])
     tokens = rollout["response"]
     logits, _, _ = _response_forward(spec.actor.merge(actor_params, actor_frozen), *args)
-    ref_logits, _, _ = _response_forward(spec.reference.merge(ref_params), *args)
-    out = {
-        "logprobs": shared.token_logprobs(logits.astype(jnp.float32), tokens),  # [B, N]
-        "ref_logprobs": shared.token_logprobs(ref_logits.astype(jnp.float32), tokens),
-    }
+    out = {"logprobs": shared.token_logprobs(logits.astype(jnp.float32), tokens)}  # [B, N]
+    if spec.reference is not None:  # a served initial policy: the loop asks its server
+        ref_logits, _, _ = _response_forward(spec.reference.merge(ref_params), *args)
+        out["ref_logprobs"] = shared.token_logprobs(ref_logits.astype(jnp.float32), tokens)
     if spec.critic is not None:  # critic-free runs: the loop's zeros
         values, _, _ = _response_forward(spec.critic.merge(critic_params, critic_frozen), *args)
         out["values"] = values.astype(jnp.float32)

@@ -124,9 +124,11 @@ class PPOTrainer(PPOLoop):
                     critic, trainable=trainable_filter(ppo.critic, adapted)
                 )
         # copies: the actor/critic buffers are donated to their training steps
+        if "reference" not in self.models:  # served (docs/serving.md): the loop asks it
+            self.ref_mdef = ref_params = None
         ref_params, reward_params = jax.tree.map(jnp.copy, (ref_params, reward_params))
         self._ref_on_host = False
-        self.ref_params = self._place_reference(ref_params)
+        self.ref_params = None if ref_params is None else self._place_reference(ref_params)
         self.reward_params = None if reward_params is None else sharding.shard_like(
             reward_params, sharding.param_shardings(reward_params, mesh)
         )
