@@ -57,7 +57,8 @@ def _train(command: str, config: Any, args: Any) -> int:
     try:
         summary = run_command("jax", command, config, run_dir, resume=args.resume,
                               actor=getattr(args, "actor", None),
-                              critic=getattr(args, "critic", None))
+                              critic=getattr(args, "critic", None),
+                              before_step=getattr(args, "before_step", None))
     except KeyboardInterrupt:
         raise Interrupted(run_dir, command) from None
     if is_main:

@@ -97,6 +97,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "ppo.reward_model.url / ppo.initial_policy.url / ppo.reward_function: http://... "
         "instead of loading the model (docs/serving.md).",
     ),
+    "launch": (
+        "run the pipeline with the served roles the config names started on this machine",
+        "NeMo-RLHF's four jobs on one machine: runs the config's pipeline; just before PPO "
+        "it starts `rlhf serve` for ppo.reward_model.url / ppo.initial_policy.url on "
+        "localhost, waits for them, and stops them when the run ends (docs/serving.md).",
+    ),
     "bench": (
         "measure throughput, MFU and memory",
         "Writes JSON and a markdown table (see docs/performance.md).",
@@ -162,7 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
         _verbosity_flags(p, argparse.SUPPRESS)
         p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS,
                        help=_LOCAL_RANK_HELP)
-        if name in ("pipeline", "sft", "rm", "ppo", "dpo"):
+        if name in ("pipeline", "sft", "rm", "ppo", "dpo", "launch"):
             p.add_argument("--resume", action="store_true",
                            help="continue the run in --run-dir from its last checkpoint")
             p.add_argument("--run-dir", type=Path, default=None,
@@ -307,13 +313,13 @@ def _model_sources(command: str, config, args: argparse.Namespace) -> list[tuple
             sources.append(("--model", args.model))
         elif model.actor_model_name_or_path is not None:
             sources.append(("model.actor_model_name_or_path", model.actor_model_name_or_path))
-    elif command in ("pipeline", "sft", "ppo", "dpo"):
+    elif command in ("pipeline", "sft", "ppo", "dpo", "launch"):
         actor = getattr(args, "actor", None)
         if actor is not None:
             sources.append(("--actor", actor))
         elif model.actor_model_name_or_path is not None:
             sources.append(("model.actor_model_name_or_path", model.actor_model_name_or_path))
-    if command in ("pipeline", "rm", "ppo"):
+    if command in ("pipeline", "rm", "ppo", "launch"):
         critic = getattr(args, "critic", None)
         if critic is not None:
             sources.append(("--critic", critic))
@@ -321,7 +327,7 @@ def _model_sources(command: str, config, args: argparse.Namespace) -> list[tuple
             sources.append(("model.critic_model_name_or_path", model.critic_model_name_or_path))
     if command not in ("export", "bench") and model.tokenizer_name_or_path is not None:
         sources.append(("model.tokenizer_name_or_path", model.tokenizer_name_or_path))
-    if command in ("pipeline", "ppo") and model.reward_tokenizer_name_or_path is not None:
+    if command in ("pipeline", "ppo", "launch") and model.reward_tokenizer_name_or_path is not None:
         sources.append(("model.reward_tokenizer_name_or_path",
                         model.reward_tokenizer_name_or_path))
     return sources
@@ -421,6 +427,15 @@ def _run(args: argparse.Namespace) -> int:
     _check_sources(args.command, config, args)
     if args.command == "serve":
         return serve_command(config, args)
+    if args.command == "launch":
+        from shared.serving.launch import Launcher
+
+        launcher = Launcher(config, args)
+        args.before_step = launcher.before_step
+        try:
+            return _run_backend("pipeline", config, args)
+        finally:
+            launcher.stop()
     return _run_backend(args.command, config, args)
 
 

@@ -52,6 +52,10 @@ logger = logging.getLogger(__name__)
 COMMAND_STEPS = {"sft": "sft", "rm": "reward", "ppo": "ppo", "dpo": "dpo"}
 """``rlhf`` subcommand -> pipeline step."""
 
+BeforeStep = Callable[[str, Path], None]
+"""Called with (step, run_dir) just before a step starts (`rlhf launch` starts the servers
+the PPO step will call)."""
+
 
 def _no_barrier() -> None:
     return None
@@ -200,7 +204,8 @@ def _writing(run_dir: Path, backend: Backend, session: Session, *,
 
 
 def run_pipeline(backend: str | Backend, config: Any, run_dir: str | Path, *,
-                 resume: bool = False, session: Session | None = None) -> dict[str, Any]:
+                 resume: bool = False, session: Session | None = None,
+                 before_step: BeforeStep | None = None) -> dict[str, Any]:
     """``config.pipeline_steps`` in order in ``run_dir``; returns the summary, whose
     ``timings`` has ``<step>_wall_time`` per step and ``pipeline_wall_time``."""
     backend = get_backend(backend)
@@ -215,6 +220,8 @@ def run_pipeline(backend: str | Backend, config: Any, run_dir: str | Path, *,
                 if resume and step_done(run_dir, step):
                     logger.info("pipeline: %s already finished in %s; skipping", step, run_dir)
                     continue
+                if before_step is not None:
+                    before_step(step, run_dir)
                 run_step(backend, config, run_dir, step, resume=resume, session=session)
             summary = session.run_logger.update_summary()
             timings = dict(summary.get("timings", {}))
@@ -227,7 +234,8 @@ def run_pipeline(backend: str | Backend, config: Any, run_dir: str | Path, *,
 
 def run_command(backend: str | Backend, command: str, config: Any, run_dir: str | Path, *,
                 resume: bool = False, actor: str | None = None,
-                critic: str | None = None) -> dict[str, Any]:
+                critic: str | None = None,
+                before_step: BeforeStep | None = None) -> dict[str, Any]:
     """``rlhf pipeline|sft|rm|ppo|dpo`` in ``run_dir`` (already prepared:
     ``shared.runlog.prepare_run_dir``); returns the run's summary."""
     backend = get_backend(backend)
@@ -237,10 +245,13 @@ def run_command(backend: str | Backend, command: str, config: Any, run_dir: str 
     try:
         with _writing(Path(run_dir), backend, session, resume=resume):
             if command == "pipeline":
-                return run_pipeline(backend, config, run_dir, resume=resume, session=session)
+                return run_pipeline(backend, config, run_dir, resume=resume, session=session,
+                                    before_step=before_step)
             if command not in COMMAND_STEPS:
                 raise ValueError(f"command: {command!r} is invalid; allowed: pipeline, "
                                  f"{', '.join(COMMAND_STEPS)}")
+            if before_step is not None:
+                before_step(COMMAND_STEPS[command], Path(run_dir))
             run_step(backend, config, run_dir, COMMAND_STEPS[command], resume=resume,
                      actor=actor, critic=critic, session=session)
             return session.run_logger.update_summary()

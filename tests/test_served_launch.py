@@ -1,0 +1,61 @@
+"""`rlhf launch`: starts the servers the config names on this machine just before PPO, runs
+the pipeline against them, and stops them (and nothing else) at the end."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVED = ROOT / "configs" / "demo-served.yaml"
+TINY = ["sft.max_steps=4", "reward.max_steps=4", "sft.per_device_train_batch_size=8",
+        "reward.per_device_train_batch_size=8", "ppo.per_device_generation_batch_size=8",
+        "ppo.per_device_training_batch_size=4", "ppo.max_iterations=2", "ppo.unsup_coef=0",
+        "eval.max_prompts=8", "eval.samples_per_prompt=1", "logging.plots=false"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _rlhf(argv, cwd):
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return subprocess.run([sys.executable, "-m", "shared.cli", *argv], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_launch_serves_reward_and_initial_policy_for_the_ppo_step(tmp_path):
+    ports = [_free_port(), _free_port()]
+    run_dir = tmp_path / "run"
+    done = _rlhf(["launch", "--config", str(SERVED), "--backend", "torch", "--run-dir",
+                  str(run_dir), f"ppo.reward_model.url=http://127.0.0.1:{ports[0]}",
+                  f"ppo.initial_policy.url=http://127.0.0.1:{ports[1]}", *TINY], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["ppo"]["models"] == [
+        "actor", f"reference@http://127.0.0.1:{ports[1]}", "critic",
+        f"reward_model@http://127.0.0.1:{ports[0]}"]
+    assert "heldout" in summary["ppo"]
+    for role, model in (("reward", "reward"), ("initial-policy", "sft")):
+        log = (run_dir / "servers" / f"{role}.log").read_text()
+        assert f"serving {role} (torch backend, model {run_dir / model / 'final'})" in log
+    assert not any(_listening(p) for p in ports)  # stopped at the end
+
+
+def test_launch_refuses_a_server_on_another_machine(tmp_path):
+    done = _rlhf(["launch", "--config", str(SERVED),
+                  "ppo.reward_model.url=http://10.1.2.3:5555"], tmp_path)
+    assert done.returncode == 2
+    assert "the reward server http://10.1.2.3:5555 is not on this machine" in done.stderr
+    assert "Traceback" not in done.stderr
