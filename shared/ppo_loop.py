@@ -502,6 +502,11 @@ class PPOLoop:
             short_answers=exp.short_answers,
             rollout_logprob_gap=exp.logprob_gap,
         )
+        if exp.importance_weights is not None:  # TIS: the mean weight over the loss tokens
+            metrics["tis_weight_mean"] = float((exp.importance_weights * mask).sum() / tokens)
+        if self.conventions.rollout_correction == "mis":  # the share of tokens MIS kept
+            offered = (exp.sample_mask * ~exp.is_short[:, None]).sum()
+            metrics["mis_kept_fraction"] = float(mask.sum() / max(float(offered), 1.0))
         return metrics
 
     # ------------------------------------------------------------ checkpoints

@@ -253,6 +253,11 @@ def test_tis_weights_and_mis_mask_follow_the_gap(tmp_path):
     before = (exp.sample_mask > 0) & ~exp.is_short[:, None]
     np.testing.assert_array_equal(exp.response_mask > 0, before & keep)
     assert (before & ~keep).any()  # some tokens were dropped
+    # the metrics say how much each correction acted
+    tis_metrics = tis.train_iteration()
+    assert 0 < tis_metrics["tis_weight_mean"] <= 1.5 and "mis_kept_fraction" not in tis_metrics
+    mis_metrics = mis.train_iteration()
+    assert 0 < mis_metrics["mis_kept_fraction"] < 1 and "tis_weight_mean" not in mis_metrics
 
 
 @pytest.mark.parametrize(("ppo", "message"), [
