@@ -30,8 +30,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "answer text, returns a float)")
     p.add_argument("--max-batch-rows", type=int, default=64,
                    help="rows of concurrent requests computed in one batch (default 64)")
-    p.add_argument("--max-wait-ms", type=float, default=5.0,
-                   help="how long a request waits for others to batch with (default 5)")
+    p.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="how long a batch waits for more requests beyond those that queued "
+                        "while the last one computed (default 0: docs/performance.md)")
     p.add_argument("--max-request-mb", type=float, default=64.0,
                    help="largest request body accepted, MiB (default 64)")
 

@@ -2,8 +2,9 @@
 
 The model work is a backend's `RoleHandler`: synchronous calls, run one at a time on a worker
 thread so the event loop keeps accepting requests while a batch computes. Requests to a
-batchable endpoint (``score``, ``logprobs``, ``values``) wait up to ``max_wait_ms`` for others
-with the same non-row shapes, up to ``max_batch_rows`` rows in all; the handler sees one
+batchable endpoint (``score``, ``logprobs``, ``values``) that queued while the previous batch
+computed are taken together, and the batch waits up to ``max_wait_ms`` more for others, all
+with the same non-row shapes and up to ``max_batch_rows`` rows; the handler sees one
 concatenated batch and each request gets back its own rows.
 """
 
@@ -50,7 +51,7 @@ class ServerLimits:
     """Batching and request bounds (`rlhf serve` flags)."""
 
     max_batch_rows: int = 64
-    max_wait_ms: float = 5.0
+    max_wait_ms: float = 0.0
     max_request_bytes: int = 64 * 2**20
     max_elements: int = 16 * 2**20
 
@@ -112,12 +113,13 @@ class _Server:
             deadline = time.monotonic() + self.limits.max_wait_ms / 1000
             signature = _signature(first.arrays)
             while rows < self.limits.max_batch_rows:
+                # what queued while the last batch computed joins at once; then up to
+                # max_wait_ms for more
                 timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    break
                 try:
-                    item = await asyncio.wait_for(queue.get(), timeout)
-                except TimeoutError:
+                    item = (queue.get_nowait() if timeout <= 0 or not queue.empty()
+                            else await asyncio.wait_for(queue.get(), timeout))
+                except (TimeoutError, asyncio.QueueEmpty):
                     break
                 if (_signature(item.arrays) != signature
                         or rows + item.rows > self.limits.max_batch_rows):

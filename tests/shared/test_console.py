@@ -41,6 +41,9 @@ def _emit_everything():
     logging.getLogger("orbax").error("library error")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
+        # pytest records warnings around each test; route this one through logging as
+        # `configure` does in a real run (off first: captureWarnings(True) twice is a no-op)
+        logging.captureWarnings(False)
         logging.captureWarnings(True)
         warnings.warn("a FutureWarning of some library", FutureWarning, stacklevel=1)
 
