@@ -11,8 +11,8 @@ from shared.config.loader import (
     save_config,
 )
 from shared.config.schema import (
-    EngineConfig,
     DPOConfig,
+    EngineConfig,
     EvalConfig,
     JaxEngineConfig,
     LoggingConfig,

@@ -17,6 +17,12 @@ def configured():
     root = logging.getLogger()
     level = root.level
     stream = io.StringIO()
+    # other tests quiet some loggers (bench, parity level 6): the defaults here
+    names = ("shared", "torch_rlhf", "jax_rlhf", "rlhf", "deepspeed", "DeepSpeed", "absl",
+             "orbax")
+    levels = {n: logging.getLogger(n).level for n in names}
+    for n in names:
+        logging.getLogger(n).setLevel(logging.NOTSET)
 
     def setup(verbosity=console.NORMAL):
         console.configure(verbosity, stream=stream)
@@ -30,11 +36,15 @@ def configured():
             handler.close()
     logging.captureWarnings(False)
     root.setLevel(level)
+    for n, lvl in levels.items():
+        logging.getLogger(n).setLevel(lvl)
 
 
 def _emit_everything():
-    logging.getLogger("shared.ppo_loop").info("own info")
-    logging.getLogger("shared.ppo_loop").info("file only", extra=console.FILE_ONLY)
+    # a logger of our own that no other test has set a level on or disabled
+    own = logging.getLogger("rlhf.console_test")
+    own.info("own info")
+    own.info("file only", extra=console.FILE_ONLY)
     logging.getLogger("rlhf").warning("own warning")
     logging.getLogger("absl").info("library chatter")
     logging.getLogger("DeepSpeed").warning("library warning")
