@@ -21,8 +21,10 @@ SHORT = ["sft.max_steps=24", "reward.max_steps=24", "ppo.max_iterations=4",
 @pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_demo_console_is_short_and_ends_with_the_summary_table(backend, tmp_path):
     run_dir = tmp_path / "run"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    env.pop("RLHF_DEBUG", None)
+    # not this process's launcher variables: an earlier in-process torch test holds its port
+    launcher = ("RLHF_DEBUG", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
+    env["PYTHONUNBUFFERED"] = "1"
     done = subprocess.run(
         [sys.executable, "-m", "shared.cli", "pipeline", "--config",
          str(ROOT / "configs" / "demo.yaml"), "--backend", backend, "--run-dir", str(run_dir),

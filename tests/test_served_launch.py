@@ -30,7 +30,8 @@ def _listening(port: int) -> bool:
 
 
 def _rlhf(argv, cwd):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    launcher = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in launcher}
     return subprocess.run([sys.executable, "-m", "shared.cli", *argv], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 from tiny_hf import EOS, PAD, left_padded_prompts
 
+from shared import console
 from shared.logprobs import token_logprobs
 from shared.sampling import sample_token
 from torch_rlhf import generation
@@ -31,6 +32,15 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:`torch.distributed.*is deprecated:FutureWarning"),
 ]
+
+
+@pytest.fixture(autouse=True)
+def _facts_said_anew():
+    """The rollout path is a one-time fact (`shared.console.say_once`): each test here checks
+    what is logged, so each starts as a fresh process would."""
+    console._said.clear()
+    yield
+
 
 PARITY_FAMILIES = ["llama_gqa_untied", "opt_350m_shape", "gpt2"]
 N = 6
