@@ -53,8 +53,12 @@ def _own_field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _default(f: dataclasses.Field) -> str:
-    if f.default is not dataclasses.MISSING:
+def _default(f: dataclasses.Field, owner: object = None) -> str:
+    """The field's default; with ``owner`` (the section as its parent builds it by default),
+    the value there, so a section a parent overrides shows the parent's default."""
+    if owner is not None:
+        value = getattr(owner, f.name)
+    elif f.default is not dataclasses.MISSING:
         value = f.default
     elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
         value = f.default_factory()  # type: ignore[misc]
@@ -65,7 +69,15 @@ def _default(f: dataclasses.Field) -> str:
     return f"`{value!r}`" if value is not None else "`null`"
 
 
-def _rows(cls: type, prefix: str, out: list[str]) -> None:
+def _section_default(f: dataclasses.Field, owner: object) -> object:
+    if owner is not None:
+        return getattr(owner, f.name)
+    if f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return f.default_factory()  # type: ignore[misc]
+    return None if f.default is dataclasses.MISSING else f.default
+
+
+def _rows(cls: type, prefix: str, out: list[str], owner: object = None) -> None:
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     sections = []
@@ -73,17 +85,17 @@ def _rows(cls: type, prefix: str, out: list[str]) -> None:
         hint = hints[f.name]
         key = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(hint):
-            sections.append((key, hint))
+            sections.append((key, hint, _section_default(f, owner)))
             continue
         doc = docs.get(f.name, "").replace("|", "\\|")
         kind = _describe(hint).replace("|", "or")
-        out.append(f"| `{key}` | {kind} | {_default(f)} | {doc} |")
+        out.append(f"| `{key}` | {kind} | {_default(f, owner)} | {doc} |")
         items = typing.get_args(hint)
         if typing.get_origin(hint) is tuple and items and dataclasses.is_dataclass(items[0]):
             _rows(items[0], f"{key}[].", out)
-    for key, sub in sections:
+    for key, sub, default in sections:
         out.append(f"| **`{key}`** | section | | {(sub.__doc__ or '').strip().splitlines()[0]} |")
-        _rows(sub, f"{key}.", out)
+        _rows(sub, f"{key}.", out, default)
 
 
 def render() -> str:
