@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from numpy_weights import NumpyWeights
 
 from shared.config import ConfigError, config_from_dict
 from shared.data import DataError, DataReport, PairwiseBatch, RankingBatch, StepData
@@ -203,14 +204,12 @@ class Killed(Exception):
     pass
 
 
-class NumpyDPO(DPOEvalMixin):
+class NumpyDPO(DPOEvalMixin, NumpyWeights):
     """A 'policy' whose sequence log-prob is -|w . ids| / 10, trained by a step that needs
     the batch's reference log-probs, so a missing or wrong reference shows in the weights."""
 
     step = "dpo"
     backend = "numpy"
-    saves_in_background = False
-
     def __init__(self, config, *, kill_at: int | None = None):
         self.config = config
         self.w = np.linspace(0.1, 0.4, 4)
@@ -234,27 +233,6 @@ class NumpyDPO(DPOEvalMixin):
         self.w = self.w + 0.01 * float(loss) * batch.chosen_input_ids.mean(0)
         return {"loss": float(loss), **{k: float(v) for k, v in stats.items()}, "lr": 0.1,
                 "grad_norm": 1.0}
-
-    def save(self, path, loop_state):
-        path.mkdir(parents=True)
-        np.save(path / "w.npy", self.w)
-        (path / "loop.json").write_text(json.dumps(loop_state))
-
-    def wait_until_saved(self):
-        return None
-
-    def restore(self, path):
-        self.w = np.load(path / "w.npy")
-        return json.loads((path / "loop.json").read_text())
-
-    def export(self, directory):
-        directory.mkdir(parents=True, exist_ok=True)
-        np.save(directory / "w.npy", self.w)
-        (directory / "config.json").write_text("{}")
-        (directory / "tokenizer_config.json").write_text("{}")
-
-    def heldout_metrics(self):
-        return {"arithmetic_accuracy": float(self.w[1])}
 
 
 def _loop(config, run_dir: Path) -> DPOLoop:

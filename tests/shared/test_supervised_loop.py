@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from numpy_weights import NumpyWeights
 
 from shared.checkpoints import COMPLETE, CheckpointDir
 from shared.config import config_from_dict
@@ -41,7 +42,7 @@ class Killed(Exception):
     pass
 
 
-class NumpyBackend:
+class NumpyBackend(NumpyWeights):
     """A 'model' of 4 weights pulled towards each batch's mean ids: the steps depend on the
     order of the batches, so a resume that replays the wrong ones shows."""
 
@@ -53,8 +54,6 @@ class NumpyBackend:
         self.saves_in_background = background
         self.kill_at = kill_at
         self.calls = 0
-        self.unsaved: tuple[Path, np.ndarray, dict] | None = None
-        self.waits = 0
 
     def train_step(self, batch):
         self.calls += 1
@@ -67,36 +66,6 @@ class NumpyBackend:
     def eval_sums(self, batch, valid):
         nll = (batch.input_ids @ self.w) * valid
         return {"nll": float(nll.sum()), "tokens": float(valid.sum())}
-
-    def _write(self, path: Path, w: np.ndarray, state: dict) -> None:
-        path.mkdir(parents=True)
-        np.save(path / "w.npy", w)
-        (path / "loop.json").write_text(json.dumps(state))
-
-    def save(self, path, loop_state):
-        if self.saves_in_background:
-            self.unsaved = (path, self.w.copy(), loop_state)
-        else:
-            self._write(path, self.w, loop_state)
-
-    def wait_until_saved(self):
-        self.waits += 1
-        if self.unsaved is not None:
-            self._write(*self.unsaved)
-            self.unsaved = None
-
-    def restore(self, path):
-        self.w = np.load(path / "w.npy")
-        return json.loads((path / "loop.json").read_text())
-
-    def export(self, directory):
-        directory.mkdir(parents=True, exist_ok=True)
-        np.save(directory / "w.npy", self.w)
-        (directory / "config.json").write_text("{}")
-        (directory / "tokenizer_config.json").write_text("{}")
-
-    def heldout_metrics(self):
-        return {"arithmetic_accuracy": float(self.w[1])}
 
 
 def _loop(config, run_dir: Path) -> SupervisedLoop:
