@@ -6,7 +6,7 @@ each must exit 0. Comments on the page tell this test the rest:
 
     <!-- byo-test: file NAME -->           the next code block is a file to write, NAME
     <!-- byo-test: expect PATH ... -->     after the block above it, these paths exist
-    <!-- byo-test: fast subset ends -->    the default (fast) test stops here; the whole page,
+    <!-- byo-test: fast subset ends -->    the fast subset (now -m slow too: 40 s) stops here; the whole page,
                                            JAX and eval/chat/export included, is `-m slow`
 """
 
@@ -105,6 +105,7 @@ def test_the_page_is_marked_up():
     assert "docs/byo.md" in (REPO / "README.md").read_text()
 
 
+@pytest.mark.slow  # 40 s on 2 cores; test_the_page_is_marked_up stays in the default suite
 def test_byo_page_sft_on_torch(tmp_path):
     """Data, model, config and the torch SFT step, as the page writes them."""
     ran = run_page(tmp_path, fast_only=True)

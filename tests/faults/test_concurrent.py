@@ -21,7 +21,9 @@ from fault_harness import (
 )
 
 
-@pytest.mark.parametrize("backend", ["torch", pytest.param("jax", marks=pytest.mark.slow)])
+# both slow (22 s each): the lock itself is unit-tested in tests/shared/test_runlock.py
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "jax"])
 def test_a_second_run_on_a_busy_directory_fails_at_once(backend, tiny_config, env,
                                                        reference_run, tmp_path):
     reference = reference_run(backend)
