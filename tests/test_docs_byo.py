@@ -6,7 +6,7 @@ each must exit 0. Comments on the page tell this test the rest:
 
     <!-- byo-test: file NAME -->           the next code block is a file to write, NAME
     <!-- byo-test: expect PATH ... -->     after the block above it, these paths exist
-    <!-- byo-test: fast subset ends -->    the fast subset (now -m slow too: 40 s) stops here; the whole page,
+    <!-- byo-test: fast subset ends -->    the SFT-only test (slow, 40 s) stops here; the page,
                                            JAX and eval/chat/export included, is `-m slow`
 """
 
