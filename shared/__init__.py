@@ -41,6 +41,7 @@ from shared.ppo_losses import policy_loss as policy_loss
 from shared.ppo_losses import ppo_ptx_objective as ppo_ptx_objective
 from shared.ppo_losses import value_loss as value_loss
 from shared.ppo_step import compute_advantages as compute_advantages
+from shared.ppo_step import critic_loss as critic_loss
 from shared.ppo_step import make_kl_controller as make_kl_controller
 from shared.ppo_step import ppo_losses as ppo_losses
 from shared.presets import PRESETS as PRESETS

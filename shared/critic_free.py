@@ -5,9 +5,10 @@ rollout correction. Every decision is here, so the two backends only follow it.
 - ``models_used(config)``: ``actor`` and ``reference`` always; ``critic`` with
   ``conventions.advantage_estimator: gae``; ``reward_model`` unless
   ``ppo.reward_model_weight`` is 0; ``reward_fn`` with ``ppo.reward_function``; a served
-  role as ``reference@<url>`` / ``reward_model@<url>`` (docs/serving.md). A backend
-  builds, steps, checkpoints and exports no critic and loads no reward model that is not
-  listed (``PPOLoop.models``; the ``ppo`` entry of ``summary.json`` records them).
+  role as ``reference@<url>`` / ``reward_model@<url>`` / ``critic@<url>``
+  (docs/serving.md). A backend builds, steps, checkpoints and exports no critic and loads
+  no reward model that is not listed (``PPOLoop.models``; the ``ppo`` entry of
+  ``summary.json`` records them).
 - ``group_prompts``: a generation batch's prompts each repeated ``n_samples_per_prompt``
   times, rows ``i*n .. i*n + n - 1`` answering prompt ``i`` (``shared.group_advantages``'
   layout). Every row has its own row of ``sampling_uniforms``, so the n answers to one
@@ -34,6 +35,7 @@ from shared.group_advantages import (
 )
 from shared.masked import masked_whiten
 from shared.presets import CRITIC_FREE_ESTIMATORS, PPOConventions
+from shared.reward_fn import is_served
 from shared.rewards import episode_mask, shape_rewards
 from shared.rollout_correction import mis_mask, tis_weights
 
@@ -46,18 +48,18 @@ ACTOR, REFERENCE, CRITIC, REWARD_MODEL, REWARD_FN = (
 
 def models_used(config: Any) -> tuple[str, ...]:
     """The models a PPO run with ``config`` builds and runs, in order (see module doc). A
-    served role (``ppo.initial_policy.url``, ``ppo.reward_model.url``) is listed as
+    served role (``ppo.initial_policy.url``, ``ppo.reward_model.url``, ``ppo.critic.url``) is
+    listed as
     ``<name>@<url>``: the backend builds nothing for it, the loop calls the server."""
     ppo = config.ppo
     models = [ACTOR, served_name(REFERENCE, ppo.initial_policy.url)]
     if ppo.conventions.advantage_estimator not in CRITIC_FREE_ESTIMATORS:
-        models.append(CRITIC)
+        models.append(served_name(CRITIC, ppo.critic.url))
     if ppo.reward_model_weight != 0:
         models.append(served_name(REWARD_MODEL, ppo.reward_model.url))
     if ppo.reward_function is not None:
         models.append(served_name(REWARD_FN, ppo.reward_function
-                                  if ppo.reward_function.startswith(("http://", "https://"))
-                                  else None))
+                                  if is_served(ppo.reward_function) else None))
     return tuple(models)
 
 

@@ -57,9 +57,10 @@ from shared.ppo_step import compute_advantages, make_kl_controller
 from shared.reward_fn import load_reward_function, mix_rewards
 from shared.rollout import minibatch_schedule, ppo_update_counts, sampling_uniforms
 from shared.runlog import PhaseTimer, RunLogger, progress, truncate_metrics
+from shared.serving.critic_client import ServedCritic
 from shared.serving.roles import ServedScoring
 
-__all__ = ["PHASES", "PPOBackend", "PPOLoop", "TOKEN_STATS"]
+__all__ = ["PHASES", "PPOBackend", "PPOLoop", "TOKEN_STATS", "generation_batches", "ppo_counts"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,41 @@ LAST_STEP = ("actor_lr", "critic_lr")
 mean over the iteration's optimiser steps."""
 CRITIC_STATS = ("critic_loss", "value_clip_fraction", "critic_lr", "critic_grad_norm")
 """Statistics of the critic's step: 0 in the metrics of a critic-free run."""
+
+
+def generation_batches(config: RLHFConfig, *, world_size: int) -> int:
+    """Generation batches per iteration: ``ppo.generation_batches``, or
+    ``ppo.num_rollout_samples`` over the global generation batch."""
+    ppo = config.ppo
+    if ppo.num_rollout_samples is None:
+        return ppo.generation_batches
+    rows = ppo.per_device_generation_batch_size * world_size
+    batches, rest = divmod(ppo.num_rollout_samples, rows)
+    if rest or batches == 0:
+        raise ValueError(f"ppo.num_rollout_samples: {ppo.num_rollout_samples} is not a "
+                         f"positive multiple of the global generation batch {rows}")
+    return batches
+
+
+def ppo_counts(config: RLHFConfig, *, train_prompts: int, world_size: int) -> tuple[Any, int]:
+    """The run's update counts (``shared.rollout.ppo_update_counts``) and generation batches
+    per iteration, for ``train_prompts`` prompts on ``world_size`` processes: what the loop
+    and a served critic (its LR schedule's length) both count."""
+    ppo = config.ppo
+    batches = generation_batches(config, world_size=world_size)
+    counts = ppo_update_counts(
+        num_prompts=train_prompts * ppo.n_samples_per_prompt, world_size=world_size,
+        generation_batch_size=ppo.per_device_generation_batch_size,
+        generation_batches=batches,
+        training_batch_size=ppo.per_device_training_batch_size, ppo_epochs=ppo.ppo_epochs,
+        gradient_accumulation_steps=ppo.gradient_accumulation_steps,
+        num_train_epochs=ppo.num_train_epochs, max_iterations=ppo.max_iterations)
+    if counts.minibatches_per_iteration % ppo.gradient_accumulation_steps:
+        raise ValueError(
+            f"ppo.gradient_accumulation_steps: {ppo.gradient_accumulation_steps} does not "
+            f"divide the {counts.minibatches_per_iteration} mini-batches of an "
+            "iteration (ppo_epochs x rollout rows / per_device_training_batch_size)")
+    return counts, batches
 
 
 class PPOBackend(Protocol):
@@ -168,18 +204,8 @@ class PPOLoop:
                                              self.generation_rows // self.group_size,
                                              seed=config.seed, shuffle=True, drop_last=True,
                                              name="ppo prompts")
-        self.counts = ppo_update_counts(
-            num_prompts=len(self.data.train) * self.group_size, world_size=world_size,
-            generation_batch_size=ppo.per_device_generation_batch_size,
-            generation_batches=self.generation_batches,
-            training_batch_size=ppo.per_device_training_batch_size, ppo_epochs=ppo.ppo_epochs,
-            gradient_accumulation_steps=ppo.gradient_accumulation_steps,
-            num_train_epochs=ppo.num_train_epochs, max_iterations=ppo.max_iterations)
-        if self.counts.minibatches_per_iteration % ppo.gradient_accumulation_steps:
-            raise ValueError(
-                f"ppo.gradient_accumulation_steps: {ppo.gradient_accumulation_steps} does not "
-                f"divide the {self.counts.minibatches_per_iteration} mini-batches of an "
-                "iteration (ppo_epochs x rollout rows / per_device_training_batch_size)")
+        self.counts, _ = ppo_counts(config, train_prompts=len(self.data.train),
+                                    world_size=world_size)
         self.total_iterations = (self.counts.total_optimizer_steps
                                  // self.counts.optimizer_steps_per_iteration)
         self.ptx_iterator = None
@@ -197,6 +223,11 @@ class PPOLoop:
         steps = self.counts.total_optimizer_steps
         self.actor_total_steps = steps * (2 if self.ptx_mode == "separate" else 1)
         self.critic_total_steps = steps
+        # a served critic (ppo.critic.url): the backend builds none, this loop sends the
+        # critic's micro-batches to its server (docs/serving.md)
+        self.has_critic = any(m.split("@")[0] == "critic" for m in self.models)
+        self.served_critic = (ServedCritic(config, tokenizer, total_steps=steps)
+                              if "critic" not in self.models and self.has_critic else None)
         self.kl_controller = make_kl_controller(self.conventions)
         self.kl_state = self.kl_controller.init()
         self.guard = NonFiniteGuard("ppo", max_consecutive=config.guard.max_consecutive_skips)
@@ -217,15 +248,8 @@ class PPOLoop:
         return self.ptx_mode is not None
 
     def _generation_batches(self) -> int:
-        ppo = self.config.ppo
-        if ppo.num_rollout_samples is None:
-            return ppo.generation_batches
-        batches, rest = divmod(ppo.num_rollout_samples, self.generation_rows)
-        if rest or batches == 0:
-            raise ValueError(f"ppo.num_rollout_samples: {ppo.num_rollout_samples} is not a "
-                             f"positive multiple of the global generation batch "
-                             f"{self.generation_rows}")
-        return batches
+        return generation_batches(self.config, world_size=self.generation_rows
+                                  // self.config.ppo.per_device_generation_batch_size)
 
     # ------------------------------------------------------------ steps 2-4: experience
 
@@ -299,7 +323,7 @@ class PPOLoop:
         prompt and answer, mixed with their weights (``shared.reward_fn.mix_rewards``)."""
         ppo = self.config.ppo
         out = dict(scored)
-        if "critic" not in self.models:
+        if not self.has_critic:
             out["values"] = np.zeros(response.shape, np.float32)
         function_scores = None
         if self.reward_function is not None:
@@ -420,7 +444,9 @@ class PPOLoop:
                 joint = ptx if self.ptx_mode == "joint" else None
                 stats = dict(self.train_step(micro, normalizers=normalizers, ptx=joint,
                                              ptx_normalizers=ptx_normalizers, kl_coef=kl_coef))
-                if "critic" not in self.models:  # nothing trained a critic: 0 in the metrics
+                if self.served_critic is not None:  # the same micro-batches, served
+                    stats.update(self.served_critic.train_step(micro, normalizers))
+                if not self.has_critic:  # nothing trained a critic: 0 in the metrics
                     stats = {k: v for k, v in stats.items() if k not in CRITIC_STATS}
                 if self.ptx_mode == "separate":
                     stats.update(self.ptx_step(ptx, ptx_normalizers=ptx_normalizers))
@@ -537,8 +563,12 @@ class PPOLoop:
     def save(self) -> None:
         """A resumable checkpoint at the current iteration (marked complete once on disk)."""
         self._commit()
-        path = self.checkpoints.prepare(self.checkpoints.tag(self.iteration))
-        self.save_checkpoint(path, self.loop_state())
+        tag = self.checkpoints.tag(self.iteration)
+        path = self.checkpoints.prepare(tag)
+        state = self.loop_state()
+        if self.served_critic is not None:  # the critic server saves with the same tag
+            state["critic_server"] = self.served_critic.save(tag)
+        self.save_checkpoint(path, state)
         self._pending, self._saved = path, self.iteration
         if not self.saves_in_background:
             self._commit()
@@ -573,6 +603,8 @@ class PPOLoop:
         self.guard.load_state_dict(state.get("guard"))
         self._all_short = int((state.get("guard") or {}).get("all_short", 0))
         self._saved = self.iteration
+        if self.served_critic is not None:
+            self.served_critic.load(state.get("critic_server"), checkpoint=latest)
         logger.info("ppo: resuming from %s", latest)
         if self.is_main:
             truncate_metrics(self.run_dir, self.step, "iteration", self.iteration + 1)
@@ -651,6 +683,8 @@ class PPOLoop:
         entry: dict[str, Any] = {}
         with self.timer.phase("export"):
             paths = self.export(self.step_dir)
+            if self.served_critic is not None and self.is_main:  # written by its server
+                paths["critic_model"] = self.served_critic.export(self.step_dir / "critic")
             if self.is_main:  # read back: a non-finite or truncated model is never final
                 for key, path in paths.items():
                     if Path(path).is_dir():

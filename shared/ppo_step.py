@@ -174,15 +174,26 @@ def ppo_losses(
         zero = namespace(actor).zeros_like(actor)
         stats["value_clip_fraction"] = zero
         return actor, zero, stats
-    critic, value_stats = value_loss(
-        values,
-        old_values,
-        returns,
-        response_mask,
-        clip_range=c.value_clip,
-        scale=c.value_loss_scale,
-        **agg,
-    )
+    critic, value_stats = critic_loss(values, old_values, returns, response_mask,
+                                      conventions=c, normalizer=normalizer)
     stats.update(value_stats)
     return actor, critic, stats
+
+
+def critic_loss(
+    values: Array,
+    old_values: Array,
+    returns: Array,
+    response_mask: Array,
+    *,
+    conventions: PPOConventions,
+    normalizer: Array | float | None = None,
+) -> tuple[Array, dict[str, Array]]:
+    """The critic half of `ppo_losses` (value_clip, value_loss_scale, loss_agg_mode): what a
+    served critic (`rlhf serve critic`) trains on, so it cannot drift from the in-process
+    critic. Returns the loss and value_loss's stats (value_clip_fraction, ...)."""
+    c = conventions
+    return value_loss(values, old_values, returns, response_mask, clip_range=c.value_clip,
+                      scale=c.value_loss_scale, agg_mode=c.loss_agg_mode,
+                      normalizer=normalizer)
 

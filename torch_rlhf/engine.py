@@ -207,16 +207,12 @@ class RLHFEngine:
                             offload=self.config.ppo.offload_reference_model)
 
     def _init_critic(self, total_steps: int):
-        ppo, tp = self.config.ppo, self.config.engine.torch
-        ds_config = train_ds_config(optim=ppo.critic_optim, stage=tp.critic_zero_stage,
-                                    offload=tp.offload, dtype=self.config.model.dtype,
-                                    micro_batch_size=ppo.per_device_training_batch_size,
-                                    gradient_accumulation_steps=ppo.gradient_accumulation_steps)
+        # torch_rlhf.critic: the same builder as a served critic's (rlhf serve critic)
+        from torch_rlhf.critic import build_critic_engine
+
         path, config_dict = self.critic_source
-        model = build_model("value", self.config, self.tokenizer, name_or_path=path,
-                            config_dict=config_dict, module=ppo.critic, ds_config=ds_config)
-        return build_train_engine(model, ds_config=ds_config, optim=ppo.critic_optim,
-                                  lora=ppo.critic.lora, total_steps=total_steps)
+        return build_critic_engine(self.config, self.tokenizer, name_or_path=path,
+                                   config_dict=config_dict, total_steps=total_steps)
 
     def _init_reward(self):
         stage = reference_zero_stage(self.config.engine.torch.critic_zero_stage)

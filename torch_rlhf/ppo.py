@@ -40,6 +40,7 @@ from shared.ppo_step import ppo_losses
 from shared.runlog import RunLogger
 from shared.sft_loss import sft_loss
 from torch_rlhf.checkpoint import CheckpointManager
+from torch_rlhf.critic import critic_micro_step, critic_values
 from torch_rlhf.distributed import (
     all_gather_rows,
     all_reduce_sum,
@@ -53,6 +54,7 @@ from torch_rlhf.evaluation import eos_token_id, heldout_metrics
 from torch_rlhf.generation import generate_rollout
 from torch_rlhf.models import build_causal_lm, causal_lm_logits, gather_end_values
 from torch_rlhf.optim import backward, current_lr, optimizer_step
+from torch_rlhf.rollout_weights import RolloutModule
 from torch_rlhf.runtime import lora_settings, open_run_logger, resolve_tokenizer
 from torch_rlhf.saving import save_hf
 
@@ -109,6 +111,8 @@ class PPOTrainer(PPOLoop):
             critic_model_name_or_path=critic_path, tokenizer=self.tokenizer,
             actor_total_steps=self.actor_total_steps, critic_total_steps=self.critic_total_steps)
         self.rollout_path = self.engine.rollout_path
+        # ppo.rollout_dtype: a bf16 copy of the actor, re-cast after each training step
+        self.rollout_module = RolloutModule(ppo.rollout_dtype)
         self.device = self.engine.actor.device
         # DeepSpeed engine states in the loop's checkpoint directories
         self.checkpoint_files = CheckpointManager(self.step_dir / "checkpoints",
@@ -122,8 +126,9 @@ class PPOTrainer(PPOLoop):
     def generate(self, prompt_ids, prompt_mask, uniforms):
         mine = rank_rows(len(prompt_ids))
         sampling = self.config.ppo.sampling
+        actor = self.rollout_module.get(self.engine.actor)  # a bf16 copy for rollout_dtype
         output, self.rollout_path = generate_rollout(
-            self.engine.actor, self._tensor(prompt_ids[mine]), self._tensor(prompt_mask[mine]),
+            actor, self._tensor(prompt_ids[mine]), self._tensor(prompt_mask[mine]),
             hybrid_engine=self.config.engine.torch.hybrid_engine,
             max_new_tokens=self.config.data.max_answer_seq_len, eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id, uniforms=uniforms[mine],
@@ -142,8 +147,7 @@ class PPOTrainer(PPOLoop):
 
     @staticmethod
     def _values(model, sequences, attention_mask, prompt_length: int) -> torch.Tensor:
-        # values[:, P - 1 + t] = V(x, y_<t), the critic at the position predicting token t.
-        return model(sequences, attention_mask).float()[:, prompt_length - 1:-1]
+        return critic_values(model, sequences, attention_mask, prompt_length)
 
     def _sequences(self, batch: dict[str, np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = np.concatenate([batch["prompt_ids"], batch["response"]], 1)
@@ -221,11 +225,11 @@ class PPOTrainer(PPOLoop):
             token_entropy = (entropy.detach() if entropy is not None
                              else entropy_from_logits(logits.detach()))
         critic = self.engine.critic
-        values = (None if critic is None
-                  else self._values(critic, sequences, attention_mask, prompt_length))
         mask = t["response_mask"]
-        actor_loss, critic_loss, stats = ppo_losses(
-            logprobs, t["logprobs"], t["advantages"], values, t["values"], t["returns"], mask,
+        # the actor's losses; the critic's half is torch_rlhf.critic.critic_micro_step (the
+        # one a served critic runs), after the actor's step as before
+        actor_loss, _, stats = ppo_losses(
+            logprobs, t["logprobs"], t["advantages"], None, t["values"], t["returns"], mask,
             conventions=c, entropy=entropy, ref_logprobs=t["ref_logprobs"], kl_coef=kl_coef,
             normalizer=normalizer, importance_weights=t.get("importance_weights"))
         total = actor_loss
@@ -236,9 +240,11 @@ class PPOTrainer(PPOLoop):
         backward(self.engine.actor, total)
         actor_norm = optimizer_step(self.engine.actor)
         norms = {"actor_grad_norm": actor_norm}
+        critic_loss = torch.zeros(())
         if critic is not None:
-            backward(critic, critic_loss)
-            norms["critic_grad_norm"] = optimizer_step(critic)
+            critic_loss, stats["value_clip_fraction"], norms["critic_grad_norm"] = (
+                critic_micro_step(critic, sequences, attention_mask, prompt_length, t,
+                                  normalizer=normalizer, conventions=c))
         if actor_norm is not None:  # the accumulation boundary: the step's global norms
             self._grad_norms = norms
         tokens = float(mask.sum())
@@ -264,6 +270,7 @@ class PPOTrainer(PPOLoop):
             lrs["critic_lr"] = current_lr(self.engine.critic)
         sums: Counter = Counter()
         self._grad_norms: dict[str, float] = {}
+        self.rollout_module.mark_stale()
         self.engine.train()
         for a, (batch, normalizer) in enumerate(zip(micro_batches, normalizers, strict=True)):
             self._micro_step({k: v[mine] for k, v in batch.items()}, normalizer,
@@ -275,6 +282,7 @@ class PPOTrainer(PPOLoop):
         mine = rank_rows(self.minibatch_rows)
         actor_lr = current_lr(self.engine.actor)
         sums: Counter = Counter()
+        self.rollout_module.mark_stale()
         for batch, normalizer in zip(ptx, ptx_normalizers, strict=True):
             loss = self._ptx_loss({k: v[mine] for k, v in batch.items()}, normalizer)
             backward(self.engine.actor, self.config.ppo.unsup_coef * loss)
@@ -308,6 +316,7 @@ class PPOTrainer(PPOLoop):
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         state = self.checkpoint_files.load(path, self._engines())
+        self.rollout_module.mark_stale()
         if state.get("ema") is not None and self.engine.ema is not None and is_main():
             self.engine.ema_state = self.engine.ema_state._replace(ema=state["ema"])
         return state

@@ -21,7 +21,7 @@ from jax_rlhf.params import ModelDef
 from jax_rlhf.train.reward import end_scores
 from jax_rlhf.train.step import TrainState, accumulate_gradients, apply_gradients
 
-__all__ = ["PPOSpec", "ema_update", "ppo_step", "ptx_step", "score"]
+__all__ = ["PPOSpec", "critic_step", "ema_update", "ppo_step", "ptx_step", "score"]
 
 TOKEN_SUMS = ("clip_fraction", "approx_kl", "value_clip_fraction")
 """Statistics returned per optimiser step as token-weighted sums (`shared.ppo_loop`)."""
@@ -109,31 +109,49 @@ def _ptx_loss(actor, mb, normalizer):
     )
 
 
+def critic_step(critic: ModelDef, conventions: Any, optimizer: Any, critic_state: TrainState,
+                batch):
+    """The critic's optimiser step on `[A, M, ...]` micro-batches (`prompt_ids`,
+    `prompt_mask`, `response`, `sample_mask`, the rollout's `values`, `returns`,
+    `response_mask`, `normalizer`): the critic half of `ppo_step`, and all of a served
+    critic's `train_step` (`jax_rlhf.critic`). aux: critic_loss, value_clip_fraction (a
+    token-weighted sum), critic_lr, critic_grad_norm."""
+
+    def loss_fn(params, mb):
+        args = (mb["prompt_ids"], mb["prompt_mask"], mb["response"], mb["sample_mask"])
+        values, _, _ = _response_forward(critic.merge(params, critic_state.frozen), *args)
+        mask = mb["response_mask"]
+        loss, stats = shared.critic_loss(values.astype(jnp.float32), mb["values"],
+                                         mb["returns"], mask, conventions=conventions,
+                                         normalizer=jnp.max(mb["normalizer"]))
+        return loss, {"critic_loss": loss,
+                      "value_clip_fraction": stats["value_clip_fraction"] * jnp.sum(mask)}
+
+    grads, aux = accumulate_gradients(loss_fn, critic_state.params, batch)
+    aux["critic_lr"] = optimizer.schedule(critic_state.step)
+    critic_state, aux["critic_grad_norm"] = apply_gradients(critic_state, grads, optimizer.tx)
+    return critic_state, aux
+
+
 def ppo_step(spec: PPOSpec, actor_state: TrainState, critic_state: TrainState, batch, kl_coef):
     """One optimiser step of actor and critic on `[A, M, ...]` stacked micro-batches; each
-    row carries its micro-batch's loss normaliser (`normalizer`, `ptx_normalizer`)."""
+    row carries its micro-batch's loss normaliser (`normalizer`, `ptx_normalizer`). The
+    critic's half is `critic_step` (what a served critic runs)."""
     c = spec.conventions
     actor_opt = spec.actor_optimizer(actor_state.params)
     has_critic = spec.critic is not None  # else critic_state is None (a critic-free run)
-    critic_opt = spec.critic_optimizer(critic_state.params) if has_critic else None
     joint_ptx = spec.ptx_mode == "joint"
 
-    def loss_fn(params, mb):
-        actor_params, critic_params = params
+    def loss_fn(actor_params, mb):
         args = (mb["prompt_ids"], mb["prompt_mask"], mb["response"], mb["sample_mask"])
         actor = spec.actor.merge(actor_params, actor_state.frozen)
         logits, _, _ = _response_forward(actor, *args)
         logits = logits.astype(jnp.float32)  # [M, N, V]
         logprobs = shared.token_logprobs(logits, mb["response"])
         entropy = shared.entropy_from_logits(logits)
-        values = None
-        if has_critic:
-            critic = spec.critic.merge(critic_params, critic_state.frozen)
-            values, _, _ = _response_forward(critic, *args)
-            values = values.astype(jnp.float32)
         mask = mb["response_mask"]
         actor_loss, critic_loss, stats = shared.ppo_losses(
-            logprobs, mb["logprobs"], mb["advantages"], values,
+            logprobs, mb["logprobs"], mb["advantages"], None,
             mb["values"], mb["returns"], mask, conventions=c, entropy=entropy,
             ref_logprobs=mb["ref_logprobs"], kl_coef=kl_coef,
             normalizer=jnp.max(mb["normalizer"]),
@@ -150,17 +168,15 @@ def ppo_step(spec: PPOSpec, actor_state: TrainState, critic_state: TrainState, b
             actor_loss = shared.ppo_ptx_objective(
                 actor_loss, aux["ptx_loss"], unsup_coef=spec.unsup_coef
             )
-        return actor_loss + critic_loss, aux
+        return actor_loss, aux
 
-    critic_params = critic_state.params if has_critic else None
-    grads, aux = accumulate_gradients(loss_fn, (actor_state.params, critic_params), batch)
+    grads, aux = accumulate_gradients(loss_fn, actor_state.params, batch)
     aux["actor_lr"] = actor_opt.schedule(actor_state.step)
-    actor_state, aux["actor_grad_norm"] = apply_gradients(actor_state, grads[0], actor_opt.tx)
+    actor_state, aux["actor_grad_norm"] = apply_gradients(actor_state, grads, actor_opt.tx)
     if has_critic:
-        aux["critic_lr"] = critic_opt.schedule(critic_state.step)
-        critic_state, aux["critic_grad_norm"] = apply_gradients(
-            critic_state, grads[1], critic_opt.tx
-        )
+        critic_state, critic_aux = critic_step(
+            spec.critic, c, spec.critic_optimizer(critic_state.params), critic_state, batch)
+        aux.update(critic_aux)
     return actor_state, critic_state, aux
 
 

@@ -196,7 +196,7 @@ NEMO_PPO_KEYS: dict[str, Alias] = {
     "top_p": _a("ppo.sampling.top_p"),
     # The served roles (NeMo-RLHF's SLURM script: model.rlhf.<role>.{ip,port}).
     **{f"{prefix}rlhf.{role}.{part}": _a(f"ppo.{role}.{part}")
-       for prefix in ("", "model.") for role in ("reward_model", "initial_policy")
+       for prefix in ("", "model.") for role in ("reward_model", "initial_policy", "critic")
        for part in ("ip", "port")},
 }
 

@@ -20,6 +20,7 @@ from shared.data.config import DataConfig
 from shared.presets import PPOConventions, get_preset
 
 __all__ = [
+    "CriticConfig",
     "DPOConfig",
     "EngineConfig",
     "EvalConfig",
@@ -177,19 +178,25 @@ class ServedRoleConfig:
     model: str | None = None
 
     def __post_init__(self):
-        if (self.ip is None) != (self.port is None):
-            raise ConfigError(f"ip: {self.ip!r} and port: {self.port!r}: give both (NeMo's "
-                              "spelling of url) or neither")
-        if self.ip is not None:
-            composed = f"http://{self.ip}:{self.port}"
-            if self.url not in (None, composed):
-                raise ConfigError(f"url: {self.url!r} and ip/port ({composed}) disagree; "
-                                  "give one of them")
-            object.__setattr__(self, "url", composed)
-        if self.url is not None:
-            _check(self.url.startswith(("http://", "https://")), "url", self.url,
-                   "must start with http:// or https://")
-        _check(self.timeout_s > 0, "timeout_s", self.timeout_s, "must be > 0")
+        _check_served(self)
+
+
+def _check_served(served: Any) -> None:
+    """ServedRoleConfig's checks (CriticConfig shares them): ip and port together compose
+    url, which must be http(s); timeout_s > 0."""
+    if (served.ip is None) != (served.port is None):
+        raise ConfigError(f"ip: {served.ip!r} and port: {served.port!r}: give both (NeMo's "
+                          "spelling of url) or neither")
+    if served.ip is not None:
+        composed = f"http://{served.ip}:{served.port}"
+        if served.url not in (None, composed):
+            raise ConfigError(f"url: {served.url!r} and ip/port ({composed}) disagree; "
+                              "give one of them")
+        object.__setattr__(served, "url", composed)
+    if served.url is not None:
+        _check(served.url.startswith(("http://", "https://")), "url", served.url,
+               "must start with http:// or https://")
+    _check(served.timeout_s > 0, "timeout_s", served.timeout_s, "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -208,6 +215,28 @@ class ModuleConfig:
     def __post_init__(self):
         if self.dropout is not None:
             _check(0.0 <= self.dropout < 1.0, "dropout", self.dropout, "must be in [0, 1)")
+
+
+@dataclass(frozen=True)
+class CriticConfig(ModuleConfig):
+    """The PPO critic: how it is trained (ModuleConfig) and, with url, the `rlhf serve
+    critic` server that holds and trains it (NeMo-RLHF's rlhf.critic; docs/serving.md)."""
+
+    # http://host:port of the critic server; null (and no ip/port): trained in process.
+    url: str | None = None
+    # NeMo-RLHF's spelling: ip and port together make url http://ip:port.
+    ip: str | None = None
+    # NeMo-RLHF's spelling (its guide: 5557 critic).
+    port: int | None = None
+    # Give up on one request after this many seconds of retries (backoff from 0.25 s, doubling
+    # to 8 s); the error names the role, the URL and what the client last heard.
+    timeout_s: float = 120.0
+    # The model `rlhf launch` serves as critic; null: the one the run would load in process.
+    model: str | None = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_served(self)
 
 
 @dataclass(frozen=True)
@@ -400,7 +429,9 @@ class PPOConfig:
         default_factory=lambda: OptimizerConfig(learning_rate=5e-6, lr_scheduler_type="cosine")
     )
     actor: ModuleConfig = field(default_factory=ModuleConfig)
-    critic: ModuleConfig = field(default_factory=ModuleConfig)
+    # The critic's training settings and, with url, its server (`rlhf serve critic`, NeMo's
+    # rlhf.critic): values and optimiser steps then come from there.
+    critic: CriticConfig = field(default_factory=CriticConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     # Pretraining (ptx) loss weight (DS-Chat --unsup_coef; InstructGPT's 27.8).
     unsup_coef: float = 27.8
@@ -413,6 +444,20 @@ class PPOConfig:
     ema_beta: float = 0.992
     # Keep the reference model in host memory (DS-Chat --offload_reference_model).
     offload_reference_model: bool = False
+    # Weight dtype of the rollout sampler. null: the training dtype (exact; the parity-tested
+    # default). bfloat16: the sampler runs on a bf16 copy of the actor cast once per
+    # iteration (bf16 matmuls and KV cache, fp32 sampling and log-probs), streaming half
+    # the bytes per decode step; the recorded log-probs then differ from the training
+    # forward's (metric rollout_logprob_gap), which conventions.rollout_correction tis|mis
+    # corrects (docs/performance.md). float32: fp32 rollouts even when training in bf16.
+    rollout_dtype: Literal["float32", "bfloat16"] | None = None
+    # With conventions.old_logprobs rollout: the largest |recorded - recomputed| log-prob
+    # over the answer tokens a check may find before the run recomputes from then on (a
+    # warning names both; fp32 rollouts on the training weights are ~1e-6 apart).
+    old_logprobs_max_gap: float = 0.05
+    # With conventions.old_logprobs rollout: the actor's forward still runs every this many
+    # iterations (and at the first) to measure that gap (metric rollout_logprob_gap).
+    old_logprobs_check_interval: int = 10
     # Answers with fewer tokens than this (EOS counted) are "too short". Rule:
     # mask: they stay in the batch with an all-zero response mask (no loss, no
     #   advantage), counted in metrics as `short_answers`;
@@ -474,6 +519,11 @@ class PPOConfig:
         _check_number("ema_beta", self.ema_beta, 0, 1, low_open=True, high_open=True)
         _check(self.min_answer_tokens >= 0, "min_answer_tokens", self.min_answer_tokens,
                "must be >= 0")
+        _check(self.rollout_dtype in (None, "float32", "bfloat16"), "rollout_dtype",
+               self.rollout_dtype, "must be null, float32 or bfloat16")
+        _check_number("old_logprobs_max_gap", self.old_logprobs_max_gap, 0)
+        _check(self.old_logprobs_check_interval >= 1, "old_logprobs_check_interval",
+               self.old_logprobs_check_interval, "must be >= 1")
         self._check_critic_free()
 
     def _check_critic_free(self) -> None:

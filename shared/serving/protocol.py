@@ -19,6 +19,7 @@ import numpy as np
 __all__ = [
     "DTYPES",
     "ENDPOINTS",
+    "ConflictError",
     "ROLES",
     "ProtocolError",
     "decode_array",
@@ -36,7 +37,7 @@ reward function of the decoded text."""
 ENDPOINTS = {
     "reward": ("score", "score_text"),
     "initial-policy": ("logprobs",),
-    "critic": ("values", "train_step", "save", "load"),
+    "critic": ("values", "train_step", "save", "load", "export"),
     "function": ("score_text",),
 }
 """POST /v1/<endpoint> per role; GET /health answers for every role."""
@@ -47,6 +48,11 @@ DTYPES = ("int32", "int64", "float32", "float64", "bool")
 
 class ProtocolError(ValueError):
     """A malformed request or response: says which field and why (HTTP 400)."""
+
+
+class ConflictError(RuntimeError):
+    """A request that does not fit the server's state (HTTP 409): a critic ``train_step``
+    for another step than the server's next one, names both numbers."""
 
 
 def encode_array(array: Any) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The served parts of a PPO rollout's scoring (``ppo.initial_policy.url``,
-``ppo.reward_model.url``): `shared.ppo_loop` asks the backend for what it runs in process and
-this for the rest, with the same arrays, so a served role changes where a number is computed,
-not the number (docs/serving.md)."""
+``ppo.reward_model.url``, ``ppo.critic.url``'s values): `shared.ppo_loop` asks the backend
+for what it runs in process and this for the rest, with the same arrays, so a served role
+changes where a number is computed, not the number (docs/serving.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from shared.critic_free import models_used
 from shared.errors import InputError
 from shared.serving.client import RoleClient
 from shared.serving.protocol import tokenizer_fingerprint
@@ -30,6 +31,9 @@ class ServedScoring:
                     "reward model scores this run's token ids, so it must share the actor's "
                     "tokenizer (re-tokenising on the server is not supported yet)")
             roles.append(("scores", "reward", ppo.reward_model, "score", "scores"))
+        if ppo.critic.url is not None and "critic@" in " ".join(models_used(config)):
+            # the critic's values at the rollout weights (its training: ServedCritic)
+            roles.append(("values", "critic", ppo.critic, "values", "values"))
         fingerprint = None
         for key, role, served, endpoint, answer in roles:
             if served.url is None:
@@ -50,13 +54,15 @@ class ServedScoring:
     def fill(self, scored: dict[str, np.ndarray], prompt_ids: np.ndarray,
              prompt_mask: np.ndarray, response: np.ndarray,
              sample_mask: np.ndarray) -> dict[str, np.ndarray]:
-        """``scored`` with ``ref_logprobs`` [B, N] and ``scores`` [B] from the servers."""
+        """``scored`` with ``ref_logprobs`` [B, N], ``scores`` [B] and ``values`` [B, N] from
+        the servers."""
         out = dict(scored)
         rollout = {"prompt_ids": np.asarray(prompt_ids, np.int64),
                    "prompt_mask": np.asarray(prompt_mask, np.int64),
                    "response": np.asarray(response, np.int64),
                    "sample_mask": np.asarray(sample_mask, np.int64)}
-        shapes = {"ref_logprobs": response.shape, "scores": response.shape[:1]}
+        shapes = {"ref_logprobs": response.shape, "scores": response.shape[:1],
+                  "values": response.shape}
         for key, (client, endpoint, answer) in self.clients.items():
             reply = client.call(endpoint, expect={answer: shapes[key]}, **rollout)
             out[key] = reply[answer].astype(np.float32)

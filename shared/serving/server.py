@@ -23,7 +23,13 @@ from typing import Any, Protocol
 import numpy as np
 from aiohttp import web
 
-from shared.serving.protocol import ENDPOINTS, ProtocolError, decode_array, encode_arrays
+from shared.serving.protocol import (
+    ENDPOINTS,
+    ConflictError,
+    ProtocolError,
+    decode_array,
+    encode_arrays,
+)
 
 __all__ = ["BATCHABLE", "RoleHandler", "ServerLimits", "ServerThread", "make_app", "serve"]
 
@@ -177,6 +183,9 @@ class _Server:
             self.stats.errors += 1
             return self._error(413, f"POST /v1/{name}: the request is larger than "
                                     f"max_request_bytes={self.limits.max_request_bytes}")
+        except ConflictError as err:  # the request does not fit the server's state
+            self.stats.errors += 1
+            return self._error(409, f"POST /v1/{name}: {err}")
         except (ProtocolError, ValueError) as err:
             self.stats.errors += 1
             return self._error(400, f"POST /v1/{name}: {err}")
