@@ -1,12 +1,13 @@
 """`rlhf launch --config F`: NeMo-RLHF's four jobs on one machine. Runs the config's pipeline
 (or `rlhf ppo` with ``--step ppo``); just before the PPO step it starts an `rlhf serve` process
 for every served role the config names on this machine (``ppo.reward_model.url``,
-``ppo.initial_policy.url`` with host 127.0.0.1 or localhost), waits until each answers, and
-stops them (only them) when the run ends, fails or is interrupted (docs/serving.md).
+``ppo.initial_policy.url``, ``ppo.critic.url`` with host 127.0.0.1 or localhost), waits until
+each answers, and stops them (only them) when the run ends, fails or is interrupted
+(docs/serving.md). A critic server keeps its checkpoints in ``<run>/ppo/critic-server/``.
 
 Each server loads ``ppo.<role>.model`` when set, else what the PPO step would load in process:
-this run's SFT model (initial policy) and reward model when the pipeline trained them, else
-the config's ``model.actor_model_name_or_path`` / the reward model source.
+this run's SFT model (initial policy) and reward model (reward, critic) when the pipeline
+trained them, else the config's ``model.actor_model_name_or_path`` / the reward model source.
 """
 
 from __future__ import annotations
@@ -32,11 +33,16 @@ LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
 def served_roles(config: Any) -> list[tuple[str, Any]]:
-    """``[(role, ServedRoleConfig), ...]`` of the model roles ``config`` serves."""
+    """``[(role, ServedRoleConfig), ...]`` of the model roles ``config`` serves (the critic's
+    settings are a `CriticConfig`, with the same url, timeout_s and model)."""
+    from shared.critic_free import models_used
+
     ppo = config.ppo
     roles = [("initial-policy", ppo.initial_policy)]
     if ppo.reward_model_weight != 0:
         roles.append(("reward", ppo.reward_model))
+    if any(m.startswith("critic@") for m in models_used(config)):
+        roles.append(("critic", ppo.critic))
     return [(role, served) for role, served in roles if served.url is not None]
 
 
@@ -88,6 +94,8 @@ class Launcher:
             model = self._model(role, served, run_dir)
             argv = [sys.executable, "-m", "shared.cli", "serve", role, "--model", model,
                     "--port", str(port), "--backend", self.args.backend]
+            if role == "critic":  # its checkpoints beside the actor's
+                argv += ["--checkpoint-dir", str(run_dir / "ppo" / "critic-server")]
             if self.args.config is not None:
                 argv += ["--config", str(self.args.config)]
             argv += list(self.args.overrides or [])
