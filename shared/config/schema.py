@@ -444,20 +444,6 @@ class PPOConfig:
     ema_beta: float = 0.992
     # Keep the reference model in host memory (DS-Chat --offload_reference_model).
     offload_reference_model: bool = False
-    # Weight dtype of the rollout sampler. null: the training dtype (exact; the parity-tested
-    # default). bfloat16: the sampler runs on a bf16 copy of the actor cast once per
-    # iteration (bf16 matmuls and KV cache, fp32 sampling and log-probs), streaming half
-    # the bytes per decode step; the recorded log-probs then differ from the training
-    # forward's (metric rollout_logprob_gap), which conventions.rollout_correction tis|mis
-    # corrects (docs/performance.md). float32: fp32 rollouts even when training in bf16.
-    rollout_dtype: Literal["float32", "bfloat16"] | None = None
-    # With conventions.old_logprobs rollout: the largest |recorded - recomputed| log-prob
-    # over the answer tokens a check may find before the run recomputes from then on (a
-    # warning names both; fp32 rollouts on the training weights are ~1e-6 apart).
-    old_logprobs_max_gap: float = 0.05
-    # With conventions.old_logprobs rollout: the actor's forward still runs every this many
-    # iterations (and at the first) to measure that gap (metric rollout_logprob_gap).
-    old_logprobs_check_interval: int = 10
     # Answers with fewer tokens than this (EOS counted) are "too short". Rule:
     # mask: they stay in the batch with an all-zero response mask (no loss, no
     #   advantage), counted in metrics as `short_answers`;
@@ -519,11 +505,6 @@ class PPOConfig:
         _check_number("ema_beta", self.ema_beta, 0, 1, low_open=True, high_open=True)
         _check(self.min_answer_tokens >= 0, "min_answer_tokens", self.min_answer_tokens,
                "must be >= 0")
-        _check(self.rollout_dtype in (None, "float32", "bfloat16"), "rollout_dtype",
-               self.rollout_dtype, "must be null, float32 or bfloat16")
-        _check_number("old_logprobs_max_gap", self.old_logprobs_max_gap, 0)
-        _check(self.old_logprobs_check_interval >= 1, "old_logprobs_check_interval",
-               self.old_logprobs_check_interval, "must be >= 1")
         self._check_critic_free()
 
     def _check_critic_free(self) -> None:
