@@ -53,6 +53,7 @@ from shared.guard import NonFiniteGuard, nonfinite_arrays, nonfinite_values
 from shared.manifest import config_fingerprint
 from shared.masked import masked_whiten
 from shared.model_card import ExportCard, complete_export, describe_source
+from shared.old_logprobs import OldLogprobs
 from shared.ppo_step import compute_advantages, make_kl_controller
 from shared.reward_fn import load_reward_function, mix_rewards
 from shared.rollout import minibatch_schedule, ppo_update_counts, sampling_uniforms
@@ -123,8 +124,9 @@ class PPOBackend(Protocol):
         log-probs recorded while sampling [B, N])."""
 
     def score(self, prompt_ids: np.ndarray, prompt_mask: np.ndarray, response: np.ndarray,
-              sample_mask: np.ndarray) -> dict[str, np.ndarray]:
-        """logprobs, ref_logprobs, values ([B, N], unmasked) and scores ([B])."""
+              sample_mask: np.ndarray, *, logprobs: bool = True) -> dict[str, np.ndarray]:
+        """logprobs, ref_logprobs, values ([B, N], unmasked) and scores ([B]); with
+        ``logprobs`` False no actor forward and no logprobs (``shared.old_logprobs``)."""
 
     def train_step(self, micro_batches: list[dict[str, np.ndarray]], *,
                    normalizers: list[float], ptx: list[dict[str, np.ndarray]] | None,
@@ -229,6 +231,10 @@ class PPOLoop:
         self.served_critic = (ServedCritic(config, tokenizer, total_steps=steps)
                               if "critic" not in self.models and self.has_critic else None)
         self.kl_controller = make_kl_controller(self.conventions)
+        # conventions.old_logprobs: recomputed by the actor, or the sampler's (checked)
+        self.old_logprobs = OldLogprobs(mode=self.conventions.old_logprobs,
+                                        max_gap=ppo.old_logprobs_max_gap,
+                                        check_interval=ppo.old_logprobs_check_interval)
         self.kl_state = self.kl_controller.init()
         self.guard = NonFiniteGuard("ppo", max_consecutive=config.guard.max_consecutive_skips)
         self._all_short = 0  # iterations in a row whose every answer was too short
@@ -278,6 +284,7 @@ class PPOLoop:
             prompt_mask = prompt_mask * (prompt_ids != self.pad_token_id)
         is_short = sample_mask.sum(1) < ppo.min_answer_tokens
         short_answers = int(is_short.sum())
+        reused = False
         if ppo.short_answer_policy == "dschat" and is_short.all():
             if self.last_valid is None:
                 raise RuntimeError(
@@ -292,23 +299,30 @@ class PPOLoop:
             prompt_ids, prompt_mask, response = last.prompt_ids, last.prompt_mask, last.response
             sample_mask, sample_logprobs = last.sample_mask, last.sample_logprobs
             is_short, answer_width = last.is_short, last.answer_width
+            reused = True  # its recorded log-probs are of earlier weights: recomputed
+        # conventions.old_logprobs rollout: the actor's forward only on check iterations
+        skip_actor = {} if reused or self.old_logprobs.recompute(iteration) else {
+            "logprobs": False}
         with self.timer.phase("scoring"):
-            scored = self.score(prompt_ids, prompt_mask, response, sample_mask)
+            scored = self.score(prompt_ids, prompt_mask, response, sample_mask, **skip_actor)
             if self.served:
                 scored = self.served.fill(scored, prompt_ids, prompt_mask, response,
                                           sample_mask)
             scored = self._with_reward(scored, prompt_ids, prompt_mask, response, sample_mask)
+        logprobs, gap = self.old_logprobs.choose(
+            sample_logprobs=sample_logprobs, recomputed=scored.get("logprobs"),
+            sample_mask=sample_mask, iteration=iteration, stale=reused,
+            where=f"ppo iteration {iteration + 1} batch {batch_index}")
         experience = Experience(
             prompt_ids=prompt_ids, prompt_mask=prompt_mask, response=response,
             sample_mask=sample_mask, sample_logprobs=np.asarray(sample_logprobs, np.float32),
             response_mask=sample_mask * ~is_short[:, None],
-            logprobs=np.asarray(scored["logprobs"], np.float32),
+            logprobs=logprobs,
             ref_logprobs=np.asarray(scored["ref_logprobs"], np.float32),
             values=np.asarray(scored["values"], np.float32),
             scores=np.asarray(scored["scores"], np.float32), is_short=is_short,
             short_answers=short_answers, answer_width=answer_width)
-        gap = np.abs(experience.sample_logprobs - experience.logprobs) * sample_mask
-        experience.logprob_gap = float(gap.max()) if gap.size else 0.0
+        experience.logprob_gap = gap
         if ppo.short_answer_policy == "dschat" and not is_short.all():
             self.last_valid = experience
         if ppo.print_answers and iteration % ppo.print_answers_interval == 0:
@@ -528,6 +542,8 @@ class PPOLoop:
             short_answers=exp.short_answers,
             rollout_logprob_gap=exp.logprob_gap,
         )
+        if self.conventions.old_logprobs == "rollout":
+            metrics.update(self.old_logprobs.metrics())
         if exp.importance_weights is not None:  # TIS: the mean weight over the loss tokens
             metrics["tis_weight_mean"] = float((exp.importance_weights * mask).sum() / tokens)
         if self.conventions.rollout_correction == "mis":  # the share of tokens MIS kept
@@ -549,6 +565,7 @@ class PPOLoop:
             "last_metrics": self.last_metrics,
             "elapsed": dict(self.elapsed),
             "guard": {**self.guard.state_dict(), "all_short": self._all_short},
+            "old_logprobs": self.old_logprobs.state_dict(),
         }
 
     @property
@@ -602,6 +619,7 @@ class PPOLoop:
         self.elapsed = Counter(state["elapsed"])
         self.guard.load_state_dict(state.get("guard"))
         self._all_short = int((state.get("guard") or {}).get("all_short", 0))
+        self.old_logprobs.load_state_dict(state.get("old_logprobs"))
         self._saved = self.iteration
         if self.served_critic is not None:
             self.served_critic.load(state.get("critic_server"), checkpoint=latest)

@@ -32,6 +32,18 @@ Where each preset's formulas come from:
   TRL's value loss also covers the score slot (its `padding_mask_p1`), and
   `missing_eos_penalty`.
 - `default`: this project's own choices, each explained in `_DEFAULT_REASONS`.
+- `old_logprobs` (the PPO ratio's old log-probs) is "recompute" in every preset. What each
+  framework does: DeepSpeed-Chat recomputes (ppo_trainer.py `generate_experience` runs
+  `self.actor_model(seq, attention_mask)` after `_generate_sequence`); OpenRLHF recomputes
+  (experience_maker.py: `action_log_probs = self.actor(sequences, ...)`); NeMo-Aligner
+  recomputes (megatron_gpt_ppo_actor.py `infer` runs a forward over the generated
+  sequences for `logprobs`); verl recomputes by default (ray_trainer.py "recompute
+  old_log_probs": `actor_rollout_wg.compute_log_prob`) and can use the rollout engine's
+  log-probs instead (its rollout-correction "bypass" mode); TRL's `PPOTrainer` takes them
+  from the generation logits (ppo_trainer.py: `logitss` from `batch_generation`, divided by
+  the temperature, then `selective_log_softmax`), which `old_logprobs="rollout"`
+  reproduces (here at temperature 1 on both sides). The `trl` preset keeps "recompute" so
+  that every preset trains the parity-tested way; set the field to follow TRL.
 - critic-free (`advantage_estimator` other than "gae"; no critic is built): `grpo`,
   `dr_grpo`, `dapo`, `rloo`, `reinforce_plus_plus`, `gspo`, each with its paper and the
   framework settings it follows in its docstring below (formulas in docs/algorithms.md).
@@ -58,6 +70,7 @@ GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 """Estimators whose baseline is the other answers to the same prompt (the group layout)."""
 POLICY_LOSSES = ("ppo", "gspo")
 ROLLOUT_CORRECTIONS = ("none", "tis", "mis")
+OLD_LOGPROBS = ("recompute", "rollout")
 
 
 @dataclass(frozen=True)
@@ -149,6 +162,14 @@ class PPOConventions:
     rollout_correction_level: str = "token"
     """The ratio rho: "token", "sequence" (product over the answer) or "geometric" (its
     per-token geometric mean)."""
+    old_logprobs: str = "recompute"
+    """The PPO ratio's old log-probs: "recompute" runs the actor's training forward over the
+    rollout (DeepSpeed-Chat, OpenRLHF, NeMo-Aligner, verl by default); "rollout" takes the
+    log-probs the sampler recorded (temperature 1, unfiltered, as the training forward
+    computes them) and skips that forward (TRL's `PPOTrainer`, verl's rollout log-probs),
+    checked against a recomputation every `ppo.old_logprobs_check_interval` iterations and
+    falling back to "recompute" when the gap exceeds `ppo.old_logprobs_max_gap`
+    (`shared.old_logprobs`). Every preset keeps "recompute"."""
 
     def __post_init__(self) -> None:
         _choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
@@ -162,6 +183,7 @@ class PPOConventions:
         _choice("policy_loss", self.policy_loss, POLICY_LOSSES)
         _choice("rollout_correction", self.rollout_correction, ROLLOUT_CORRECTIONS)
         _choice("rollout_correction_level", self.rollout_correction_level, RATIO_LEVELS)
+        _choice("old_logprobs", self.old_logprobs, OLD_LOGPROBS)
         _check(_finite(self.rollout_correction_threshold)
                and self.rollout_correction_threshold > 1, "rollout_correction_threshold",
                self.rollout_correction_threshold, "a finite number > 1")
@@ -201,6 +223,18 @@ class PPOConventions:
                 f"PPOConventions.trim_answer_width cuts each generation batch to its own width "
                 f"before GAE; advantage_estimator {self.advantage_estimator!r} computes its "
                 "advantages over the whole buffer: set trim_answer_width to False"
+            )
+        if self.old_logprobs == "rollout" and self.rollout_correction != "none":
+            raise ValueError(
+                f"PPOConventions.old_logprobs='rollout' makes the old log-probs the sampler's, "
+                f"so rollout_correction={self.rollout_correction!r} (their ratio to the "
+                "training forward's) would always be 1: use old_logprobs='recompute' with it"
+            )
+        if self.old_logprobs == "rollout" and self.zero_after_end:
+            raise ValueError(
+                "PPOConventions.zero_after_end keeps the KL on slots after the answer, where "
+                "the sampler records no log-prob (0), so old_logprobs='rollout' would change "
+                "that KL: use old_logprobs='recompute' with zero_after_end"
             )
         if self.reward_position == "dschat" and self.gae_mask_mode == "skip_masked":
             raise ValueError(

@@ -175,7 +175,7 @@ class PPOTrainer(PPOLoop):
         return values.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0))[:, 0]
 
     @torch.no_grad()
-    def score(self, prompt_ids, prompt_mask, response, sample_mask):
+    def score(self, prompt_ids, prompt_mask, response, sample_mask, *, logprobs=True):
         mine = rank_rows(len(prompt_ids))
         batch = {"prompt_ids": prompt_ids[mine], "prompt_mask": prompt_mask[mine],
                  "response": response[mine], "sample_mask": sample_mask[mine]}
@@ -185,8 +185,9 @@ class PPOTrainer(PPOLoop):
         self.engine.eval()
         try:
             out = {}
-            for name, model in (("logprobs", self.engine.actor), ("ref_logprobs",
-                                                                  self.engine.ref)):
+            # logprobs False (conventions.old_logprobs rollout): no actor forward
+            for name, model in (("logprobs", self.engine.actor if logprobs else None),
+                                ("ref_logprobs", self.engine.ref)):
                 if model is None:  # a served initial policy: the loop asks its server
                     continue
                 logits = self._response_logits(model, sequences, attention_mask, prompt_length)

@@ -76,18 +76,21 @@ class PPOSpec:
                               lora_learning_rate=self.critic_lora_lr)
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, static_argnames="actor_logprobs")
 def score(spec: PPOSpec, actor_params, actor_frozen, ref_params, critic_params, critic_frozen,
-           reward_params, rollout):
+           reward_params, rollout, *, actor_logprobs: bool = True):
     """Training-forward log-probs, reference log-probs and values (every slot, unmasked) and
-    end scores of a rollout."""
+    end scores of a rollout; without `actor_logprobs` no actor forward (the loop trains on
+    the sampler's log-probs, `shared.old_logprobs`)."""
     if spec.reference_on_host:
         ref_params = jax.device_put(ref_params, jax.memory.Space.Device)
     args = (rollout["prompt_ids"], rollout["prompt_mask"], rollout["response"],
             rollout["sample_mask"])
     tokens = rollout["response"]
-    logits, _, _ = _response_forward(spec.actor.merge(actor_params, actor_frozen), *args)
-    out = {"logprobs": shared.token_logprobs(logits.astype(jnp.float32), tokens)}  # [B, N]
+    out = {}
+    if actor_logprobs:
+        logits, _, _ = _response_forward(spec.actor.merge(actor_params, actor_frozen), *args)
+        out["logprobs"] = shared.token_logprobs(logits.astype(jnp.float32), tokens)  # [B, N]
     if spec.reference is not None:  # a served initial policy: the loop asks its server
         ref_logits, _, _ = _response_forward(spec.reference.merge(ref_params), *args)
         out["ref_logprobs"] = shared.token_logprobs(ref_logits.astype(jnp.float32), tokens)

@@ -192,7 +192,7 @@ class PPOTrainer(PPOLoop):
                        batch["ids"], batch["mask"], batch["u"], self.sampling)
         return to_host((out.tokens, out.response_mask, out.logprobs))
 
-    def score(self, prompt_ids, prompt_mask, response, sample_mask):
+    def score(self, prompt_ids, prompt_mask, response, sample_mask, *, logprobs=True):
         rollout = sharding.shard_batch(
             {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask, "response": response,
              "sample_mask": sample_mask.astype(np.int32)}, self.ctx.mesh,
@@ -201,7 +201,7 @@ class PPOTrainer(PPOLoop):
         return to_host(engine.score(
             self.spec, self.actor_state.params, self.actor_state.frozen, self.ref_params,
             None if critic is None else critic.params, None if critic is None else critic.frozen,
-            self.reward_params, rollout,
+            self.reward_params, rollout, actor_logprobs=logprobs,
         ))
 
     # -- training ---------------------------------------------------------------------------
