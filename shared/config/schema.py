@@ -219,8 +219,10 @@ class ModuleConfig:
 
 @dataclass(frozen=True)
 class CriticConfig(ModuleConfig):
-    """The PPO critic: how it is trained (ModuleConfig) and, with url, the `rlhf serve
-    critic` server that holds and trains it (NeMo-RLHF's rlhf.critic; docs/serving.md)."""
+    """The PPO critic: how it is trained and, with url, the server that trains it.
+
+    ModuleConfig's settings plus ServedRoleConfig's keys: with url, `rlhf serve critic`
+    holds and trains the critic (NeMo-RLHF's rlhf.critic; docs/serving.md)."""
 
     # http://host:port of the critic server; null (and no ip/port): trained in process.
     url: str | None = None
