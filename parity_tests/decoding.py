@@ -114,3 +114,38 @@ def sampler_rows(
         rows.append(compare("5", f"{mode} recorded logprobs", j_lp, t_lp, "rollout_logprobs",
                             mask=same))
     return rows
+
+
+def bf16_rollout_decode(
+    lm: ModelPair, prompt_ids: np.ndarray, prompt_mask: np.ndarray, uniforms: np.ndarray,
+    **kwargs,
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`decode_both` with `ppo.rollout_dtype: bfloat16`: each backend samples on its bf16
+    rollout copy of the fp32 model (`torch_rlhf.rollout_weights.RolloutModule`,
+    `jax_rlhf.rollout_weights.RolloutWeights`), as the PPO trainers do."""
+    import torch
+
+    from jax_rlhf.params import ModelDef
+    from jax_rlhf.rollout_weights import RolloutWeights
+    from jax_rlhf.sampler import SamplingParams, generate
+    from torch_rlhf.generation import generate as torch_generate
+    from torch_rlhf.rollout_weights import RolloutModule
+
+    module = RolloutModule("bfloat16").get(lm.torch)
+    out = torch_generate(module, torch.from_numpy(prompt_ids.astype(np.int64)),
+                         torch.from_numpy(prompt_mask.astype(np.int64)), uniforms=uniforms,
+                         **kwargs)
+    result = {"torch": (to_numpy(out.response), to_numpy(out.response_mask),
+                        to_numpy(out.logprobs.float()))}
+    mdef, params, frozen = ModelDef.split(lm.jax)
+    state = type("State", (), {"params": params, "frozen": frozen})()
+    mdef, params, frozen = RolloutWeights(mdef, "bfloat16").get(state)
+    sp = SamplingParams(max_new_tokens=kwargs["max_new_tokens"],
+                        eos_ids=(int(kwargs["eos_token_id"]),),
+                        pad_id=int(kwargs["pad_token_id"]), do_sample=kwargs["do_sample"],
+                        temperature=kwargs["temperature"], top_k=kwargs["top_k"],
+                        top_p=kwargs["top_p"])
+    out = generate(mdef, params, frozen, prompt_ids.astype(np.int32),
+                   prompt_mask.astype(np.int32), uniforms, sp)
+    result["jax"] = (to_numpy(out.tokens), to_numpy(out.response_mask), to_numpy(out.logprobs))
+    return result

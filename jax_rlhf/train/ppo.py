@@ -4,7 +4,8 @@
 mini-batch / accumulation / ptx grouping, KL controller, metrics, resume, export layout,
 summary); this file implements its model protocol with jitted functions on one mesh:
 
-- `generate`: the jitted `while_loop` sampler (`jax_rlhf.sampler`);
+- `generate`: the jitted `while_loop` sampler (`jax_rlhf.sampler`), on a bf16 copy of the
+  actor cast once per iteration with `ppo.rollout_dtype: bfloat16` (`jax_rlhf.rollout_weights`);
 - `score`: one jitted pass of actor (training forward), reference, critic and reward model at
   the rollout weights;
 - `train_step`: one jitted optimiser step of actor and critic over `[A, M, ...]` stacked
@@ -34,6 +35,7 @@ import numpy as np
 from jax_rlhf import sharding
 from jax_rlhf.checkpoint import DirectoryCheckpointer
 from jax_rlhf.params import ModelDef, Params, to_host
+from jax_rlhf.rollout_weights import RolloutWeights
 from jax_rlhf.sampler import SamplingParams, generate
 from jax_rlhf.train import engine
 from jax_rlhf.train.common import (
@@ -152,6 +154,7 @@ class PPOTrainer(PPOLoop):
         self.ema_params = (
             jax.tree.map(jnp.copy, self.actor_state.params) if ppo.enable_ema else None
         )
+        self.rollout_weights = RolloutWeights(self.actor_mdef, ppo.rollout_dtype)
         self.sampling = SamplingParams.from_config(
             ppo.sampling, max_new_tokens=config.data.max_answer_seq_len,
             eos_ids=eos_ids(ctx.tokenizer, self.actor_mdef), pad_id=ctx.tokenizer.pad_token_id,
@@ -188,8 +191,9 @@ class PPOTrainer(PPOLoop):
     def generate(self, prompt_ids, prompt_mask, uniforms):
         batch = sharding.shard_batch({"ids": prompt_ids, "mask": prompt_mask, "u": uniforms},
                                      self.ctx.mesh)
-        out = generate(self.actor_mdef, self.actor_state.params, self.actor_state.frozen,
-                       batch["ids"], batch["mask"], batch["u"], self.sampling)
+        mdef, params, frozen = self.rollout_weights.get(self.actor_state)
+        out = generate(mdef, params, frozen, batch["ids"], batch["mask"], batch["u"],
+                       self.sampling)
         return to_host((out.tokens, out.response_mask, out.logprobs))
 
     def score(self, prompt_ids, prompt_mask, response, sample_mask, *, logprobs=True):

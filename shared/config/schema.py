@@ -446,6 +446,13 @@ class PPOConfig:
     ema_beta: float = 0.992
     # Keep the reference model in host memory (DS-Chat --offload_reference_model).
     offload_reference_model: bool = False
+    # Weight dtype of the rollout sampler. null: the training dtype (exact; the parity-tested
+    # default). bfloat16: the sampler runs on a bf16 copy of the actor cast once per
+    # iteration (bf16 matmuls and KV cache, fp32 sampling and log-probs), streaming half
+    # the bytes per decode step; the recorded log-probs then differ from the training
+    # forward's (metric rollout_logprob_gap), which conventions.rollout_correction tis|mis
+    # corrects (docs/performance.md). float32: fp32 rollouts even when training in bf16.
+    rollout_dtype: Literal["float32", "bfloat16"] | None = None
     # Answers with fewer tokens than this (EOS counted) are "too short". Rule:
     # mask: they stay in the batch with an all-zero response mask (no loss, no
     #   advantage), counted in metrics as `short_answers`;
@@ -507,6 +514,8 @@ class PPOConfig:
         _check_number("ema_beta", self.ema_beta, 0, 1, low_open=True, high_open=True)
         _check(self.min_answer_tokens >= 0, "min_answer_tokens", self.min_answer_tokens,
                "must be >= 0")
+        _check(self.rollout_dtype in (None, "float32", "bfloat16"), "rollout_dtype",
+               self.rollout_dtype, "must be null, float32 or bfloat16")
         self._check_critic_free()
 
     def _check_critic_free(self) -> None:
