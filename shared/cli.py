@@ -1,4 +1,4 @@
-"""The ``rlhf`` command: one entry point, nine subcommands, two backends.
+"""The ``rlhf`` command: one entry point, its subcommands, two backends.
 
 Every subcommand takes ``--config FILE`` (default: the shipped demo),
 ``--backend torch|jax`` (default: the config's ``backend``) and trailing
@@ -107,6 +107,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "measure throughput, MFU and memory",
         "Writes JSON and a markdown table (see docs/performance.md).",
     ),
+    "plan": (
+        "estimate a PPO run's per-device memory and whether it fits",
+        "Counts, per model the run builds (actor, reference, critic, reward model), the "
+        "weights, gradients, optimiser states, activations, KV cache and logits per device "
+        "for the config's dtype, ZeRO stages, offload, LoRA, batch sizes and lengths; shows the "
+        "peak phase, a verdict against --device-memory and DeepSpeed-Chat's rule of thumb "
+        "(docs/plan.md). Builds nothing, imports no framework; exit status 1 when it does not "
+        "fit.",
+    ),
     "plot": (
         "draw a run's metrics as PNG curves, or compare runs",
         "One RUN_DIR: redraws <RUN_DIR>/plots/ (one PNG per step, and the held-out metric). "
@@ -194,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", type=Path, default=None,
                            help="checkpoint directory to export")
             p.add_argument("--out", type=Path, default=None, help="output directory")
+        if name == "plan":
+            p.add_argument("--world-size", type=int, default=1,
+                           help="devices the trained models are partitioned over (ZeRO / "
+                                "fsdp; default 1)")
+            p.add_argument("--device-memory", type=float, default=80.0, metavar="GiB",
+                           help="memory of one device in GiB (default 80, an A100/H100 80GB)")
+            p.add_argument("--json", action="store_true",
+                           help="print the estimate as JSON instead of the table")
         if name == "bench":
             p.add_argument("--out", type=Path, default=None,
                            help="where to write results.json and results.md (default runs/bench)")
@@ -424,6 +441,10 @@ def _run(args: argparse.Namespace) -> int:
 
         sys.stdout.write(yaml.safe_dump(to_dict(config), sort_keys=False))
         return 0
+    if args.command == "plan":  # reads configs only: no model source is opened
+        from shared.plan_report import main as plan_main
+
+        return plan_main(config, args)
     _check_sources(args.command, config, args)
     if args.command == "serve":
         return serve_command(config, args)

@@ -1,0 +1,233 @@
+"""``rlhf plan``: per-device memory of a PPO run, estimated from its config (no framework).
+
+For every model the run builds (``shared.critic_free.models_used``: actor, reference, critic,
+reward model; a served ``name@url`` role lives elsewhere and costs nothing here), in bytes:
+
+- **weights**: parameters x dtype bytes (fp32 4, bf16/fp16 2); ZeRO-3 divides the trained
+  models' by ``world_size``; ``offload`` at ZeRO-3 (DeepSpeed ``offload_param``) and
+  ``ppo.offload_reference_model`` move them to the host.
+- **gradients** (actor, critic): trainable parameters x dtype bytes, / ``world_size`` from
+  ZeRO-2 on. With LoRA and ``only_optimize`` only the adapters (and a critic's value head)
+  are trainable.
+- **optimiser** (actor, critic): Adam's fp32 ``m`` and ``v`` (8 bytes per trainable
+  parameter) plus an fp32 master copy in mixed precision (4 more): the ZeRO paper's
+  2 + 2 + 12 = 16 bytes per parameter with the weights and gradients (Rajbhandari et al.
+  2020, section 3.1); / ``world_size`` from ZeRO-1 on; ``offload`` moves it to the host.
+- **activations** of one training micro-batch, per layer: ``34 s b h`` bytes at 2-byte
+  activations (Korthikanti et al. 2022, "Reducing Activation Recomputation", eq. 2 without
+  its ``5 a s^2 b`` attention-score term: SDPA / flash attention never stores the scores),
+  scaled by dtype bytes / 2; with gradient checkpointing only each layer's input,
+  ``2 s b h``, plus one layer's full set during its recomputation. Plus the micro-batch's
+  logits ``[b, s, V]`` in fp32 and their log-softmax (the LM head's output dominates small
+  models).
+- **KV cache** of the rollout (actor): ``layers x 2 x B x (prompt + answer) x kv_heads x
+  head_dim x dtype bytes``.
+- **scoring logits**: the actor's and reference's log-probabilities of the rollout take a
+  ``[B, s, V]`` fp32 logits tensor and its log-softmax, one model at a time: often the
+  largest single item.
+
+Phases: ``generation`` (every resident state + KV cache), ``scoring`` (+ scoring logits),
+``training`` (+ the larger of the actor's and critic's step working set); the peak is the
+largest. The verdict compares it with ``device_memory_gib`` less ``headroom`` (allocator
+fragmentation, CUDA context, communication buffers: 10 % by default). On a CPU run device
+and host are one process, whose resident memory is :data:`BASELINE_RSS_BYTES` (the
+framework's own, measured) plus both.
+
+DeepSpeed-Chat's rule of thumb (its README, "Supported models"): a step-3 run fits when actor
++ critic parameters, in billions, are at most GPU memory in GB / 6.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from shared.critic_free import models_used
+from shared.model_size import ModelShape, load_hf_config, model_shape
+
+__all__ = ["BASELINE_RSS_BYTES", "Plan", "estimate", "model_shapes", "plan_config"]
+
+GIB = 2**30
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+BASELINE_RSS_BYTES = {"torch": 290 * 2**20, "jax": 270 * 2**20}
+"""Resident memory of a PPO process before any model: torch + DeepSpeed imported and the
+process group up (278 MiB measured, max RSS, 2-core CPU box, torch 2.x); JAX + flax with the
+CPU runtime started (256 MiB); each rounded up for the trainer modules, tokenizer and data
+(``bench/cost_curves.py`` measures it again: ``baseline``)."""
+_ITEMS = ("weights", "gradients", "optimizer", "activations", "kv_cache", "logits")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelMemory:
+    """One model's bytes, per item, on the device and on the host."""
+
+    name: str
+    params: int
+    trainable: int
+    device: dict[str, int]
+    host: dict[str, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The estimate of one config: per model, per phase, and the verdict."""
+
+    world_size: int
+    device_memory_gib: float
+    headroom: float
+    models: tuple[ModelMemory, ...]
+    phases: dict[str, int]
+    """Device bytes at the peak of each phase."""
+    host_bytes: int
+    backend: str
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=self.phases.get)
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.phases[self.peak_phase]
+
+    @property
+    def usable_bytes(self) -> int:
+        return int(self.device_memory_gib * GIB * (1 - self.headroom))
+
+    @property
+    def fits(self) -> bool:
+        return self.peak_bytes <= self.usable_bytes
+
+    @property
+    def process_rss_bytes(self) -> int:
+        """A CPU run's peak resident memory: baseline + device peak + host."""
+        return BASELINE_RSS_BYTES[self.backend] + self.peak_bytes + self.host_bytes
+
+    def rule_of_thumb(self) -> dict[str, Any]:
+        """DeepSpeed-Chat's "actor + critic (billions) <= GPU GB / 6"."""
+        billions = sum(m.params for m in self.models if m.name in ("actor", "critic")) / 1e9
+        limit = self.device_memory_gib * GIB / 1e9 / 6
+        return {"actor_critic_billions": billions, "limit_billions": limit,
+                "fits": billions <= limit}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "device_memory_gib": self.device_memory_gib,
+                "headroom": self.headroom, "backend": self.backend,
+                "models": [dataclasses.asdict(m) for m in self.models],
+                "phases": self.phases, "peak_phase": self.peak_phase,
+                "peak_bytes": self.peak_bytes, "usable_bytes": self.usable_bytes,
+                "host_bytes": self.host_bytes, "fits": self.fits,
+                "process_rss_bytes": self.process_rss_bytes,
+                "rule_of_thumb": self.rule_of_thumb()}
+
+
+def model_shapes(config: Any) -> dict[str, ModelShape]:
+    """Actor/reference and critic/reward shapes from ``model.actor_config`` /
+    ``critic_config`` or the ``config.json`` of the local directories the config names
+    (the critic falls back to the actor's base, as ``ModelConfig.reward_model_source``)."""
+    model = config.model
+    actor = model.actor_config or load_hf_config(model.actor_model_name_or_path)
+    if model.critic_model_name_or_path is not None:
+        critic = load_hf_config(model.critic_model_name_or_path)
+    else:
+        critic = model.critic_config or actor
+    return {"lm": model_shape(actor), "value": model_shape(critic, value_head=True)}
+
+
+def _activations(shape: ModelShape, *, rows: int, seq: int, act_bytes: int,
+                 checkpointing: bool) -> int:
+    per_layer_full = 34 * seq * rows * shape.hidden * act_bytes // 2
+    if checkpointing:
+        body = shape.layers * seq * rows * shape.hidden * act_bytes + per_layer_full
+    else:
+        body = shape.layers * per_layer_full
+    return body
+
+
+def _logits(shape: ModelShape, *, rows: int, seq: int) -> int:
+    if shape.value_head:
+        return 0
+    return 2 * rows * seq * shape.vocab * 4  # fp32 logits and their log-softmax
+
+
+def estimate(shapes: dict[str, ModelShape], *, models: tuple[str, ...], dtype: str,
+             world_size: int, actor_zero_stage: int, critic_zero_stage: int, offload: bool,
+             offload_reference: bool, generation_batch: int, training_batch: int,
+             prompt_len: int, answer_len: int, actor_lora: tuple[int, tuple[str, ...], bool],
+             critic_lora: tuple[int, tuple[str, ...], bool], actor_checkpointing: bool,
+             critic_checkpointing: bool, device_memory_gib: float, headroom: float = 0.1,
+             backend: str = "torch") -> Plan:
+    """The :class:`Plan` of a PPO run; ``*_lora``: ``(dim, target_modules, only_optimize)``;
+    ``models``: ``shared.critic_free.models_used`` (served ``name@url`` roles are skipped)."""
+    width = DTYPE_BYTES[dtype]
+    seq = prompt_len + answer_len
+    out, work = [], {}
+    for name in models:
+        if "@" in name or name == "reward_fn":
+            continue
+        shape = shapes["lm" if name in ("actor", "reference") else "value"]
+        trained = name in ("actor", "critic")
+        stage = {"actor": actor_zero_stage, "critic": critic_zero_stage}.get(name, 0)
+        lora_dim, targets, only = {"actor": actor_lora, "critic": critic_lora}.get(
+            name, (0, (), False))
+        adapters = shape.lora_params(lora_dim, targets) if trained and lora_dim else 0
+        params = shape.params + adapters
+        trainable = 0
+        if trained:
+            trainable = adapters + (shape.hidden if shape.value_head else 0) if only else params
+        device = dict.fromkeys(_ITEMS, 0)
+        host = dict.fromkeys(_ITEMS, 0)
+        weights = params * width // (world_size if stage == 3 else 1)
+        weights_host = (offload and stage == 3) or (name == "reference" and offload_reference)
+        (host if weights_host else device)["weights"] = weights
+        if trained:
+            device["gradients"] = trainable * width // (world_size if stage >= 2 else 1)
+            optimizer = trainable * (8 + (4 if width < 4 else 0))
+            optimizer //= world_size if stage >= 1 else 1
+            (host if offload else device)["optimizer"] = optimizer
+            checkpointing = actor_checkpointing if name == "actor" else critic_checkpointing
+            work[name] = (_activations(shape, rows=training_batch, seq=seq, act_bytes=width,
+                                       checkpointing=checkpointing)
+                          + _logits(shape, rows=training_batch, seq=seq))
+            device["activations"] = work[name]
+        if name == "actor":
+            device["kv_cache"] = (shape.layers * 2 * generation_batch * seq * shape.kv_heads
+                                  * shape.head_dim * width)
+            device["logits"] = _logits(shape, rows=generation_batch, seq=seq)
+        out.append(ModelMemory(name=name, params=params, trainable=trainable, device=device,
+                               host=host))
+    resident = sum(m.device[k] for m in out for k in ("weights", "gradients", "optimizer"))
+    actor = next((m for m in out if m.name == "actor"), None)
+    phases = {"generation": resident + (actor.device["kv_cache"] if actor else 0),
+              "scoring": resident + (actor.device["logits"] if actor else 0),
+              "training": resident + max(work.values(), default=0)}
+    host = sum(sum(m.host.values()) for m in out)
+    return Plan(world_size=world_size, device_memory_gib=device_memory_gib, headroom=headroom,
+                models=tuple(out), phases=phases, host_bytes=host, backend=backend)
+
+
+def plan_config(config: Any, *, world_size: int = 1, device_memory_gib: float = 80.0,
+                headroom: float = 0.1) -> Plan:
+    """:func:`estimate` with every setting read from an ``RLHFConfig``."""
+    ppo, torch_engine, data = config.ppo, config.engine.torch, config.data
+
+    def lora(module) -> tuple[int, tuple[str, ...], bool]:
+        return (module.lora.dim, tuple(module.lora.target_modules), module.lora.only_optimize)
+
+    jax = config.backend == "jax"
+    return estimate(
+        model_shapes(config), models=models_used(config), dtype=config.model.dtype,
+        world_size=world_size,
+        # The JAX backend shards parameters and optimiser state over its fsdp axis: ZeRO-3.
+        actor_zero_stage=3 if jax and config.engine.jax.mesh.fsdp > 1
+        else torch_engine.actor_zero_stage,
+        critic_zero_stage=3 if jax and config.engine.jax.mesh.fsdp > 1
+        else torch_engine.critic_zero_stage,
+        offload=torch_engine.offload and not jax,
+        offload_reference=ppo.offload_reference_model and not jax,
+        generation_batch=ppo.per_device_generation_batch_size,  # rows, n samples included
+        training_batch=ppo.per_device_training_batch_size,
+        prompt_len=data.max_prompt_seq_len, answer_len=data.max_answer_seq_len,
+        actor_lora=lora(ppo.actor), critic_lora=lora(ppo.critic),
+        actor_checkpointing=ppo.actor.gradient_checkpointing,
+        critic_checkpointing=ppo.critic.gradient_checkpointing,
+        device_memory_gib=device_memory_gib, headroom=headroom, backend=config.backend)
