@@ -156,3 +156,38 @@ def test_resume_with_a_restarted_critic_server_is_exact(trained, tmp_path):
                                   ["logging.save_interval=1"], resume=True)
     assert restarted.step == 8
     _same_run(whole, resumed)
+
+
+@pytest.mark.slow
+def test_torch_and_jax_critic_servers_agree(trained, tmp_path):
+    """The same values, and the same train_step statistics and values after it, from the
+    two backends' critic handlers on the same requests."""
+    config = load_config(DEMO, TINY)
+    rng = np.random.default_rng(0)
+    rows, prompt, answer, steps = 4, 6, 4, 2
+    rollout = {"prompt_ids": rng.integers(3, 17, (rows, prompt)),
+               "prompt_mask": np.ones((rows, prompt), np.int64),
+               "response": rng.integers(3, 17, (rows, answer)),
+               "sample_mask": np.ones((rows, answer), np.int64)}
+    rollout["prompt_mask"][0, :2] = 0
+    rollout["prompt_ids"][0, :2] = 0
+    rollout["sample_mask"][1, 2:] = 0
+    # one micro-batch a step: the demo's ppo.gradient_accumulation_steps
+    train = {k: v[None] for k, v in rollout.items()}
+    train.update(values=rng.normal(size=(1, rows, answer)).astype(np.float32),
+                 returns=rng.normal(size=(1, rows, answer)).astype(np.float32),
+                 response_mask=rollout["sample_mask"][None].astype(np.float32))
+    answers = {}
+    for backend in ("torch", "jax"):
+        handler = _critic_handler(backend, trained[1], config, tmp_path / backend)
+        before = handler.call("values", dict(rollout), {})["values"]
+        stats = [handler.call("train_step", dict(train),
+                              {"step": s, "normalizers": [14.0]}) for s in range(steps)]
+        after = handler.call("values", dict(rollout), {})["values"]
+        answers[backend] = before, stats, after
+    (tb, ts, ta), (jb, js, ja) = answers["torch"], answers["jax"]
+    np.testing.assert_allclose(tb, jb, atol=2e-5)
+    for a, b in zip(ts, js, strict=True):
+        for key in ("critic_loss", "value_clip_fraction", "critic_lr", "critic_grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=2e-5, abs=2e-5), key
+    np.testing.assert_allclose(ta, ja, atol=1e-4)

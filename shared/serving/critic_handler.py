@@ -152,6 +152,11 @@ class CriticHandler:
         if not (isinstance(normalizers, list) and len(normalizers) == count
                 and all(isinstance(n, int | float) for n in normalizers)):
             raise ProtocolError(f"normalizers: expected {count} numbers, got {normalizers!r}")
+        accumulation = getattr(getattr(self.trainer, "config", None), "ppo", None)
+        accumulation = getattr(accumulation, "gradient_accumulation_steps", count)
+        if count != accumulation:
+            raise ProtocolError(f"{count} micro-batches in one step; this server's config has "
+                                f"ppo.gradient_accumulation_steps {accumulation}")
         micro = [{f: arrays[f][a] for f in CRITIC_FIELDS} for a in range(count)]
         stats = self.trainer.train(micro, [float(n) for n in normalizers])
         self.last = {**{k: float(stats[k]) for k in CRITIC_STATS}, "step": step}
