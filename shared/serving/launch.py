@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -30,6 +31,8 @@ __all__ = ["Launcher", "served_roles"]
 logger = logging.getLogger(__name__)
 
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                      "MASTER_PORT")
 
 
 def served_roles(config: Any) -> list[tuple[str, Any]]:
@@ -100,9 +103,12 @@ class Launcher:
                 argv += ["--config", str(self.args.config)]
             argv += list(self.args.overrides or [])
             log = logs / f"{role}.log"
+            # each server is a world of its own: not the trainer's launcher variables (a
+            # torch critic server would bind this process's MASTER_PORT)
+            env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
             with log.open("w") as out:
                 process = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
-                                           stdin=subprocess.DEVNULL)
+                                           stdin=subprocess.DEVNULL, env=env)
             self.processes.append((role, process, log))
             logger.info("launch: %s server (%s) on %s, log %s", role, model, served.url, log)
         for (role, process, log), (_, served) in zip(self.processes, self.roles, strict=True):
