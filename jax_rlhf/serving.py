@@ -2,8 +2,8 @@
 what `jax_rlhf.train.engine.score` computes in process (the same forwards, end-score rule and
 log-probs), so a client of either backend gets the same numbers from either server.
 
-Requests (docs/serving.md): ``prompt_ids``/``prompt_mask`` [B, P] (left-padded) and
-``response``/``sample_mask`` [B, N].
+Requests (docs/serving.md) are checked by `shared.serving.handlers` (the rollout arrays, the
+role's endpoints); this module keeps only the forwards.
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from jax_rlhf.params import ModelDef
 from jax_rlhf.train.common import build_model, compute_dtype, load_tokenizer
 from jax_rlhf.train.engine import _response_forward
 from jax_rlhf.train.reward import end_scores
+from shared.serving.handlers import check_endpoint, check_role, rollout_arrays, score_texts
 from shared.serving.protocol import ProtocolError, tokenizer_fingerprint
 
 __all__ = ["JaxRoleHandler"]
-
-ROLLOUT_FIELDS = ("prompt_ids", "prompt_mask", "response", "sample_mask")
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -45,9 +44,7 @@ class JaxRoleHandler:
     critic, a causal LM for the initial policy) with ``config``'s tokenizer and dtype."""
 
     def __init__(self, role: str, model_dir: str, config: Any):
-        if role not in ("reward", "initial-policy", "critic"):
-            raise ValueError(f"role: {role!r} is invalid; allowed: reward, initial-policy, "
-                             "critic")
+        check_role(role, backend="JAX")
         self.role, self.config = role, config
         self.tokenizer = load_tokenizer(config, model_dir)
         kind = "causal_lm" if role == "initial-policy" else "value_head"
@@ -60,15 +57,11 @@ class JaxRoleHandler:
 
     def call(self, endpoint: str, arrays: dict[str, np.ndarray],
              body: Mapping[str, Any]) -> dict[str, Any]:
-        allowed = {"reward": ("score",), "critic": ("values",),
-                   "initial-policy": ("logprobs",)}[self.role]
-        if endpoint not in allowed:
-            raise ProtocolError(f"{endpoint}: not served by the JAX {self.role} handler "
-                                f"(it serves {', '.join(allowed)})")
-        missing = [f for f in ROLLOUT_FIELDS if f not in arrays]
-        if missing:
-            raise ProtocolError(f"missing field(s): {', '.join(missing)}")
-        rollout = {k: jnp.asarray(arrays[k].astype(np.int32)) for k in ROLLOUT_FIELDS}
+        check_endpoint(self.role, endpoint, backend="JAX")
+        if endpoint == "score_text":
+            score_texts(body)
+            raise ProtocolError("score_text: not served by the JAX reward handler yet")
+        rollout = {k: jnp.asarray(v.astype(np.int32)) for k, v in rollout_arrays(arrays).items()}
         result = np.asarray(jax.device_get(_forward(endpoint, self.mdef, self.params, rollout)))
         name = {"score": "scores", "values": "values", "logprobs": "logprobs"}[endpoint]
         return {name: result.astype(np.float32)}

@@ -20,7 +20,13 @@ import numpy as np
 
 from shared.errors import RunError
 
-__all__ = ["RewardFunction", "load_reward_function", "mix_rewards"]
+__all__ = ["RewardFunction", "is_served", "load_reward_function", "mix_rewards"]
+
+
+def is_served(spec: str | None) -> bool:
+    """Whether ``ppo.reward_function`` names a function server (an ``http(s)://`` URL of `rlhf
+    serve function`, docs/serving.md) rather than a ``module:function`` to import."""
+    return spec is not None and spec.startswith(("http://", "https://"))
 
 
 class RewardFunction:
@@ -53,7 +59,7 @@ def load_reward_function(spec: str) -> RewardFunction:
     """Import ``module:function``; a missing module or function, or one that is not callable,
     is an error naming ``spec``. An ``http(s)://`` URL is a function server (`rlhf serve
     function`), called the same way."""
-    if spec.startswith(("http://", "https://")):  # `rlhf serve function` (docs/serving.md)
+    if is_served(spec):  # `rlhf serve function` (docs/serving.md)
         from shared.serving.function import RemoteRewardFunction
 
         return RemoteRewardFunction(spec)

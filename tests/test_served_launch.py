@@ -18,12 +18,6 @@ TINY = ["sft.max_steps=4", "reward.max_steps=4", "sft.per_device_train_batch_siz
         "eval.max_prompts=8", "eval.samples_per_prompt=1", "logging.plots=false"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
@@ -36,8 +30,8 @@ def _rlhf(argv, cwd):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_launch_serves_reward_and_initial_policy_for_the_ppo_step(tmp_path):
-    ports = [_free_port(), _free_port()]
+def test_launch_serves_reward_and_initial_policy_for_the_ppo_step(tmp_path, free_port):
+    ports = [free_port(), free_port()]
     run_dir = tmp_path / "run"
     done = _rlhf(["launch", "--config", str(SERVED), "--backend", "torch", "--run-dir",
                   str(run_dir), f"ppo.reward_model.url=http://127.0.0.1:{ports[0]}",

@@ -73,15 +73,29 @@ def test_torch_and_jax_handlers_agree(models, role, model, endpoint, key, shape)
     np.testing.assert_allclose(a, b, atol=TOLERANCE, rtol=0)
 
 
-def test_a_handler_refuses_another_roles_endpoint(models):
-    from jax_rlhf.serving import JaxRoleHandler
+@pytest.mark.parametrize("backend", ["torch", "JAX"])
+def test_both_handlers_refuse_the_same_bad_requests_in_the_same_words(models, backend):
+    """The checks live once in shared.serving.handlers; each backend names itself."""
     from shared.serving.protocol import ProtocolError
 
+    if backend == "torch":
+        from torch_rlhf.serving import TorchRoleHandler as Handler
+    else:
+        from jax_rlhf.serving import JaxRoleHandler as Handler
     config, paths = models
-    with pytest.raises(ProtocolError, match="logprobs: not served by the JAX reward handler"):
-        JaxRoleHandler("reward", paths["reward"], config).call("logprobs", _rollout(), {})
-    with pytest.raises(ValueError, match="role: 'judge' is invalid"):
-        JaxRoleHandler("judge", paths["reward"], config)
+    handler = Handler("reward", paths["reward"], config)
+    with pytest.raises(ProtocolError, match=f"logprobs: not served by the {backend} reward "
+                                            "handler \\(it serves score, score_text\\)"):
+        handler.call("logprobs", _rollout(), {})
+    rollout = _rollout()
+    with pytest.raises(ProtocolError, match="missing field\\(s\\): sample_mask"):
+        handler.call("score", {k: v for k, v in rollout.items() if k != "sample_mask"}, {})
+    with pytest.raises(ProtocolError, match="sample_mask: shape"):
+        handler.call("score", {**rollout, "sample_mask": rollout["sample_mask"][:, :-1]}, {})
+    with pytest.raises(ProtocolError, match="texts: expected a non-empty list of strings"):
+        handler.call("score_text", {}, {"texts": [1]})
+    with pytest.raises(ValueError, match=f"role: 'judge' is invalid for a {backend} model"):
+        Handler("judge", paths["reward"], config)
 
 
 def test_a_torch_reward_server_answers_what_its_handler_computes(models):
@@ -106,14 +120,6 @@ def _serve(argv, cwd):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop(process):
     import signal
 
@@ -125,13 +131,14 @@ def _stop(process):
             process.kill()
 
 
-def test_rlhf_serve_reward_on_torch_answers_the_jax_handlers_numbers(models, tmp_path):
+def test_rlhf_serve_reward_on_torch_answers_the_jax_handlers_numbers(models, tmp_path,
+                                                                     free_port):
     """A server of one backend, checked against the other backend's handler."""
     from jax_rlhf.serving import JaxRoleHandler
     from shared.serving import RoleClient
 
     config, paths = models
-    port = _free_port()
+    port = free_port()
     server = _serve(["reward", "--backend", "torch", "--model", paths["reward"], "--port",
                      str(port), "--config", str(DEMO)], tmp_path)
     try:
@@ -147,10 +154,10 @@ def test_rlhf_serve_reward_on_torch_answers_the_jax_handlers_numbers(models, tmp
         assert _stop(server) == 0, server.stderr.read().decode()[-2000:]
 
 
-def test_a_served_reward_function_scores_as_the_local_one(tmp_path):
+def test_a_served_reward_function_scores_as_the_local_one(tmp_path, free_port):
     from shared.reward_fn import load_reward_function
 
-    port = _free_port()
+    port = free_port()
     spec = "shared.data.demo:arithmetic_reward"
     server = _serve(["function", "--function", spec, "--port", str(port)], tmp_path)
     try:

@@ -2,8 +2,8 @@
 exactly what `torch_rlhf.ppo`'s in-process scoring computes (same model builders, same
 position conventions), so a remote role and an in-process one give the same numbers.
 
-Requests (docs/serving.md): ``prompt_ids``/``prompt_mask`` [B, P] (left-padded) and
-``response``/``sample_mask`` [B, N], the layout of `shared.ppo_loop`'s rollouts.
+Requests (docs/serving.md) are checked by `shared.serving.handlers` (the rollout arrays, the
+texts, the role's endpoints); this module keeps only the forwards.
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ import torch
 
 from shared.config import RLHFConfig
 from shared.logprobs import token_logprobs
-from shared.serving.protocol import ProtocolError, tokenizer_fingerprint
+from shared.serving.handlers import check_endpoint, check_role, rollout_arrays, score_texts
+from shared.serving.protocol import tokenizer_fingerprint
 from torch_rlhf.models import causal_lm_logits, gather_end_values
 from torch_rlhf.runtime import build_model, resolve_tokenizer
 
 __all__ = ["TorchRoleHandler"]
-
-ROLLOUT_FIELDS = ("prompt_ids", "prompt_mask", "response", "sample_mask")
 
 
 class TorchRoleHandler:
@@ -30,9 +29,7 @@ class TorchRoleHandler:
     critic, a causal LM for the initial policy) with ``config``'s tokenizer and dtype."""
 
     def __init__(self, role: str, model_dir: str, config: RLHFConfig):
-        if role not in ("reward", "initial-policy", "critic"):
-            raise ValueError(f"role: {role!r} is invalid; allowed: reward, initial-policy, "
-                             "critic")
+        check_role(role, backend="torch")
         self.role, self.config = role, config
         self.tokenizer = resolve_tokenizer(config, model_dir)
         kind = "causal_lm" if role == "initial-policy" else "value"
@@ -43,9 +40,7 @@ class TorchRoleHandler:
 
     @staticmethod
     def _rollout(arrays: Mapping[str, np.ndarray]):
-        missing = [f for f in ROLLOUT_FIELDS if f not in arrays]
-        if missing:
-            raise ProtocolError(f"missing field(s): {', '.join(missing)}")
+        arrays = rollout_arrays(arrays)
         ids = np.concatenate([arrays["prompt_ids"], arrays["response"]], 1)
         mask = np.concatenate([arrays["prompt_mask"], arrays["sample_mask"].astype(np.int64)], 1)
         return (torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask.astype(np.int64)),
@@ -54,8 +49,9 @@ class TorchRoleHandler:
     @torch.no_grad()
     def call(self, endpoint: str, arrays: dict[str, np.ndarray],
              body: Mapping[str, Any]) -> dict[str, Any]:
+        check_endpoint(self.role, endpoint, backend="torch")
         if endpoint == "score_text":
-            return {"scores": self._score_text(body.get("texts"))}
+            return {"scores": self._score_text(score_texts(body))}
         sequences, attention_mask, prompt_length = self._rollout(arrays)
         if endpoint == "score":
             values = self.model(sequences, attention_mask).float()
@@ -64,16 +60,12 @@ class TorchRoleHandler:
         if endpoint == "values":
             values = self.model(sequences, attention_mask).float()[:, prompt_length - 1:-1]
             return {"values": values.numpy().astype(np.float32)}
-        if endpoint == "logprobs":
-            logits = causal_lm_logits(self.model, sequences, attention_mask,
-                                      positions=slice(prompt_length - 1, -1)).float()
-            tokens = torch.from_numpy(arrays["response"].astype(np.int64))
-            return {"logprobs": token_logprobs(logits, tokens).numpy().astype(np.float32)}
-        raise ProtocolError(f"{endpoint}: not served by the torch {self.role} handler")
+        logits = causal_lm_logits(self.model, sequences, attention_mask,  # logprobs
+                                  positions=slice(prompt_length - 1, -1)).float()
+        tokens = torch.from_numpy(arrays["response"].astype(np.int64))
+        return {"logprobs": token_logprobs(logits, tokens).numpy().astype(np.float32)}
 
-    def _score_text(self, texts: Any) -> np.ndarray:
-        if not (isinstance(texts, list) and all(isinstance(t, str) for t in texts)):
-            raise ProtocolError("texts: expected a list of strings")
+    def _score_text(self, texts: list[str]) -> np.ndarray:
         encoded = self.tokenizer(texts, padding="longest", return_tensors="pt",
                                  add_special_tokens=True)
         ids, mask = encoded["input_ids"], encoded["attention_mask"]

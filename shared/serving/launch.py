@@ -24,6 +24,7 @@ from typing import Any
 
 from shared.errors import InputError, RunError
 from shared.pipeline import final_model
+from shared.reward_fn import is_served
 from shared.serving.client import RoleClient, ServedRoleError
 
 __all__ = ["Launcher", "served_roles"]
@@ -63,7 +64,7 @@ class Launcher:
                     f"rlhf launch: the {role} server {served.url} is not on this machine; "
                     "launch starts servers on 127.0.0.1/localhost only (start that one with "
                     f"`rlhf serve {role}` there, or use the SLURM script of docs/serving.md)")
-        if config.ppo.reward_function and config.ppo.reward_function.startswith("http"):
+        if is_served(config.ppo.reward_function):
             logger.info("rlhf launch: ppo.reward_function %s is a server launch does not "
                         "start (rlhf serve function --function module:function)",
                         config.ppo.reward_function)

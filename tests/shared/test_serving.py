@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import socket
 import threading
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
@@ -38,12 +37,6 @@ class FakeReward:
         if endpoint == "score_text":
             return {"scores": np.array([len(t) for t in body["texts"]], np.float32)}
         raise AssertionError(endpoint)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
@@ -154,8 +147,8 @@ def test_malformed_and_oversized_requests_are_400_naming_the_field(served):
         client._request("POST", "/v1/score", bad)
 
 
-def test_a_server_down_times_out_naming_role_url_and_what_was_heard():
-    url = f"http://127.0.0.1:{_free_port()}"
+def test_a_server_down_times_out_naming_role_url_and_what_was_heard(free_port):
+    url = f"http://127.0.0.1:{free_port()}"
     client = RoleClient("initial-policy", url, timeout_s=0.6, backoff_s=0.1)
     with pytest.raises(ServedRoleError) as err:
         client.call("logprobs", input_ids=np.zeros((1, 2), np.int64))
