@@ -121,6 +121,7 @@ def _ppo_row(task, outcome, limits, counts, shapes) -> dict[str, Any]:
         "other_s": other,
         "generation_tokens_per_s": shapes["ppo_rollout_batch"] * shapes["answer_len"] / generation,
         "ppo_step_s": step, "ppo_step_tokens": step_tokens,
+        "old_logprobs": task.get("old_logprobs", "recompute"),
         "ppo_step_tokens_per_s": step_tokens / step,
         "plain_scoring_s": plain_scoring, "plain_step_s": plain_step,
         "plain_scoring_times_s": raw["plain"]["scoring"]["times_s"],
@@ -369,7 +370,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
             ["model", "backend", "iteration s", "generation s", "scoring s", "training s",
              "other s", "framework overhead", "rollout tokens/s", "first iteration s",
              "peak RSS GiB", "other CPU"],
-            [[r["model"], r["backend"], _f(r["iteration_s"], 2),
+            [[r["model"], r["backend"] + (", rollout log-probs"
+                                          if r.get("old_logprobs") == "rollout" else ""),
+              _f(r["iteration_s"], 2),
               f"{_f(r['generation_s'], 2)} ({_pct(r['generation_s'] / r['iteration_s'])})",
               f"{_f(r['scoring_s'], 2)} ({_pct(r['scoring_s'] / r['iteration_s'])})",
               f"{_f(r['training_s'], 2)} ({_pct(r['training_s'] / r['iteration_s'])})",
@@ -377,7 +380,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
               _f(r["generation_tokens_per_s"]), _f(r.get("first_iteration_s"), 1),
               _gib(r["peak_rss_bytes"]), _pct(r.get("other_cpu_share"))] for r in ppo])
         lines += ["", "Framework overhead = (scoring − plain scoring) + (training − steps × "
-                  "plain step) + other, as a share of the iteration.", ""]
+                  "plain step) + other, as a share of the iteration. \"rollout log-probs\": "
+                  "conventions.old_logprobs rollout (the sampler's log-probs are the old ones; "
+                  "no actor forward in scoring after the first iteration's check), against "
+                  "the same plain loops.", ""]
     if doc["targets"]:
         lines += ["## Targets", ""]
         lines += _table(["target", "model", "measured", "target", "met"],

@@ -169,6 +169,10 @@ def plan(options: Options, *, model_root: Path, work_root: Path) -> list[dict[st
             for backend in options.backends:
                 workloads.append({"id": f"{kind}/{size}/{backend}", "kind": kind, "size": size,
                                   "backend": backend})
+    for size in options.sizes:  # conventions.old_logprobs rollout: no actor scoring forward
+        for backend in options.backends:
+            workloads.append({"id": f"ppo/{size}/{backend}/rollout-logprobs", "kind": "ppo",
+                              "size": size, "backend": backend, "old_logprobs": "rollout"})
     if options.only:
         workloads = [w for w in workloads
                      if any(fnmatch.fnmatchcase(w["id"], pattern) for pattern in options.only)]

@@ -58,8 +58,11 @@ def run_task(task: dict[str, Any]) -> Any:
     from bench.workspace import write_run_config
 
     work = Path(task["work_dir"])
+    # the PPO variant with conventions.old_logprobs rollout (no actor scoring forward)
+    extra = ({"ppo": {"conventions": {"old_logprobs": task["old_logprobs"]}}}
+             if task.get("old_logprobs") else None)
     _, config = write_run_config(work, SIZES[size], shapes, lm_dir=lm_dir,
-                                 value_dir=value_dir)
+                                 value_dir=value_dir, extra=extra)
     if backend == "torch":
         from bench import torch_workloads as workloads
     else:

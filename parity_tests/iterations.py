@@ -384,6 +384,13 @@ LEVEL6_CASES: dict[str, Level6Case] = {
         "samplers rho is 1 within ~1e-6, so the weights are ~1; truncation and MIS on a real "
         "gap are tested in tests/shared/test_ppo_loop_critic_free.py)",
         {"kl": "adaptive", "conventions": {"rollout_correction": "tis"}}),
+    "ppo_rollout_old_logprobs": Level6Case(
+        "preset default with conventions.old_logprobs rollout: the sampler's log-probs are the "
+        "PPO ratio's old ones and the actor's scoring forward runs only on the check "
+        "iterations (ppo.old_logprobs_check_interval 2: iterations 0 and 2; fp32, so the gap "
+        "stays ~1e-6 and no fallback happens)",
+        {"kl": "adaptive", "conventions": {"old_logprobs": "rollout"},
+         "ppo": {"old_logprobs_check_interval": 2}}),
     "lora_only_optimize_lm": Level6Case(
         "LoRA rank 4 with only_optimize on the causal LMs (SFT model, actor) only, LoRA without "
         "it on the value models, fixed KL",

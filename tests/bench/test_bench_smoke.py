@@ -62,6 +62,8 @@ def test_every_workload_is_recorded(micro_run):
     for kind in ("sft", "ppo"):
         assert {f"{kind}/micro/torch", f"{kind}/micro/jax"} <= ids
     for record in doc["results"]:
+    # conventions.old_logprobs rollout: the PPO iteration without the actor's scoring forward
+    assert {"ppo/micro/torch/rollout-logprobs", "ppo/micro/jax/rollout-logprobs"} <= ids
         assert RECORD_KEYS <= set(record), RECORD_KEYS - set(record)
         assert "--only" in record["command"] and record["peak_rss_bytes"] > 0
 
@@ -90,6 +92,8 @@ def test_derived_figures(micro_run):
         assert r["rollout_path"] in ("module", "jax_sampler")
     targets = {t["target"] for t in doc["targets"]}
     assert "JAX sampler vs HF generate, tokens/s at batch 16" in targets
+        assert r["old_logprobs"] == ("rollout" if r["id"].endswith("/rollout-logprobs")
+                                     else "recompute")
     paired = "torch rollout path vs HF generate, tokens/s at batch 1 (same process, " \
              "alternating calls)"
     assert paired in targets
