@@ -61,9 +61,9 @@ def test_every_workload_is_recorded(micro_run):
         assert {f"generation/micro/{impl}/b1", f"generation/micro/{impl}/b16"} <= ids
     for kind in ("sft", "ppo"):
         assert {f"{kind}/micro/torch", f"{kind}/micro/jax"} <= ids
-    for record in doc["results"]:
     # conventions.old_logprobs rollout: the PPO iteration without the actor's scoring forward
     assert {"ppo/micro/torch/rollout-logprobs", "ppo/micro/jax/rollout-logprobs"} <= ids
+    for record in doc["results"]:
         assert RECORD_KEYS <= set(record), RECORD_KEYS - set(record)
         assert "--only" in record["command"] and record["peak_rss_bytes"] > 0
 
@@ -90,10 +90,10 @@ def test_derived_figures(micro_run):
                 "ppo_step_mfu", "framework_overhead_fraction", "plain_step_s",
                 "plain_scoring_s", "rollout_path"} <= set(r)
         assert r["rollout_path"] in ("module", "jax_sampler")
-    targets = {t["target"] for t in doc["targets"]}
-    assert "JAX sampler vs HF generate, tokens/s at batch 16" in targets
         assert r["old_logprobs"] == ("rollout" if r["id"].endswith("/rollout-logprobs")
                                      else "recompute")
+    targets = {t["target"] for t in doc["targets"]}
+    assert "JAX sampler vs HF generate, tokens/s at batch 16" in targets
     paired = "torch rollout path vs HF generate, tokens/s at batch 1 (same process, " \
              "alternating calls)"
     assert paired in targets
