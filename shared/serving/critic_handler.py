@@ -130,10 +130,15 @@ class CriticHandler:
             logger.info("critic train_step %d again (a retry): the cached answer", step)
             return self.last
         if step != self.step:
-            lost = (" (this server has applied no step: it started fresh or restarted and "
-                    "lost the run's critic state; resume the run from its last checkpoint "
-                    "(--resume), which loads the critic's checkpoint here)"
-                    if self.step == 0 else "")
+            if self.step == 0:
+                lost = (" (this server has applied no step: it started fresh or restarted and "
+                        "lost the run's critic state; resume the run from its last checkpoint "
+                        "(--resume), which loads the critic's checkpoint here)")
+            elif step < self.step:
+                lost = (" (this server has trained further than the run: a new run needs a "
+                        "fresh critic server, a resumed one loads its checkpoint here)")
+            else:
+                lost = ""
             raise ConflictError(f"the critic server's next step is {self.step}, the request is "
                                 f"for step {step}{lost}")
         total = body.get("total_steps")
