@@ -56,6 +56,7 @@ from shared.model_card import ExportCard, complete_export, describe_source
 from shared.old_logprobs import OldLogprobs
 from shared.ppo_step import compute_advantages, make_kl_controller
 from shared.reward_fn import load_reward_function, mix_rewards
+from shared.reward_text import rollout_texts
 from shared.rollout import minibatch_schedule, ppo_update_counts, sampling_uniforms
 from shared.runlog import PhaseTimer, RunLogger, progress, truncate_metrics
 from shared.serving.critic_client import ServedCritic
@@ -341,10 +342,8 @@ class PPOLoop:
             out["values"] = np.zeros(response.shape, np.float32)
         function_scores = None
         if self.reward_function is not None:
-            prompts = self.tokenizer.batch_decode(
-                np.where(prompt_mask > 0, prompt_ids, self.pad_token_id),
-                skip_special_tokens=True)
-            answers = decode_answers(self.tokenizer, response, sample_mask)
+            prompts, answers = rollout_texts(self.tokenizer, prompt_ids, prompt_mask, response,
+                                             sample_mask)  # what a text reward model reads
             function_scores = self.reward_function(prompts, answers)
         model_scores = out.get("scores") if ppo.reward_model_weight != 0 else None
         if function_scores is None:  # the reward model alone, its scores unchanged

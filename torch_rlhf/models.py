@@ -43,6 +43,7 @@ __all__ = [
     "check_reward_tokenizer",
     "enable_checkpointing",
     "gather_end_values",
+    "text_end_scores",
     "load_tokenizer",
     "position_ids_from_mask",
     "torch_dtype",
@@ -326,6 +327,20 @@ def causal_lm_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: 
     if keep is not None and "logits_to_keep" not in kwargs:
         logits = logits[:, keep]
     return logits
+
+
+def text_end_scores(model: nn.Module, reward_tokenizer, texts: list[str], *,
+                    device: torch.device | str | None = None) -> torch.Tensor:
+    """[B] float32 end scores of ``texts`` by a reward model with its own tokenizer: each
+    text encoded by ``shared.reward_text.encode_reward_texts`` (its EOS appended, right-padded)
+    and the value of its last real token. The in-process reward (`torch_rlhf.ppo`) and a
+    served one (`torch_rlhf.serving`'s ``score_text``) both call this."""
+    from shared.reward_text import encode_reward_texts
+
+    ids, mask = (torch.from_numpy(a).to(device)
+                 for a in encode_reward_texts(reward_tokenizer, texts))
+    values = model(ids, mask).float()  # [B, T]
+    return values.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0))[:, 0]
 
 
 def gather_end_values(values: torch.Tensor, attention_mask: torch.Tensor, *,

@@ -33,10 +33,10 @@ import torch
 
 from shared.config import RLHFConfig
 from shared.data import StepData
-from shared.evaluation import decode_answers
 from shared.logprobs import entropy_from_logits, token_logprobs
 from shared.ppo_loop import PPOLoop
 from shared.ppo_step import ppo_losses
+from shared.reward_text import reward_texts
 from shared.runlog import RunLogger
 from shared.sft_loss import sft_loss
 from torch_rlhf.checkpoint import CheckpointManager
@@ -52,7 +52,12 @@ from torch_rlhf.distributed import (
 from torch_rlhf.engine import RLHFEngine
 from torch_rlhf.evaluation import eos_token_id, heldout_metrics
 from torch_rlhf.generation import generate_rollout
-from torch_rlhf.models import build_causal_lm, causal_lm_logits, gather_end_values
+from torch_rlhf.models import (
+    build_causal_lm,
+    causal_lm_logits,
+    gather_end_values,
+    text_end_scores,
+)
 from torch_rlhf.optim import backward, current_lr, optimizer_step
 from torch_rlhf.rollout_weights import RolloutModule
 from torch_rlhf.runtime import lora_settings, open_run_logger, resolve_tokenizer
@@ -160,19 +165,12 @@ class PPOTrainer(PPOLoop):
         if self.engine.reward_reads_actor_tokens:
             values = self.engine.reward(sequences, attention_mask).float()
             return gather_end_values(values, attention_mask, prompt_length=prompt_length)
-        # Different vocabularies: decode the actor's tokens, re-encode for the reward model.
-        prompts = self.tokenizer.batch_decode(batch["prompt_ids"], skip_special_tokens=True)
-        answers = decode_answers(self.tokenizer, batch["response"], batch["sample_mask"])
-        reward_tokenizer = self.engine.reward_tokenizer
-        encoded = reward_tokenizer(
-            [p + a + (reward_tokenizer.eos_token or "") for p, a in
-             zip(prompts, answers, strict=True)],
-            padding="longest", return_tensors="pt", add_special_tokens=True)
-        ids, mask = encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device)
-        if reward_tokenizer.padding_side == "left":
-            ids, mask = ids.flip(1), mask.flip(1)  # only the count of real tokens matters
-        values = self.engine.reward(ids, mask).float()
-        return values.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0))[:, 0]
+        # Different vocabularies: decode the actor's tokens, re-encode for the reward model
+        # (shared.reward_text; a served reward model re-encodes the same text).
+        texts = reward_texts(self.tokenizer, batch["prompt_ids"], batch["prompt_mask"],
+                             batch["response"], batch["sample_mask"])
+        return text_end_scores(self.engine.reward, self.engine.reward_tokenizer, texts,
+                               device=self.device)
 
     @torch.no_grad()
     def score(self, prompt_ids, prompt_mask, response, sample_mask, *, logprobs=True):

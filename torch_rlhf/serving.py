@@ -16,9 +16,10 @@ import torch
 
 from shared.config import RLHFConfig
 from shared.logprobs import token_logprobs
+from shared.reward_text import load_reward_tokenizer
 from shared.serving.handlers import check_endpoint, check_role, rollout_arrays, score_texts
 from shared.serving.protocol import tokenizer_fingerprint
-from torch_rlhf.models import causal_lm_logits, gather_end_values
+from torch_rlhf.models import causal_lm_logits, gather_end_values, text_end_scores
 from torch_rlhf.runtime import build_model, resolve_tokenizer
 
 __all__ = ["TorchRoleHandler"]
@@ -31,7 +32,10 @@ class TorchRoleHandler:
     def __init__(self, role: str, model_dir: str, config: RLHFConfig):
         check_role(role, backend="torch")
         self.role, self.config = role, config
-        self.tokenizer = resolve_tokenizer(config, model_dir)
+        # a reward model with its own vocabulary scores text with that tokenizer
+        self.tokenizer = (load_reward_tokenizer(config)
+                          if role == "reward" and config.model.reward_tokenizer_name_or_path
+                          else resolve_tokenizer(config, model_dir))
         kind = "causal_lm" if role == "initial-policy" else "value"
         self.model = build_model(kind, config, self.tokenizer, name_or_path=model_dir,
                                  config_dict=None, trainable=False)
@@ -66,10 +70,4 @@ class TorchRoleHandler:
         return {"logprobs": token_logprobs(logits, tokens).numpy().astype(np.float32)}
 
     def _score_text(self, texts: list[str]) -> np.ndarray:
-        encoded = self.tokenizer(texts, padding="longest", return_tensors="pt",
-                                 add_special_tokens=True)
-        ids, mask = encoded["input_ids"], encoded["attention_mask"]
-        if self.tokenizer.padding_side == "left":
-            ids, mask = ids.flip(1), mask.flip(1)  # only the count of real tokens matters
-        values = self.model(ids, mask).float()
-        return values.gather(1, (mask.sum(1, keepdim=True) - 1).clamp(min=0))[:, 0].numpy()
+        return text_end_scores(self.model, self.tokenizer, texts).numpy().astype(np.float32)

@@ -85,10 +85,12 @@ class PPOTrainer(PPOLoop):
                  actor_model_name_or_path: str | Path | None = None,
                  critic_model_name_or_path: str | Path | None = None,
                  ctx: RunContext | None = None):
-        if config.model.retokenize_for_reward:
+        if (config.model.retokenize_for_reward and config.ppo.reward_model.url is None
+                and config.ppo.reward_model_weight != 0):  # a served one re-encodes itself
             raise NotImplementedError(
                 "model.retokenize_for_reward: the JAX backend scores actor tokens with the "
-                "reward model directly (one shared tokenizer)"
+                "reward model directly (one shared tokenizer); serve the reward model "
+                "(ppo.reward_model.url, `rlhf serve reward`) to score re-encoded text"
             )
         actor_path = actor_model_name_or_path or config.model.actor_model_name_or_path
         # ModelConfig.reward_model_source: a (None, critic_config) source builds it fresh

@@ -1,7 +1,9 @@
 """The served parts of a PPO rollout's scoring (``ppo.initial_policy.url``,
 ``ppo.reward_model.url``, ``ppo.critic.url``'s values): `shared.ppo_loop` asks the backend
 for what it runs in process and this for the rest, with the same arrays, so a served role
-changes where a number is computed, not the number (docs/serving.md)."""
+changes where a number is computed, not the number (docs/serving.md). A reward model with its
+own vocabulary gets the rollout's text instead (``score_text``, `shared.reward_text`), the
+text the torch backend re-encodes in process."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from shared.critic_free import models_used
-from shared.errors import InputError
+from shared.reward_text import load_reward_tokenizer, reward_texts
 from shared.serving.client import RoleClient
 from shared.serving.protocol import tokenizer_fingerprint
 
@@ -22,26 +24,36 @@ class ServedScoring:
 
     def __init__(self, config: Any, tokenizer: Any):
         ppo = config.ppo
+        self.tokenizer = tokenizer
         self.clients: dict[str, tuple[RoleClient, str, str]] = {}
-        roles = [("ref_logprobs", "initial-policy", ppo.initial_policy, "logprobs", "logprobs")]
+        # (key, role, served config, endpoint, answer, the tokenizer the server must have)
+        roles = [("ref_logprobs", "initial-policy", ppo.initial_policy, "logprobs", "logprobs",
+                  tokenizer)]
         if ppo.reward_model_weight != 0:
-            if ppo.reward_model.url and config.model.reward_tokenizer_name_or_path:
-                raise InputError(
-                    "ppo.reward_model.url with model.reward_tokenizer_name_or_path: a served "
-                    "reward model scores this run's token ids, so it must share the actor's "
-                    "tokenizer (re-tokenising on the server is not supported yet)")
-            roles.append(("scores", "reward", ppo.reward_model, "score", "scores"))
+            roles.append(("scores", "reward", ppo.reward_model,
+                          *self._reward_endpoint(config, tokenizer)))
         if ppo.critic.url is not None and "critic@" in " ".join(models_used(config)):
             # the critic's values at the rollout weights (its training: ServedCritic)
-            roles.append(("values", "critic", ppo.critic, "values", "values"))
-        fingerprint = None
-        for key, role, served, endpoint, answer in roles:
+            roles.append(("values", "critic", ppo.critic, "values", "values", tokenizer))
+        for key, role, served, endpoint, answer, theirs in roles:
             if served.url is None:
                 continue
-            fingerprint = fingerprint or tokenizer_fingerprint(tokenizer)
-            client = RoleClient(role, served.url, tokenizer_sha256=fingerprint,
+            client = RoleClient(role, served.url, tokenizer_sha256=tokenizer_fingerprint(theirs),
                                 timeout_s=served.timeout_s)
             self.clients[key] = (client, endpoint, answer)
+
+    @staticmethod
+    def _reward_endpoint(config: Any, tokenizer: Any) -> tuple[str, str, Any]:
+        """``score`` on this run's token ids, or, for a reward model with its own vocabulary
+        (``model.reward_tokenizer_name_or_path``), ``score_text`` on the decoded text
+        (`shared.reward_text`), from a server whose tokenizer is that one. The same rule as
+        the torch backend's in process (`check_reward_tokenizer`): one vocabulary, ids."""
+        if not (config.model.reward_tokenizer_name_or_path and config.ppo.reward_model.url):
+            return "score", "scores", tokenizer
+        reward_tokenizer = load_reward_tokenizer(config)
+        if reward_tokenizer.get_vocab() == tokenizer.get_vocab():
+            return "score", "scores", reward_tokenizer
+        return "score_text", "scores", reward_tokenizer
 
     def __bool__(self) -> bool:
         return bool(self.clients)
@@ -64,6 +76,8 @@ class ServedScoring:
         shapes = {"ref_logprobs": response.shape, "scores": response.shape[:1],
                   "values": response.shape}
         for key, (client, endpoint, answer) in self.clients.items():
-            reply = client.call(endpoint, expect={answer: shapes[key]}, **rollout)
+            fields = ({"texts": reward_texts(self.tokenizer, **rollout)}
+                      if endpoint == "score_text" else rollout)
+            reply = client.call(endpoint, expect={answer: shapes[key]}, **fields)
             out[key] = reply[answer].astype(np.float32)
         return out
