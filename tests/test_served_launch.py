@@ -30,19 +30,22 @@ def _rlhf(argv, cwd):
                           capture_output=True, text=True, timeout=600)
 
 
-def test_launch_serves_reward_and_initial_policy_for_the_ppo_step(tmp_path, free_port):
-    ports = [free_port(), free_port()]
+def test_launch_serves_reward_initial_policy_and_critic_for_the_ppo_step(tmp_path, free_port):
+    ports = [free_port(), free_port(), free_port()]
     run_dir = tmp_path / "run"
     done = _rlhf(["launch", "--config", str(SERVED), "--backend", "torch", "--run-dir",
                   str(run_dir), f"ppo.reward_model.url=http://127.0.0.1:{ports[0]}",
-                  f"ppo.initial_policy.url=http://127.0.0.1:{ports[1]}", *TINY], tmp_path)
+                  f"ppo.initial_policy.url=http://127.0.0.1:{ports[1]}",
+                  f"ppo.critic.url=http://127.0.0.1:{ports[2]}", *TINY], tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["ppo"]["models"] == [
-        "actor", f"reference@http://127.0.0.1:{ports[1]}", "critic",
+        "actor", f"reference@http://127.0.0.1:{ports[1]}", f"critic@http://127.0.0.1:{ports[2]}",
         f"reward_model@http://127.0.0.1:{ports[0]}"]
     assert "heldout" in summary["ppo"]
-    for role, model in (("reward", "reward"), ("initial-policy", "sft")):
+    assert Path(summary["ppo"]["critic_model"]) == run_dir / "ppo" / "critic"  # the server's
+    assert (run_dir / "ppo" / "critic-server" / "iter-00000002" / "critic_server.json").is_file()
+    for role, model in (("reward", "reward"), ("initial-policy", "sft"), ("critic", "reward")):
         log = (run_dir / "servers" / f"{role}.log").read_text()
         assert f"serving {role} (torch backend, model {run_dir / model / 'final'})" in log
     assert not any(_listening(p) for p in ports)  # stopped at the end
