@@ -92,15 +92,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Consolidates a (sharded) checkpoint into safetensors plus config and tokenizer.",
     ),
     "serve": (
-        "serve a reward model, the initial policy or a reward function over HTTP",
+        "serve a reward model, the initial policy, the critic or a reward function over HTTP",
         "NeMo-RLHF's served roles: the PPO actor calls the server named by "
-        "ppo.reward_model.url / ppo.initial_policy.url / ppo.reward_function: http://... "
-        "instead of loading the model (docs/serving.md).",
+        "ppo.reward_model.url / ppo.initial_policy.url / ppo.critic.url / "
+        "ppo.reward_function: http://... instead of loading the model; a critic server also "
+        "trains the critic (docs/serving.md).",
     ),
     "launch": (
         "run the pipeline with the served roles the config names started on this machine",
         "NeMo-RLHF's four jobs on one machine: runs the config's pipeline; just before PPO "
-        "it starts `rlhf serve` for ppo.reward_model.url / ppo.initial_policy.url on "
+        "it starts `rlhf serve` for ppo.reward_model.url / ppo.initial_policy.url / "
+        "ppo.critic.url on "
         "localhost, waits for them, and stops them when the run ends (docs/serving.md).",
     ),
     "bench": (
