@@ -121,8 +121,11 @@ class RLHFEngine:
         if self.ema is not None:
             weights = self.actor_weights()
             self.ema_state = self.ema.init(weights) if weights is not None else None
-        logger.info("RLHF engine: actor ZeRO-%d, critic ZeRO-%d, reference %s, rollouts via %s",
-                    tp.actor_zero_stage, tp.critic_zero_stage,
+        critic = (f"ZeRO-{tp.critic_zero_stage}" if self.critic is not None
+                  else "served" if any(m.startswith("critic@") for m in self.models)
+                  else "none")
+        logger.info("RLHF engine: actor ZeRO-%d, critic %s, reference %s, rollouts via %s",
+                    tp.actor_zero_stage, critic,
                     ("served" if self.ref is None else "in host memory"
                      if ppo.offload_reference_model else "beside the actor"),
                     self.rollout_path)
