@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 SERVED = ROOT / "configs" / "demo-served.yaml"
 TINY = ["sft.max_steps=4", "reward.max_steps=4", "sft.per_device_train_batch_size=8",
@@ -57,3 +59,19 @@ def test_launch_refuses_a_server_on_another_machine(tmp_path):
     assert done.returncode == 2
     assert "the reward server http://10.1.2.3:5555 is not on this machine" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_launch_reports_a_server_that_exits_while_starting(tmp_path, free_port):
+    """A critic server that cannot load its model exits; launch says so with its log's end
+    (not a timeout of ppo.critic.timeout_s later) and the run fails."""
+    port = free_port()
+    done = _rlhf(["launch", "--config", str(SERVED), "--backend", "torch", "--run-dir",
+                  str(tmp_path / "run"), f"ppo.critic.url=http://127.0.0.1:{port}",
+                  f"ppo.critic.model={tmp_path / 'no-such-model'}",
+                  f"ppo.reward_model.url=http://127.0.0.1:{free_port()}",
+                  f"ppo.initial_policy.url=http://127.0.0.1:{free_port()}",
+                  "ppo.critic.timeout_s=600", *TINY], tmp_path)
+    assert done.returncode != 0
+    assert "the critic server did not become ready (exited with status" in done.stderr
+    assert not _listening(port)

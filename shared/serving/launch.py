@@ -18,6 +18,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -116,16 +117,23 @@ class Launcher:
             self._wait(role, process, log, served)
 
     def _wait(self, role: str, process: subprocess.Popen, log: Path, served: Any) -> None:
-        client = RoleClient(role, served.url, timeout_s=served.timeout_s, backoff_s=0.2,
-                            max_backoff_s=1.0)
-        try:
-            client.wait_until_ready()
-        except ServedRoleError as err:
-            tail = log.read_text(errors="replace").strip().splitlines()[-5:]
-            state = ("exited with status " + str(process.returncode)
-                     if process.poll() is not None else "still starting")
-            raise RunError(f"rlhf launch: the {role} server did not become ready ({state}): "
-                           f"{err}; its log {log} ends: {' | '.join(tail)}") from None
+        # short polls, so a server that exits while starting is reported at once rather than
+        # after the whole ppo.<role>.timeout_s
+        client = RoleClient(role, served.url, timeout_s=1.0, backoff_s=0.2, max_backoff_s=0.5)
+        deadline = time.monotonic() + served.timeout_s
+        while True:
+            try:
+                client.wait_until_ready()
+                return
+            except ServedRoleError as err:
+                if process.poll() is None and time.monotonic() < deadline:
+                    continue
+                tail = log.read_text(errors="replace").strip().splitlines()[-5:]
+                state = ("exited with status " + str(process.returncode)
+                         if process.poll() is not None else "still starting")
+                raise RunError(f"rlhf launch: the {role} server did not become ready "
+                               f"({state}): {err}; its log {log} ends: "
+                               f"{' | '.join(tail)}") from None
 
     def stop(self) -> None:
         """SIGINT to each server this launcher started (a clean aiohttp shutdown), then
