@@ -1,7 +1,9 @@
 """Served roles (NeMo-RLHF's reward model, initial policy and critic servers): the wire
 protocol (`protocol`), the aiohttp server with request batching (`server`), the PPO actor's
-client (`client`), a served reward function (`function`) and `rlhf serve` (`command`);
-docs/serving.md. Names are imported on first use, so `rlhf` starts without aiohttp."""
+client (`client`), a served reward function (`function`), the critic server's step rule and
+checkpoints (`critic_handler`) and the loop's client of it (`critic_client`), and `rlhf
+serve` (`command`); docs/serving.md. Names are imported on first use, so `rlhf` starts
+without aiohttp."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import importlib
 
 _WHERE = {
     "RoleClient": "client", "ServedRoleError": "client",
+    "CriticHandler": "critic_handler", "ServedCritic": "critic_client",
+    "ConflictError": "protocol",
     "ENDPOINTS": "protocol", "ROLES": "protocol", "ProtocolError": "protocol",
     "tokenizer_fingerprint": "protocol",
     "RoleHandler": "server", "ServerLimits": "server", "ServerThread": "server",
