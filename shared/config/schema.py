@@ -453,6 +453,13 @@ class PPOConfig:
     # forward's (metric rollout_logprob_gap), which conventions.rollout_correction tis|mis
     # corrects (docs/performance.md). float32: fp32 rollouts even when training in bf16.
     rollout_dtype: Literal["float32", "bfloat16"] | None = None
+    # With conventions.old_logprobs rollout: the largest |recorded - recomputed| log-prob
+    # over the answer tokens a check may find before the run recomputes from then on (a
+    # warning names both; fp32 rollouts on the training weights are ~1e-6 apart).
+    old_logprobs_max_gap: float = 0.05
+    # With conventions.old_logprobs rollout: the actor's forward still runs every this many
+    # iterations (and at the first) to measure that gap (metric rollout_logprob_gap).
+    old_logprobs_check_interval: int = 10
     # Answers with fewer tokens than this (EOS counted) are "too short". Rule:
     # mask: they stay in the batch with an all-zero response mask (no loss, no
     #   advantage), counted in metrics as `short_answers`;
@@ -516,6 +523,9 @@ class PPOConfig:
                "must be >= 0")
         _check(self.rollout_dtype in (None, "float32", "bfloat16"), "rollout_dtype",
                self.rollout_dtype, "must be null, float32 or bfloat16")
+        _check_number("old_logprobs_max_gap", self.old_logprobs_max_gap, 0)
+        _check(self.old_logprobs_check_interval >= 1, "old_logprobs_check_interval",
+               self.old_logprobs_check_interval, "must be >= 1")
         self._check_critic_free()
 
     def _check_critic_free(self) -> None:
