@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from shared.config._build import ConfigError
 from shared.data.config import DataConfig
-from shared.presets import PPOConventions, get_preset
+from shared.presets import CRITIC_FREE_ESTIMATORS, PPOConventions, get_preset
 
 __all__ = [
     "CriticConfig",
@@ -538,6 +538,10 @@ class PPOConfig:
                 f"{self.per_device_generation_batch_size}; a generation batch holds whole "
                 "groups of n answers to one prompt")
         estimator = self.conventions.advantage_estimator
+        if estimator in CRITIC_FREE_ESTIMATORS and self.critic.url is not None:
+            raise ConfigError(f"critic.url: {self.critic.url!r} is invalid with "
+                              f"conventions.advantage_estimator {estimator}: a critic-free "
+                              "run has no critic to serve; remove critic.url (or ip/port)")
         if estimator == "rloo" and n < 2:
             raise ConfigError(f"n_samples_per_prompt: {n} is invalid with "
                               "conventions.advantage_estimator rloo; must be >= 2 (the "

@@ -273,6 +273,8 @@ def test_tis_weights_and_mis_mask_follow_the_gap(tmp_path):
     ({"conventions": {"advantage_estimator": "ppo2"}},
      r"advantage_estimator = 'ppo2' is not allowed; allowed values: \['gae', 'grpo', "
      r"'dr_grpo', 'rloo', 'reinforce_plus_plus'\]"),
+    ({"preset": "grpo", "n_samples_per_prompt": 2, "critic": {"url": "http://h:5557"}},
+     r"critic.url: 'http://h:5557' is invalid with conventions.advantage_estimator grpo"),
     ({"conventions": {"policy_loss": "cispo"}}, r"allowed values: \['ppo', 'gspo'\]"),
     ({"conventions": {"rollout_correction": "is"}},
      r"allowed values: \['none', 'tis', 'mis'\]"),
