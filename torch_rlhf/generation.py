@@ -46,6 +46,7 @@ from shared.console import say_once
 from shared.sampling import sample_token
 from torch_rlhf.deepspeed_config import HybridEngineUnavailable
 from torch_rlhf.models import position_ids_from_mask, takes_logits_to_keep, unwrap_model
+from torch_rlhf.rollout_decode import check_rollout_decode, decode_static, packed_linears
 from torch_rlhf.saving import gather_params_for
 
 __all__ = [
@@ -149,6 +150,7 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     gather_zero3_params: bool = True,
+    rollout_decode: str = "module",
 ) -> GenerationOutput:
     """Decode ``max_new_tokens`` tokens for every prompt with the parity sampler.
 
@@ -173,6 +175,9 @@ def generate(
         when ``do_sample``.
       do_sample: inverse-CDF sampling (else greedy argmax).
       temperature, top_k, top_p: filters of ``shared.sampling.filter_logits``.
+      rollout_decode: the decode loop (``torch_rlhf.rollout_decode``): ``module`` (a
+        growing DynamicCache), ``static`` (a preallocated StaticCache), ``packed`` (static,
+        oneDNN-packed linear weights; CPU) or ``compiled`` (static, torch.compile).
 
     Returns:
       GenerationOutput with logprobs of the raw logits (not the filtered ones).
@@ -180,6 +185,7 @@ def generate(
     module = unwrap_model(model)
     _check_prompts(prompt_ids, prompt_mask, max_new_tokens)
     device = next(module.parameters()).device
+    check_rollout_decode(rollout_decode, device_type=device.type)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device).long()
     batch = prompt_ids.shape[0]
     if do_sample:
@@ -196,10 +202,20 @@ def generate(
     module.eval()
     try:
         with torch.no_grad(), gather:
-            tokens, logprobs = _decode(
-                module, prompt_ids, prompt_mask, uniforms, max_new_tokens=max_new_tokens,
-                eos_token_id=eos_token_id, pad_token_id=pad_token_id, do_sample=do_sample,
-                temperature=temperature, top_k=top_k, top_p=top_p)
+            sampling = dict(max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                            pad_token_id=pad_token_id, do_sample=do_sample,
+                            temperature=temperature, top_k=top_k, top_p=top_p)
+            if rollout_decode == "module":
+                tokens, logprobs = _decode(module, prompt_ids, prompt_mask, uniforms,
+                                           **sampling)
+            else:
+                packing = (packed_linears(module, batch_size=batch)
+                           if rollout_decode == "packed" else contextlib.nullcontext())
+                with packing:
+                    tokens, logprobs = decode_static(
+                        module, prompt_ids, prompt_mask, uniforms,
+                        cache_kwarg=_forward_cache_kwarg(type(_base_model(module))),
+                        compiled=rollout_decode == "compiled", **sampling)
     finally:
         module.train(was_training)
     return _finish(prompt_ids, prompt_mask, tokens, logprobs, eos_token_id=eos_token_id,
@@ -218,12 +234,16 @@ def _kv_cache(module: nn.Module) -> dict[str, DynamicCache]:
 
     The keyword is ``cache`` from transformers 5.24 (which deprecates ``past_key_values``,
     to be removed in 5.40), ``past_key_values`` before."""
-    base = module.get_base_model() if hasattr(module, "get_base_model") else module
+    base = _base_model(module)
     try:
         cache = DynamicCache(config=base.config)
     except TypeError:  # transformers < 4.56: layers are created as they are filled
         cache = DynamicCache()
     return {_forward_cache_kwarg(type(base)): cache}
+
+
+def _base_model(module: nn.Module) -> nn.Module:
+    return module.get_base_model() if hasattr(module, "get_base_model") else module
 
 
 @functools.cache
@@ -381,6 +401,7 @@ def generate_rollout(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    rollout_decode: str = "module",
 ) -> tuple[GenerationOutput, str]:
     """Generate rollouts along the path :func:`select_rollout_path` picks; log it.
 
@@ -388,7 +409,8 @@ def generate_rollout(
     an engine that is not a Hybrid Engine, or a Hybrid Engine that refuses to generate
     (:class:`HybridEngineUnavailable`, whatever DeepSpeed raised), falls back to
     :func:`generate` with a warning that says why; under ``on`` both raise that error.
-    ``uniforms`` drive only the module path.
+    ``uniforms`` and ``rollout_decode`` (the decode loop, see :func:`generate`) concern only
+    the module path.
     """
     module = unwrap_model(engine)
     device_type = next(module.parameters()).device.type
@@ -413,4 +435,5 @@ def generate_rollout(
             return output, path
     else:
         say_once(logger, logging.INFO, "rollout path: module (%s)", reason, console=False)
-    return generate(engine, prompt_ids, prompt_mask, uniforms=uniforms, **sampling), path
+    return generate(engine, prompt_ids, prompt_mask, uniforms=uniforms,
+                    rollout_decode=rollout_decode, **sampling), path

@@ -135,6 +135,7 @@ class PPOTrainer(PPOLoop):
         output, self.rollout_path = generate_rollout(
             actor, self._tensor(prompt_ids[mine]), self._tensor(prompt_mask[mine]),
             hybrid_engine=self.config.engine.torch.hybrid_engine,
+            rollout_decode=self.config.engine.torch.rollout_decode,
             max_new_tokens=self.config.data.max_answer_seq_len, eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id, uniforms=uniforms[mine],
             do_sample=sampling.do_sample, temperature=sampling.temperature, top_k=sampling.top_k,

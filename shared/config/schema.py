@@ -575,6 +575,12 @@ class TorchEngineConfig:
     # module with ZeRO-3 parameters gathered; on: Hybrid Engine or a loud error;
     # off: never (DS-Chat --enable_hybrid_engine).
     hybrid_engine: Literal["auto", "on", "off"] = "auto"
+    # The decode loop of rollouts through the module (torch_rlhf.rollout_decode):
+    # module: the model's forward with a growing DynamicCache (exact eager numerics);
+    # static: a preallocated StaticCache, fixed shapes every step; packed: static with
+    # every fp32 linear's weight packed once per rollout for oneDNN (CPU only; log-probs
+    # differ from module by rounding, ~1e-6); compiled: static with torch.compile.
+    rollout_decode: Literal["module", "static", "packed", "compiled"] = "module"
     # Hybrid Engine tensor-parallel size for generation (DS-Chat --inference_tp_size).
     inference_tp_size: int = 1
     # Free the generation KV cache after each rollout (DS-Chat --release_inference_cache).
