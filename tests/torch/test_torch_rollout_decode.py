@@ -14,7 +14,7 @@ import torch
 from tiny_hf import EOS, PAD, left_padded_prompts
 
 from parity_tests.tolerances import TOLERANCES
-from torch_rlhf.generation import generate
+from torch_rlhf.generation import generate, generate_rollout
 from torch_rlhf.models import build_causal_lm
 from torch_rlhf.rollout_decode import check_rollout_decode, packed_linears
 
@@ -86,3 +86,17 @@ def test_check_rollout_decode_names_the_bad_value():
 def test_compiled_decode_equals_module_loop(family, model_dirs):
     model = build_causal_lm(model_dirs(family))
     _assert_same_rollout(_decode(model, "compiled"), _decode(model, "module"))
+
+
+def test_generate_rollout_passes_the_decode_loop(model_dirs):
+    model = build_causal_lm(model_dirs("llama_gqa_untied"))
+    ids, mask = left_padded_prompts()
+    uniforms = np.random.default_rng(0).random((ids.shape[0], N))
+    out, path = generate_rollout(model, ids, mask, hybrid_engine="off", max_new_tokens=N,
+                                 eos_token_id=EOS, pad_token_id=PAD, uniforms=uniforms,
+                                 rollout_decode="packed", **SAMPLING)
+    assert path == "module"
+    _assert_same_rollout(out, _decode(model, "packed"))
+    with pytest.raises(ValueError, match="rollout_decode: 'fast' is invalid"):
+        generate_rollout(model, ids, mask, hybrid_engine="off", max_new_tokens=N,
+                         eos_token_id=EOS, pad_token_id=PAD, rollout_decode="fast")
