@@ -15,6 +15,10 @@ answer_len / seconds``); the time includes the prefill of the prompts, as a roll
   transformers' defaults (SDPA attention): the baseline.
 - ``torch_sdpa``: the ``torch`` path on a model loaded with SDPA attention instead of eager:
   not what the backend runs, but the measured effect of that one change.
+- ``torch_static``, ``torch_packed``, ``torch_compiled``: the ``torch`` path with
+  ``engine.torch.rollout_decode`` static (a preallocated StaticCache), packed (static, oneDNN
+  packed linear weights) and compiled (static, ``torch.compile``; its compile time is the
+  first call's excess, ``first call s``); ``torch_rlhf.rollout_decode``.
 
 The ``torch`` rows are also compared with ``hf`` in the same process (``paired_hf``): after
 its own timing (and peak memory) is taken, the process loads the Hugging Face model too and
@@ -25,6 +29,7 @@ variation (±5 % measured); the paired ratio is the one the target is judged on.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -34,8 +39,9 @@ from bench.workspace import Shapes, prompt_batch
 
 __all__ = ["IMPLEMENTATIONS", "run_generation"]
 
-IMPLEMENTATIONS = ("hf", "torch", "torch_sdpa", "jax")
-PAIRED_WITH_HF = ("torch",)
+IMPLEMENTATIONS = ("hf", "torch", "torch_sdpa", "jax", "torch_static", "torch_packed",
+                   "torch_compiled")
+PAIRED_WITH_HF = ("torch", "torch_static", "torch_packed", "torch_compiled")
 """Implementations also timed alternately with HF ``generate`` in their own process."""
 
 
@@ -43,7 +49,8 @@ def _uniforms(rows: int, steps: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).random((rows, steps), dtype=np.float64).astype(np.float32)
 
 
-def _torch_loader(lm_dir: str, steps: int, attn_implementation: str | None = None):
+def _torch_loader(lm_dir: str, steps: int, attn_implementation: str | None = None,
+                  rollout_decode: str = "module"):
     import torch
 
     from torch_rlhf.generation import generate
@@ -55,7 +62,8 @@ def _torch_loader(lm_dir: str, steps: int, attn_implementation: str | None = Non
         ids_t, mask_t = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
         u_t = torch.from_numpy(u)
         return lambda: generate(model, ids_t, mask_t, max_new_tokens=steps, eos_token_id=None,
-                                pad_token_id=0, uniforms=u_t, do_sample=True)
+                                pad_token_id=0, uniforms=u_t, do_sample=True,
+                                rollout_decode=rollout_decode)
 
     return make
 
@@ -103,7 +111,9 @@ def _jax_loader(lm_dir: str, steps: int):
 
 
 _LOADERS = {"torch": _torch_loader, "jax": _jax_loader, "hf": _hf_loader,
-            "torch_sdpa": lambda lm_dir, steps: _torch_loader(lm_dir, steps, "sdpa")}
+            "torch_sdpa": lambda lm_dir, steps: _torch_loader(lm_dir, steps, "sdpa"),
+            **{f"torch_{decode}": functools.partial(_torch_loader, rollout_decode=decode)
+               for decode in ("static", "packed", "compiled")}}
 
 
 def run_generation(impl: str, lm_dir: str, shapes: Shapes, *, vocab_size: int, warmup: int = 1,

@@ -28,7 +28,9 @@ __all__ = ["build_document", "check_targets", "render_markdown", "write_outputs"
 
 SCHEMA = "rlhf-parity-bench/1"
 DISPLAY = {"hf": "HF generate", "torch": "torch rollout path", "torch_sdpa": "torch path, SDPA",
-           "jax": "JAX sampler"}
+           "jax": "JAX sampler", "torch_static": "torch path, static cache",
+           "torch_packed": "torch path, packed weights",
+           "torch_compiled": "torch path, torch.compile"}
 TARGET_SIZE_ORDER = ("small", "tiny", "micro")
 
 
