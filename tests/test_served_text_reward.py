@@ -23,43 +23,10 @@ TINY = ["ppo.per_device_generation_batch_size=8", "ppo.per_device_training_batch
 TOLERANCE = 2e-5  # parity_tests/tolerances.py: fp32 forwards / whole PPO iterations
 
 
-def reward_tokenizer(out: Path) -> Path:
-    """The demo's character tokenizer with its characters' ids reversed and a BOS template:
-    a vocabulary of its own (same texts, other ids, one more token per text)."""
-    spec = json.loads((ROOT / "configs/demo/tokenizer/tokenizer.json").read_text())
-    vocab = spec["model"]["vocab"]
-    chars = sorted((w for w, i in vocab.items() if i >= 4), key=vocab.get)
-    spec["model"]["vocab"] = {**{w: i for w, i in vocab.items() if i < 4},
-                              **{w: 4 + k for k, w in enumerate(reversed(chars))}}
-    spec["post_processor"] = {
-        "type": "TemplateProcessing",
-        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
-                   {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
-        "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "tokenizer.json").write_text(json.dumps(spec))
-    (out / "tokenizer_config.json").write_text(
-        (ROOT / "configs/demo/tokenizer/tokenizer_config.json").read_text())
-    return out
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """Tiny random policy and reward model of the demo's shape, and the reward tokenizer."""
-    out = tmp_path_factory.mktemp("text-reward")
-    hf = dict(load_config(DEMO, []).model.actor_config)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(ROOT / "configs/demo/tokenizer")
-    paths = {"tokenizer": str(reward_tokenizer(out / "reward-tokenizer"))}
-    for name, auto, extra in (("policy", transformers.AutoModelForCausalLM, {}),
-                              ("reward", transformers.AutoModelForSequenceClassification,
-                               {"num_labels": 1})):
-        transformers.set_seed(11)
-        model = auto.from_config(transformers.AutoConfig.for_model(**hf, **extra))
-        model.save_pretrained(out / name)
-        tokenizer.save_pretrained(out / name)
-        paths[name] = str(out / name)
-    return paths
+def models(served_models):
+    """Tiny random policy and reward model, and the reward tokenizer (tests/conftest.py)."""
+    return served_models
 
 
 def _config(models, *extra):

@@ -1,12 +1,13 @@
 """The PPO actor's client of a served role (docs/serving.md).
 
 Synchronous, standard library only: one request at a time from the training loop. A failed
-connection or a 5xx answer is retried with exponential backoff until ``timeout_s`` has passed
-since the first try; then `ServedRoleError` names the role, the URL and what the client last
-heard. A 4xx answer is the request's fault and is raised at once. Every answer is checked
-before it is used: the server's role and tokenizer fingerprint must be the expected ones and
-each array must have the rows that were sent, so a partial, stale or foreign answer is never
-trained on. A server that restarted is simply reached again by the next try.
+connection, a 5xx answer or a try that hangs (cut at what is left of ``timeout_s``) is retried
+with exponential backoff until ``timeout_s`` has passed since the first try; then
+`ServedRoleError` names the role, the URL and what the client last heard. A 4xx answer is the
+request's fault and is raised at once. Every answer is checked before it is used: the server's
+role and tokenizer fingerprint must be the expected ones and each array must have the rows that
+were sent, so a partial, stale or foreign answer is never trained on. A server that restarted
+is simply reached again by the next try.
 """
 
 from __future__ import annotations
@@ -51,7 +52,11 @@ class RoleClient:
         start, delay, last = time.monotonic(), self.backoff_s, "nothing yet"
         while True:
             try:
-                with urllib.request.urlopen(request, timeout=self.request_timeout_s) as reply:
+                # one try never outlasts what is left of timeout_s: a server that hangs fails
+                # the call in about timeout_s, as one that is down does
+                left = self.timeout_s - (time.monotonic() - start)
+                with urllib.request.urlopen(request, timeout=max(0.1, min(
+                        self.request_timeout_s, left))) as reply:
                     return self._checked(json.loads(reply.read().decode("utf-8")), path)
             except urllib.error.HTTPError as err:
                 text = err.read().decode("utf-8", "replace")
