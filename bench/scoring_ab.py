@@ -1,22 +1,23 @@
 """The PPO scoring phase with and without the actor's forward (``conventions.old_logprobs``
 recompute vs rollout), timed alternately in one process:
-``python -m bench.scoring_ab {torch|jax} {tiny|small} [REPEATS]``.
+``python -m bench.scoring_ab {torch|jax} {tiny|small} [--repeats N] [--model-cache DIR]
+[--work DIR]``.
 
 Separate bench processes on a loaded machine differ by more than the effect; alternating
-calls on one trainer, one rollout, cancel the drift. Models come from ``/tmp/bench_models``
-(``python -m bench.run --model-cache /tmp/bench_models`` writes them); prints the medians.
+calls on one trainer, one rollout, cancel the drift. Models come from ``--model-cache`` (built
+there when missing, as ``python -m bench.run --model-cache DIR`` does); prints the medians.
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from bench.models import SIZES
+from bench.models import SIZES, build_model_dirs
 from bench.workspace import Shapes, prompt_batch, write_run_config
 
 
@@ -40,11 +41,21 @@ def _trainer(backend: str, config, work: Path, root: Path):
     return PPOTrainer(config, run_dir=run_dir, ctx=ctx, **paths)
 
 
-def main(argv: list[str]) -> None:
-    backend, size = argv[0], argv[1]
-    repeats = int(argv[2]) if len(argv) > 2 else 3
-    shapes, root = Shapes(), Path("/tmp/bench_models") / size
-    work = Path("/tmp/scoring_ab") / f"{backend}-{size}"
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.scoring_ab", description=__doc__)
+    p.add_argument("backend", choices=("torch", "jax"))
+    p.add_argument("size", choices=[k for k in SIZES if k != "micro"])  # micro: smoke shapes
+    p.add_argument("--repeats", type=int, default=3, help="alternating pairs timed (default 3)")
+    p.add_argument("--model-cache", type=Path, default=Path("runs/bench/models"),
+                   help="where the bench models are (built there when missing; the layout "
+                        "of `python -m bench.run --model-cache DIR`; default runs/bench/models)")
+    p.add_argument("--work", type=Path, default=Path("runs/bench/scoring_ab"),
+                   help="scratch run directory (default runs/bench/scoring_ab)")
+    args = p.parse_args(argv)
+    backend, size, repeats = args.backend, args.size, args.repeats
+    build_model_dirs(size, args.model_cache)
+    shapes, root = Shapes(), args.model_cache / size
+    work = args.work / f"{backend}-{size}"
     _, config = write_run_config(work, SIZES[size], shapes, lm_dir=str(root / "lm"),
                                  value_dir=str(root / "value"))
     trainer = _trainer(backend, config, work, root)
@@ -68,4 +79,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()
