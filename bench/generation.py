@@ -15,12 +15,17 @@ answer_len / seconds``); the time includes the prefill of the prompts, as a roll
   transformers' defaults (SDPA attention): the baseline.
 - ``torch_sdpa``: the ``torch`` path on a model loaded with SDPA attention instead of eager:
   not what the backend runs, but the measured effect of that one change.
+- ``jax_bf16``, ``torch_bf16``: ``ppo.rollout_dtype: bfloat16``, the ``jax`` and ``torch``
+  paths on the bf16 rollout copy of the fp32 model (``jax_rlhf.rollout_weights``,
+  ``torch_rlhf.rollout_weights``): bf16 weights, matmuls and KV cache, fp32 sampling. Their
+  roofline counts 2 bytes per weight and the bf16 matmul peak.
 - ``torch_static``, ``torch_packed``, ``torch_compiled``: the ``torch`` path with
   ``engine.torch.rollout_decode`` static (a preallocated StaticCache), packed (static, oneDNN
   packed linear weights) and compiled (static, ``torch.compile``; its compile time is the
   first call's excess, ``first call s``); ``torch_rlhf.rollout_decode``.
 
-The ``torch`` rows are also compared with ``hf`` in the same process (``paired_hf``): after
+The ``torch``, ``jax`` and bf16 rows are also compared with ``hf`` in the same process
+(``paired_hf``; the CPU is often shared, and alternating calls cancels most of that): after
 its own timing (and peak memory) is taken, the process loads the Hugging Face model too and
 times the two alternately. Both spend ~86 % of a batch-1 call in the same ``aten::mm`` calls
 of the same modules, so their separate-process figures differ mostly by process-to-process
@@ -39,9 +44,10 @@ from bench.workspace import Shapes, prompt_batch
 
 __all__ = ["IMPLEMENTATIONS", "run_generation"]
 
-IMPLEMENTATIONS = ("hf", "torch", "torch_sdpa", "jax", "torch_static", "torch_packed",
-                   "torch_compiled")
-PAIRED_WITH_HF = ("torch", "torch_static", "torch_packed", "torch_compiled")
+IMPLEMENTATIONS = ("hf", "torch", "torch_sdpa", "jax", "jax_bf16", "torch_bf16", "torch_static",
+                   "torch_packed", "torch_compiled")
+PAIRED_WITH_HF = ("torch", "jax", "jax_bf16", "torch_bf16", "torch_static", "torch_packed",
+                  "torch_compiled")
 """Implementations also timed alternately with HF ``generate`` in their own process."""
 
 
@@ -50,13 +56,15 @@ def _uniforms(rows: int, steps: int, seed: int) -> np.ndarray:
 
 
 def _torch_loader(lm_dir: str, steps: int, attn_implementation: str | None = None,
-                  rollout_decode: str = "module"):
+                  rollout_dtype: str | None = None, rollout_decode: str = "module"):
     import torch
 
     from torch_rlhf.generation import generate
     from torch_rlhf.models import build_causal_lm
+    from torch_rlhf.rollout_weights import RolloutModule
 
-    model = build_causal_lm(lm_dir, attn_implementation=attn_implementation)
+    model = RolloutModule(rollout_dtype).get(
+        build_causal_lm(lm_dir, attn_implementation=attn_implementation))
 
     def make(ids: np.ndarray, mask: np.ndarray, u: np.ndarray):
         ids_t, mask_t = torch.from_numpy(ids).long(), torch.from_numpy(mask).long()
@@ -90,17 +98,22 @@ def _hf_loader(lm_dir: str, steps: int):
     return make
 
 
-def _jax_loader(lm_dir: str, steps: int):
+def _jax_loader(lm_dir: str, steps: int, rollout_dtype: str | None = None):
+    import types
+
     import jax
     import jax.numpy as jnp
 
     from jax_rlhf.models import load_causal_lm
     from jax_rlhf.params import ModelDef
+    from jax_rlhf.rollout_weights import RolloutWeights
     from jax_rlhf.sampler import SamplingParams, generate
 
     model = load_causal_lm(lm_dir)
     vocab = int(model.config.vocab_size)
     mdef, params, frozen = ModelDef.split(model)
+    mdef, params, frozen = RolloutWeights(mdef, rollout_dtype).get(
+        types.SimpleNamespace(params=params, frozen=frozen))
     sampling = SamplingParams(max_new_tokens=steps, eos_ids=(vocab,), pad_id=0, do_sample=True)
 
     def make(ids: np.ndarray, mask: np.ndarray, u: np.ndarray):
@@ -112,6 +125,9 @@ def _jax_loader(lm_dir: str, steps: int):
 
 _LOADERS = {"torch": _torch_loader, "jax": _jax_loader, "hf": _hf_loader,
             "torch_sdpa": lambda lm_dir, steps: _torch_loader(lm_dir, steps, "sdpa"),
+            "jax_bf16": lambda lm_dir, steps: _jax_loader(lm_dir, steps, "bfloat16"),
+            "torch_bf16": lambda lm_dir, steps: _torch_loader(lm_dir, steps,
+                                                              rollout_dtype="bfloat16"),
             **{f"torch_{decode}": functools.partial(_torch_loader, rollout_decode=decode)
                for decode in ("static", "packed", "compiled")}}
 

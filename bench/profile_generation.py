@@ -15,6 +15,12 @@ random-weight Llama model (prompt 64, answer 64, fp32, this process's threads):
 From these it prints the best tokens/s the sampler could reach if everything but those matmuls
 were free (prefill + answer_len x floor) and that as a multiple of Hugging Face ``generate``.
 docs/performance.md quotes the output. Timings only; no pass/fail.
+
+``--rollout-dtype bfloat16`` profiles ``ppo.rollout_dtype: bfloat16``: the sampler's parts run
+on the bf16 rollout copy (``jax_rlhf.rollout_weights``; bf16 KV cache) and the floor is the
+same chain on bf16 weights (half the bytes); Hugging Face ``generate`` stays the fp32
+baseline. The floor is also timed with q/k/v and gate/up fused into one matmul each (fewer,
+wider skinny matmuls), the layout a fused model would stream.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import argparse
 import json
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -44,8 +51,10 @@ def _weight_shapes(config: dict[str, Any]) -> tuple[list[tuple[int, int]], tuple
     return [(d, d), (d, kv), (d, kv), (d, d), (d, f), (d, f), (f, d)], (d, config["vocab_size"])
 
 
-def _matmul_floor(config: dict[str, Any], batch: int, repeats: int) -> dict[str, float]:
-    """Seconds per decode step of the weight matmuls alone, in XLA and in torch."""
+def _matmul_floor(config: dict[str, Any], batch: int, repeats: int,
+                  dtype: str = "float32") -> dict[str, float]:
+    """Seconds per decode step of the weight matmuls alone, in XLA and in torch, with the
+    weights in ``dtype``; ``jax_fused_s``: XLA with q/k/v and gate/up as one matmul each."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -55,6 +64,7 @@ def _matmul_floor(config: dict[str, Any], batch: int, repeats: int) -> dict[str,
     layers = [[(rng.standard_normal(s) * 0.02).astype(np.float32) for s in layer_shapes]
               for _ in range(config["num_hidden_layers"])]
     head = (rng.standard_normal(head_shape) * 0.02).astype(np.float32)
+    d, kv, f = layer_shapes[0][0], layer_shapes[1][1], layer_shapes[4][1]
 
     def chain(x, layers, head, matmul):
         for q, k, v, o, gate, up, down in layers:
@@ -62,23 +72,40 @@ def _matmul_floor(config: dict[str, Any], batch: int, repeats: int) -> dict[str,
             x = x + matmul(matmul(x, gate) * matmul(x, up), down) * 0.01
         return matmul(x, head)
 
-    jax_layers = [[jnp.asarray(w) for w in ws] for ws in layers]
-    jax_head = jnp.asarray(head)
+    def fused_chain(x, layers, head):
+        for qkv, o, gate_up, down in layers:
+            h = x @ qkv  # [B, d + 2 kv]
+            x = x + (h[:, :d] @ o) * 0.01 + h[:, d:].sum() * 0
+            g = x @ gate_up  # [B, 2 f]
+            x = x + ((g[:, :f] * g[:, f:]) @ down) * 0.01
+        return x @ head
+
+    jdt = jnp.dtype(dtype)
+    jax_layers = [[jnp.asarray(w, jdt) for w in ws] for ws in layers]
+    jax_head = jnp.asarray(head, jdt)
     jax_chain = jax.jit(lambda x, ls, h: chain(x, ls, h, jnp.matmul))
-    x = jnp.ones((batch, layer_shapes[0][0]), jnp.float32)
+    x = jnp.ones((batch, d), jdt)
     out = {"jax_s": _median_s(lambda: jax_chain(x, jax_layers, jax_head),
                               repeats=repeats, sync=jax.block_until_ready)}
-    torch_layers = [[torch.from_numpy(w) for w in ws] for ws in layers]
-    torch_head, tx = torch.from_numpy(head), torch.ones(batch, layer_shapes[0][0])
+    fused = [[jnp.concatenate([q, k, v], 1), o, jnp.concatenate([gate, up], 1), down]
+             for q, k, v, o, gate, up, down in jax_layers]
+    assert fused[0][0].shape == (d, d + 2 * kv)
+    fused_fn = jax.jit(fused_chain)
+    out["jax_fused_s"] = _median_s(lambda: fused_fn(x, fused, jax_head), repeats=repeats,
+                                   sync=jax.block_until_ready)
+    tdt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    torch_layers = [[torch.from_numpy(w).to(tdt) for w in ws] for ws in layers]
+    torch_head, tx = torch.from_numpy(head).to(tdt), torch.ones(batch, d, dtype=tdt)
     with torch.no_grad():
         out["torch_s"] = _median_s(lambda: chain(tx, torch_layers, torch_head, torch.matmul),
                                    repeats=repeats)
-    out["weight_bytes"] = 4 * (sum(w.size for ws in layers for w in ws) + head.size)
+    out["weight_bytes"] = jdt.itemsize * (sum(w.size for ws in layers for w in ws) + head.size)
     return out
 
 
 def profile_generation(lm_dir: str, config: dict[str, Any], *, batch: int, prompt_len: int,
-                       answer_len: int, repeats: int) -> dict[str, Any]:
+                       answer_len: int, repeats: int,
+                       rollout_dtype: str = "float32") -> dict[str, Any]:
     import jax
     import jax.numpy as jnp
     import torch
@@ -87,6 +114,7 @@ def profile_generation(lm_dir: str, config: dict[str, Any], *, batch: int, promp
     import shared
     from jax_rlhf.models import load_causal_lm
     from jax_rlhf.params import ModelDef
+    from jax_rlhf.rollout_weights import RolloutWeights
     from jax_rlhf.sampler import SamplingParams, generate
 
     vocab = config["vocab_size"]
@@ -97,6 +125,8 @@ def profile_generation(lm_dir: str, config: dict[str, Any], *, batch: int, promp
 
     model = load_causal_lm(lm_dir)
     mdef, params, frozen = ModelDef.split(model)
+    mdef, params, frozen = RolloutWeights(mdef, rollout_dtype).get(
+        SimpleNamespace(params=params, frozen=frozen))
     ids, mask = jnp.asarray(ids_np, jnp.int32), jnp.ones((batch, prompt_len), jnp.int32)
     uniforms = jnp.asarray(uniforms_np)
     sampling = SamplingParams(max_new_tokens=answer_len, eos_ids=(vocab,), pad_id=0)
@@ -141,7 +171,7 @@ def profile_generation(lm_dir: str, config: dict[str, Any], *, batch: int, promp
 
     out["jax_sample_token_s"] = _median_s(lambda: pick(logits, uniforms[:, 0]),
                                           repeats=max(repeats, 10), sync=sync)
-    out["matmul_floor_step_s"] = _matmul_floor(config, batch, max(repeats, 10))
+    out["matmul_floor_step_s"] = _matmul_floor(config, batch, max(repeats, 10), rollout_dtype)
 
     hf = transformers.AutoModelForCausalLM.from_pretrained(lm_dir)
     hf.eval()
@@ -161,7 +191,7 @@ def profile_generation(lm_dir: str, config: dict[str, Any], *, batch: int, promp
     best = out["jax_prefill_s"] + answer_len * floor
     out.update({
         "batch": batch, "prompt_len": prompt_len, "answer_len": answer_len,
-        "jax_tokens_per_s": tokens / out["jax_generate_s"],
+        "rollout_dtype": rollout_dtype, "jax_tokens_per_s": tokens / out["jax_generate_s"],
         "hf_tokens_per_s": tokens / out["hf_generate_s"],
         "jax_vs_hf": out["hf_generate_s"] / out["jax_generate_s"],
         "best_case_s": best, "best_case_tokens_per_s": tokens / best,
@@ -190,12 +220,15 @@ def render(result: dict[str, Any]) -> str:
         ("decode-step matmul floor, XLA", ms(floor["jax_s"]),
          f"{floor['weight_bytes'] / floor['jax_s'] / 1e9:.1f} GB/s of weights; the step is "
          f"{result['decode_step_vs_matmul_floor']:.2f}x it"),
+        ("decode-step matmul floor, XLA, q/k/v and gate/up fused", ms(floor["jax_fused_s"]),
+         f"{floor['weight_bytes'] / floor['jax_fused_s'] / 1e9:.1f} GB/s of weights"),
         ("decode-step matmul floor, torch", ms(floor["torch_s"]),
          f"{floor['weight_bytes'] / floor['torch_s'] / 1e9:.1f} GB/s of weights"),
         ("best case: prefill + answer x XLA floor", f"{result['best_case_s']:.2f} s",
          f"{result['best_case_tokens_per_s']:.0f} tok/s = {result['best_case_vs_hf']:.2f}x HF"),
     ]
-    lines = [f"batch {result['batch']}, prompt {result['prompt_len']}, answer {answer}", "",
+    lines = [f"batch {result['batch']}, prompt {result['prompt_len']}, answer {answer}, "
+             f"rollout dtype {result['rollout_dtype']}", "",
              "| part | time | share / rate |", "| --- | --- | --- |"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     return "\n".join(lines)
@@ -209,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-len", type=int, default=64)
     p.add_argument("--answer-len", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rollout-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the sampler's weights (ppo.rollout_dtype); HF generate stays fp32")
     p.add_argument("--model-cache", type=Path, default=None,
                    help="where the random-weight model directories are kept (default: a "
                    "temporary directory)")
@@ -218,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         dirs = build_model_dirs(args.size, args.model_cache or scratch)
         result = profile_generation(dirs["lm"], SIZES[args.size], batch=args.batch,
                                     prompt_len=args.prompt_len, answer_len=args.answer_len,
-                                    repeats=args.repeats)
+                                    repeats=args.repeats, rollout_dtype=args.rollout_dtype)
     print(render(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

@@ -10,7 +10,8 @@ FLOP counts (docs/performance.md, "How the figures are computed"):
   LM head on the last prompt position only; every implementation measured skips the rest).
   Its *roofline time* is the least time the machine allows: the prefill at peak FLOP/s, plus
   per decode step the larger of 2 N B / peak (compute) and 4 N bytes / bandwidth (reading the
-  fp32 weights once).
+  fp32 weights once). The bf16 rows (``jax_bf16``, ``torch_bf16``: ``ppo.rollout_dtype``)
+  use the bf16 matmul peak and 2 N bytes.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ __all__ = ["build_document", "check_targets", "render_markdown", "write_outputs"
 
 SCHEMA = "rlhf-parity-bench/1"
 DISPLAY = {"hf": "HF generate", "torch": "torch rollout path", "torch_sdpa": "torch path, SDPA",
-           "jax": "JAX sampler", "torch_static": "torch path, static cache",
+           "jax": "JAX sampler", "jax_bf16": "JAX sampler, bf16",
+           "torch_bf16": "torch rollout path, bf16", "torch_static": "torch path, static cache",
            "torch_packed": "torch path, packed weights",
            "torch_compiled": "torch path, torch.compile"}
 TARGET_SIZE_ORDER = ("small", "tiny", "micro")
@@ -56,6 +58,12 @@ def _generation_rows(task, outcome, limits, counts) -> list[dict[str, Any]]:
     n = counts[task["size"]]["lm"]["matmul"]
     body = n - counts[task["size"]]["lm"]["head"]
     peak, bandwidth = limits.get("fp32_peak_flops"), limits.get("memory_bandwidth_bytes")
+    bytes_per_weight, roof_peak = 4, peak
+    if task["backend"].endswith("_bf16"):  # ppo.rollout_dtype: bfloat16
+        bytes_per_weight = 2
+        # emulated bf16 (no AVX-512 BF16 / AMX) computes no faster than fp32
+        roof_peak = (limits.get("torch_bf16_flops") if limits.get("bf16_native") else None
+                     ) or peak
     rows = []
     for raw in outcome["result"]:
         batch, prompt, answer = raw["batch"], raw["prompt_len"], raw["answer_len"]
@@ -63,10 +71,10 @@ def _generation_rows(task, outcome, limits, counts) -> list[dict[str, Any]]:
         seconds = raw["median_s"]
         flops = 2 * body * batch * prompt + 2 * n * batch * answer
         row["achieved_flops"] = flops / seconds
-        if peak and bandwidth:
-            weight_bytes = 4 * n
-            roofline = (max(2 * body * batch * prompt / peak, weight_bytes / bandwidth)
-                        + answer * max(2 * n * batch / peak, weight_bytes / bandwidth))
+        if peak and roof_peak and bandwidth:
+            weight_bytes = bytes_per_weight * n
+            roofline = (max(2 * body * batch * prompt / roof_peak, weight_bytes / bandwidth)
+                        + answer * max(2 * n * batch / roof_peak, weight_bytes / bandwidth))
             row["fraction_of_fp32_peak"] = row["achieved_flops"] / peak
             row["roofline_s"] = roofline
             row["fraction_of_roofline"] = roofline / seconds
@@ -115,6 +123,7 @@ def _ppo_row(task, outcome, limits, counts, shapes) -> dict[str, Any]:
     peak = limits.get("fp32_peak_flops")
     row = {
         "id": task["id"], "workload": "ppo_iteration", "rollout_rows": shapes["ppo_rollout_batch"],
+        "old_logprobs": task.get("old_logprobs", "recompute"),
         "minibatch_rows": shapes["ppo_minibatch"], "ppo_steps": steps,
         "rollout_path": its[0].get("rollout_path"), "iterations": its,
         "warmup_iterations": raw.get("warmup"),
@@ -123,7 +132,6 @@ def _ppo_row(task, outcome, limits, counts, shapes) -> dict[str, Any]:
         "other_s": other,
         "generation_tokens_per_s": shapes["ppo_rollout_batch"] * shapes["answer_len"] / generation,
         "ppo_step_s": step, "ppo_step_tokens": step_tokens,
-        "old_logprobs": task.get("old_logprobs", "recompute"),
         "ppo_step_tokens_per_s": step_tokens / step,
         "plain_scoring_s": plain_scoring, "plain_step_s": plain_step,
         "plain_scoring_times_s": raw["plain"]["scoring"]["times_s"],
@@ -181,8 +189,19 @@ def check_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     batches = sorted({r["batch"] for r in results if r["workload"] == "generation"})
     big = batches[-1] if batches else None
     if big is not None:
-        add(f"JAX sampler vs HF generate, tokens/s at batch {big}",
-            ratio(f"generation/{size}/jax/b{big}", f"generation/{size}/hf/b{big}"), 3.0)
+        for impl, name in (("jax", "JAX sampler"), ("jax_bf16", "JAX sampler, bf16 rollouts,")):
+            row = by_id.get(f"generation/{size}/{impl}/b{big}")
+            if impl == "jax_bf16" and not row:
+                continue
+            paired = (row or {}).get("vs_hf_same_process")
+            add(f"{name} vs HF generate, tokens/s at batch {big}"
+                + (" (same process, alternating calls)" if paired is not None else ""),
+                paired if paired is not None else
+                ratio(f"generation/{size}/{impl}/b{big}", f"generation/{size}/hf/b{big}"), 3.0)
+        bf16 = by_id.get(f"generation/{size}/jax_bf16/b{big}")
+        if bf16:  # ppo.rollout_dtype: bfloat16 (issue 16: 3x HF and 80 % of its roofline)
+            add(f"JAX sampler, bf16 rollouts, share of its roofline at batch {big}",
+                bf16.get("fraction_of_roofline"), 0.80, unit="fraction")
     for batch in batches:
         torch_row = by_id.get(f"generation/{size}/torch/b{batch}") or {}
         paired = torch_row.get("vs_hf_same_process")

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from bench import run as bench_run
+from bench.generation import PAIRED_WITH_HF
 
 REPO = Path(__file__).resolve().parents[2]
 MICRO = dict(sizes="micro", prompt_len=8, answer_len=8, repeats=1, threads=1)
@@ -57,7 +58,7 @@ def test_results_document(micro_run):
 def test_every_workload_is_recorded(micro_run):
     _, doc = micro_run
     ids = {r["id"] for r in doc["results"]}
-    for impl in ("hf", "torch", "jax"):
+    for impl in ("hf", "torch", "jax", "jax_bf16", "torch_bf16"):
         assert {f"generation/micro/{impl}/b1", f"generation/micro/{impl}/b16"} <= ids
     for kind in ("sft", "ppo"):
         assert {f"{kind}/micro/torch", f"{kind}/micro/jax"} <= ids
@@ -76,9 +77,10 @@ def test_derived_figures(micro_run):
     for r in by_workload["generation"]:
         assert {"tokens_per_s", "ms_per_token", "vs_hf", "fraction_of_fp32_peak",
                 "roofline_s", "first_call_s", "compile_s", "times_s"} <= set(r)
-        # The torch rollout path is also timed alternately with HF generate in its process.
-        assert ("paired_hf" in r) == (r["backend"] == "torch")
-        if r["backend"] == "torch":
+        # The torch rollout path and the JAX sampler (fp32, bf16) are also timed alternately
+        # with HF generate in their process.
+        assert ("paired_hf" in r) == (r["backend"] in PAIRED_WITH_HF)
+        if r["backend"] in PAIRED_WITH_HF:
             pair = r["paired_hf"]
             assert r["vs_hf_same_process"] == pair["vs_hf"] == pytest.approx(
                 pair["hf"]["median_s"] / pair["self"]["median_s"])
@@ -93,7 +95,9 @@ def test_derived_figures(micro_run):
         assert r["old_logprobs"] == ("rollout" if r["id"].endswith("/rollout-logprobs")
                                      else "recompute")
     targets = {t["target"] for t in doc["targets"]}
-    assert "JAX sampler vs HF generate, tokens/s at batch 16" in targets
+    jax_paired = "vs HF generate, tokens/s at batch 16 (same process, alternating calls)"
+    assert {f"JAX sampler {jax_paired}", f"JAX sampler, bf16 rollouts, {jax_paired}",
+            "JAX sampler, bf16 rollouts, share of its roofline at batch 16"} <= targets
     paired = "torch rollout path vs HF generate, tokens/s at batch 1 (same process, " \
              "alternating calls)"
     assert paired in targets
@@ -157,17 +161,25 @@ def test_gpu_recipe_dry_run(tmp_path):
     assert "iteration_s" in on or "unavailable" in on
 
 
-def test_profile_generation_micro(tmp_path, capsys):
+@pytest.mark.parametrize("rollout_dtype, bytes_per_weight", [("float32", 4), ("bfloat16", 2)])
+def test_profile_generation_micro(tmp_path, capsys, rollout_dtype, bytes_per_weight):
     """`python -m bench.profile_generation` runs end to end and its figures are consistent
     with each other (no timing threshold: only their relations)."""
     from bench import profile_generation
+    from bench.models import SIZES
 
     out = tmp_path / "profile.json"
     assert profile_generation.main(["--size", "micro", "--batch", "2", "--prompt-len", "8",
                                     "--answer-len", "4", "--repeats", "1",
                                     "--model-cache", str(tmp_path / "models"),
+                                    "--rollout-dtype", rollout_dtype,
                                     "--json", str(out)]) == 0
     result = json.loads(out.read_text())
+    assert result["rollout_dtype"] == rollout_dtype
+    layers, head = profile_generation._weight_shapes(SIZES["micro"])
+    weights = SIZES["micro"]["num_hidden_layers"] * sum(a * b for a, b in layers)
+    assert result["matmul_floor_step_s"]["weight_bytes"] == bytes_per_weight * (
+        weights + head[0] * head[1])
     tokens = 2 * 4
     assert result["jax_tokens_per_s"] == pytest.approx(tokens / result["jax_generate_s"])
     assert result["best_case_s"] == pytest.approx(
