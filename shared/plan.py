@@ -7,12 +7,22 @@ reward model; a served ``name@url`` role lives elsewhere and costs nothing here)
   models' by ``world_size``; ``offload`` at ZeRO-3 (DeepSpeed ``offload_param``) and
   ``ppo.offload_reference_model`` move them to the host.
 - **gradients** (actor, critic): trainable parameters x dtype bytes, / ``world_size`` from
-  ZeRO-2 on. With LoRA and ``only_optimize`` only the adapters (and a critic's value head)
-  are trainable.
+  ZeRO-2 on; to the host with ``offload`` (from ZeRO-1 on, as DeepSpeed's offload does).
+  With LoRA and ``only_optimize`` only the adapters (and a critic's value head) are
+  trainable.
 - **optimiser** (actor, critic): Adam's fp32 ``m`` and ``v`` (8 bytes per trainable
   parameter) plus an fp32 master copy in mixed precision (4 more): the ZeRO paper's
   2 + 2 + 12 = 16 bytes per parameter with the weights and gradients (Rajbhandari et al.
   2020, section 3.1); / ``world_size`` from ZeRO-1 on; ``offload`` moves it to the host.
+  DeepSpeed's ZeRO-1/2/3 optimisers hold more than the paper: an fp32 master partition
+  whatever the dtype, and in mixed precision an fp32 gradient partition too (its estimator's
+  "18 = 2 grads16 + 4 grads32 + 4 params32 + 8 optimizer states"), so from ZeRO-1 on both
+  dtypes cost 20 bytes per parameter over the ranks, as ``estimate_zero2/3_...`` count.
+- **buffers** (DeepSpeed, ZeRO-2/3): the gradient reduce bucket (``reduce_bucket_size``,
+  5e8 elements, touched up to the trainable parameters) and, at ZeRO-3, the gathered full
+  parameters of the running model (``stage3_max_live_parameters``: 3e7 for the trained
+  models as DeepSpeed-Chat sets it, DeepSpeed's 1e9 for the frozen ones) beside their
+  partitions.
 - **activations** of one training micro-batch, per layer: ``34 s b h`` bytes at 2-byte
   activations (Korthikanti et al. 2022, "Reducing Activation Recomputation", eq. 2 without
   its ``5 a s^2 b`` attention-score term: SDPA / flash attention never stores the scores),
@@ -49,12 +59,16 @@ __all__ = ["BASELINE_RSS_BYTES", "Plan", "estimate", "model_shapes", "plan_confi
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-BASELINE_RSS_BYTES = {"torch": 290 * 2**20, "jax": 270 * 2**20}
-"""Resident memory of a PPO process before any model: torch + DeepSpeed imported and the
-process group up (278 MiB measured, max RSS, 2-core CPU box, torch 2.x); JAX + flax with the
-CPU runtime started (256 MiB); each rounded up for the trainer modules, tokenizer and data
-(``bench/cost_curves.py`` measures it again: ``baseline``)."""
-_ITEMS = ("weights", "gradients", "optimizer", "activations", "kv_cache", "logits")
+BASELINE_RSS_BYTES = {"torch": 438 * 2**20, "jax": 256 * 2**20}
+"""Resident memory of a PPO process whose models weigh nothing, measured (max RSS, 2-core
+CPU box): torch: a whole PPO iteration of the torch backend on ``bench``'s ``micro`` model
+(0.03M parameters; ``python -m bench.cost_curves``, its first row), i.e. torch + DeepSpeed,
+the process group, four engines, tokenizer and allocator pools (278 MiB of it is importing
+torch + DeepSpeed alone); jax: JAX + flax + the backend imported and the CPU runtime started
+(256 MiB; not yet re-measured on a whole JAX iteration)."""
+_ITEMS = ("weights", "gradients", "optimizer", "buffers", "activations", "kv_cache", "logits")
+_REDUCE_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size default (elements)
+_LIVE_TRAINED, _LIVE_FROZEN = 30_000_000, 1_000_000_000  # stage3_max_live_parameters
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,7 +180,10 @@ def estimate(shapes: dict[str, ModelShape], *, models: tuple[str, ...], dtype: s
             continue
         shape = shapes["lm" if name in ("actor", "reference") else "value"]
         trained = name in ("actor", "critic")
-        stage = {"actor": actor_zero_stage, "critic": critic_zero_stage}.get(name, 0)
+        # The reference and reward model run at ZeRO-3 beside a ZeRO-3 actor / critic
+        # (DeepSpeed-Chat's _init_ref / _init_reward), else as full copies.
+        stage = actor_zero_stage if name in ("actor", "reference") else critic_zero_stage
+        stage = stage if trained or stage == 3 else 0
         lora_dim, targets, only = {"actor": actor_lora, "critic": critic_lora}.get(
             name, (0, (), False))
         adapters = shape.lora_params(lora_dim, targets) if trained and lora_dim else 0
@@ -180,8 +197,12 @@ def estimate(shapes: dict[str, ModelShape], *, models: tuple[str, ...], dtype: s
         weights_host = (offload and stage == 3) or (name == "reference" and offload_reference)
         (host if weights_host else device)["weights"] = weights
         if trained:
-            device["gradients"] = trainable * width // (world_size if stage >= 2 else 1)
-            optimizer = trainable * (8 + (4 if width < 4 else 0))
+            gradients = trainable * width // (world_size if stage >= 2 else 1)
+            # DeepSpeed's offload_optimizer moves the gradient partitions with the states.
+            (host if offload and stage >= 1 else device)["gradients"] = gradients
+            master = 4 if width < 4 or stage >= 1 else 0
+            grads32 = 4 if width < 4 and stage >= 1 else 0
+            optimizer = trainable * (8 + master + grads32)
             optimizer //= world_size if stage >= 1 else 1
             (host if offload else device)["optimizer"] = optimizer
             checkpointing = actor_checkpointing if name == "actor" else critic_checkpointing
@@ -189,13 +210,18 @@ def estimate(shapes: dict[str, ModelShape], *, models: tuple[str, ...], dtype: s
                                        checkpointing=checkpointing)
                           + _logits(shape, rows=training_batch, seq=seq))
             device["activations"] = work[name]
+        if trained and stage >= 2:
+            device["buffers"] += min(_REDUCE_BUCKET, trainable) * width
+        if stage == 3:
+            device["buffers"] += min(params, _LIVE_TRAINED if trained else _LIVE_FROZEN) * width
         if name == "actor":
             device["kv_cache"] = (shape.layers * 2 * generation_batch * seq * shape.kv_heads
                                   * shape.head_dim * width)
             device["logits"] = _logits(shape, rows=generation_batch, seq=seq)
         out.append(ModelMemory(name=name, params=params, trainable=trainable, device=device,
                                host=host))
-    resident = sum(m.device[k] for m in out for k in ("weights", "gradients", "optimizer"))
+    resident = sum(m.device[k] for m in out
+                   for k in ("weights", "gradients", "optimizer", "buffers"))
     actor = next((m for m in out if m.name == "actor"), None)
     phases = {"generation": resident + (actor.device["kv_cache"] if actor else 0),
               "scoring": resident + (actor.device["logits"] if actor else 0),

@@ -16,7 +16,8 @@ from shared.plan import GIB, Plan, plan_config
 
 __all__ = ["format_plan", "main"]
 
-_COLUMNS = ("weights", "gradients", "optimizer", "activations", "kv_cache", "logits")
+_COLUMNS = ("weights", "gradients", "optimizer", "buffers", "activations", "kv_cache",
+            "logits")
 
 
 def _gib(n: int) -> str:
