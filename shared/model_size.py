@@ -5,7 +5,7 @@ parameters (weights, gradients and optimiser states scale with it), the largest 
 (DeepSpeed's ZeRO-3 estimator gathers one at a time), the shapes that size the activations
 and the KV cache, and the linear layers LoRA adapts. Counted here from the config keys of the
 families the project loads (``llama`` and the same-shaped ``mistral`` / ``qwen2``, ``opt``,
-``gpt2``); nothing is downloaded or built. ``tests/torch/test_torch_model_size.py`` checks
+``gpt2``); nothing is downloaded or built. ``tests/shared/test_plan.py`` checks
 every family against the parameters of the Hugging Face module itself.
 """
 
