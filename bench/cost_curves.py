@@ -1,8 +1,7 @@
 """Cost curves: PPO iteration time and peak memory against model size, batch, answer length
 and ZeRO stage, a least-squares growth model, and ``rlhf plan``'s estimate against them.
 
-``python -m bench.cost_curves [--out DIR] [--write-docs]`` (``python -m bench.run --curves``
-runs the same): every point is one torch PPO iteration (``PPOTrainer`` on DeepSpeed, fp32,
+``python -m bench.cost_curves [--out DIR] [--write-docs]``: every point is one torch PPO iteration (``PPOTrainer`` on DeepSpeed, fp32,
 one warm-up iteration and one timed, full-length answers) in a fresh process, whose peak
 resident memory (``getrusage`` max RSS) is the measurement. On a CPU the device's memory *is*
 the process's, so the planner's figure compared is ``Plan.process_rss_bytes``: the
