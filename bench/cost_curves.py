@@ -1,12 +1,13 @@
 """Cost curves: PPO iteration time and peak memory against model size, batch, answer length
 and ZeRO stage, a least-squares growth model, and ``rlhf plan``'s estimate against them.
 
-``python -m bench.cost_curves [--out DIR] [--write-docs]``: every point is one torch PPO iteration (``PPOTrainer`` on DeepSpeed, fp32,
-one warm-up iteration and one timed, full-length answers) in a fresh process, whose peak
-resident memory (``getrusage`` max RSS) is the measurement. On a CPU the device's memory *is*
-the process's, so the planner's figure compared is ``Plan.process_rss_bytes``: the
-framework's baseline (``shared.plan.BASELINE_RSS_BYTES``, re-measured here as the ``micro``
-model's point, whose own bytes are under 1 MiB) plus the peak phase plus the host share.
+``python -m bench.cost_curves [--out DIR] [--write-docs]``: every point is one torch PPO
+iteration (``PPOTrainer`` on DeepSpeed, fp32, one warm-up iteration and one timed, full-length
+answers) in a fresh process, whose peak resident memory (``getrusage`` max RSS) is the
+measurement. On a CPU the device's memory *is* the process's, so the planner's figure compared
+is ``Plan.process_rss_bytes``: the framework's baseline (``shared.plan.BASELINE_RSS_BYTES``,
+re-measured here as the ``micro`` model's point, whose own bytes are under 1 MiB) plus the peak
+phase plus the host share.
 
 Fitted (ordinary least squares over the points; N = parameters of one model, T = rollout
 tokens B x (prompt + answer)):
