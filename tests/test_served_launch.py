@@ -32,6 +32,8 @@ def _rlhf(argv, cwd):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow  # ~60 s of subprocesses on 2 cores; tests/test_served_critic.py's torch case
+# (default suite) runs the same three served roles through the loop in process
 def test_launch_serves_reward_initial_policy_and_critic_for_the_ppo_step(tmp_path, free_port):
     ports = [free_port(), free_port(), free_port()]
     run_dir = tmp_path / "run"
