@@ -196,7 +196,7 @@ class PPOLoop:
         self.data = build_step_data(config.data, tokenizer, "ppo")
         self.generation_rows = ppo.per_device_generation_batch_size * world_size
         self.minibatch_rows = ppo.per_device_training_batch_size * world_size
-        self.generation_batches = self._generation_batches()
+        self.generation_batches = generation_batches(config, world_size=world_size)
         # the group layout (shared.critic_free): a batch of rows holds rows / n prompts
         self.group_size = ppo.n_samples_per_prompt
         self.models = models_used(config)
@@ -253,10 +253,6 @@ class PPOLoop:
         """Whether PPO trains on a ptx (pretraining) loss too (``ppo.unsup_coef`` > 0 and
         ``data.unsupervised_dataset_name``)."""
         return self.ptx_mode is not None
-
-    def _generation_batches(self) -> int:
-        return generation_batches(self.config, world_size=self.generation_rows
-                                  // self.config.ppo.per_device_generation_batch_size)
 
     # ------------------------------------------------------------ steps 2-4: experience
 
