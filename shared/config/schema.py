@@ -169,7 +169,7 @@ class ServedRoleConfig:
     url: str | None = None
     # NeMo-RLHF's spelling: ip and port together make url http://ip:port.
     ip: str | None = None
-    # NeMo-RLHF's spelling (its guide: 5555 reward model, 5556 initial policy).
+    # NeMo-RLHF's spelling (its guide: 5555 reward model, 5556 initial policy, 5557 critic).
     port: int | None = None
     # Give up on one request after this many seconds of retries (backoff from 0.25 s, doubling
     # to 8 s); the error names the role, the URL and what the client last heard.
@@ -182,8 +182,8 @@ class ServedRoleConfig:
 
 
 def _check_served(served: Any) -> None:
-    """ServedRoleConfig's checks (CriticConfig shares them): ip and port together compose
-    url, which must be http(s); timeout_s > 0."""
+    """ServedRoleConfig's checks: ip and port together compose url, which must be http(s);
+    timeout_s > 0."""
     if (served.ip is None) != (served.port is None):
         raise ConfigError(f"ip: {served.ip!r} and port: {served.port!r}: give both (NeMo's "
                           "spelling of url) or neither")
@@ -218,27 +218,16 @@ class ModuleConfig:
 
 
 @dataclass(frozen=True)
-class CriticConfig(ModuleConfig):
+class CriticConfig(ServedRoleConfig, ModuleConfig):
     """The PPO critic: how it is trained and, with url, the server that trains it.
 
     ModuleConfig's settings plus ServedRoleConfig's keys: with url, `rlhf serve critic`
-    holds and trains the critic (NeMo-RLHF's rlhf.critic; docs/serving.md)."""
-
-    # http://host:port of the critic server; null (and no ip/port): trained in process.
-    url: str | None = None
-    # NeMo-RLHF's spelling: ip and port together make url http://ip:port.
-    ip: str | None = None
-    # NeMo-RLHF's spelling (its guide: 5557 critic).
-    port: int | None = None
-    # Give up on one request after this many seconds of retries (backoff from 0.25 s, doubling
-    # to 8 s); the error names the role, the URL and what the client last heard.
-    timeout_s: float = 120.0
-    # The model `rlhf launch` serves as critic; null: the one the run would load in process.
-    model: str | None = None
+    holds and trains the critic (NeMo-RLHF's rlhf.critic, port 5557 in its guide;
+    docs/serving.md)."""
 
     def __post_init__(self):
-        super().__post_init__()
-        _check_served(self)
+        ModuleConfig.__post_init__(self)
+        ServedRoleConfig.__post_init__(self)
 
 
 @dataclass(frozen=True)
