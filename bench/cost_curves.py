@@ -1,9 +1,9 @@
 """Cost curves: PPO iteration time and peak memory against model size, batch, answer length
 and ZeRO stage, a least-squares growth model, and ``rlhf plan``'s estimate against them.
 
-``python -m bench.cost_curves [--out DIR] [--write-docs]``: every point is one torch PPO
-iteration (``PPOTrainer`` on DeepSpeed, fp32, one warm-up iteration and one timed, full-length
-answers) in a fresh process, whose peak resident memory (``getrusage`` max RSS) is the
+``python -m bench.cost_curves [--out DIR] [--write-docs] [--model-cache DIR]``: every point is
+one torch PPO iteration (``PPOTrainer`` on DeepSpeed, fp32, one warm-up iteration and one timed,
+full-length answers) in a fresh process, whose peak resident memory (``getrusage`` max RSS) is the
 measurement. On a CPU the device's memory *is* the process's, so the planner's figure compared
 is ``Plan.process_rss_bytes``: the framework's baseline (``shared.plan.BASELINE_RSS_BYTES``,
 re-measured here as the ``micro`` model's point, whose own bytes are under 1 MiB) plus the peak
@@ -16,8 +16,10 @@ tokens B x (prompt + answer)):
 - peak RSS ~ c + d N + e B L (L = prompt + answer)
 
 Writes ``<out>/cost_curves.json`` and ``<out>/cost_curves.md``; ``--write-docs`` also replaces
-the section between the ``cost-curves`` markers of docs/performance.md. Not part of the
-default ``bench.run`` (it adds ~3 minutes to a run that is 12-13 minutes already).
+the section between the ``cost-curves`` markers of docs/performance.md
+(``bench.docs_writer``). ``make bench`` runs it after ``bench.run``, both on one
+``--model-cache`` (the tiny and small models are built once; they are the same checkpoints,
+``parity_tests.harness.build_checkpoint`` with seeds 0 and 1).
 """
 
 from __future__ import annotations
@@ -34,13 +36,12 @@ from typing import Any
 
 import numpy as np
 
+from bench.docs_writer import DOCS, replace_section
 from bench.models import SIZES
 
 __all__ = ["CURVE_SIZES", "fit", "main", "points"]
 
 _REPO = Path(__file__).resolve().parent.parent
-DOCS = _REPO / "docs" / "performance.md"
-START, END = "<!-- cost-curves:start -->", "<!-- cost-curves:end -->"
 PROMPT_LEN = 32
 CURVE_SIZES: dict[str, dict[str, Any]] = {
     "micro": SIZES["micro"],
@@ -53,13 +54,17 @@ CURVE_SIZES: dict[str, dict[str, Any]] = {
 
 
 def points() -> list[dict[str, Any]]:
-    """The measured points: one factor at a time around (tiny, batch 8, answer 32, ZeRO-0),
-    the three sizes at two batches, and ZeRO-3 beside ZeRO-0 at two sizes."""
+    """The measured points: one factor at a time around (tiny, batch 8, answer 32, ZeRO-0):
+    the three sizes, batch 16 at the smallest and largest of them, answer 64, ZeRO-3; and
+    the micro model, the framework's baseline. (Medium at batch 16 and at answer 64 were
+    measured too until ``make bench`` ran the curves: they sat on the fits' lines and cost
+    a minute.)"""
     base = {"size": "tiny", "batch": 8, "answer": 32, "zero": 0}
     chosen = [{**base, "size": "micro"}]  # the baseline
     for size in ("tiny", "medium", "small"):
-        chosen += [{**base, "size": size}, {**base, "size": size, "batch": 16}]
-    chosen += [{**base, "answer": 64}, {**base, "size": "medium", "answer": 64},
+        chosen.append({**base, "size": size})
+    chosen += [{**base, "batch": 16}, {**base, "size": "small", "batch": 16},
+               {**base, "answer": 64},
                {**base, "zero": 3}]  # medium at ZeRO-3 fails in the rollout gather (see report)
     return chosen
 
@@ -155,7 +160,8 @@ def _markdown(document: dict[str, Any]) -> str:
     rows, f = document["rows"], document["fit"]
     mib = 2**20
     lines = [
-        f"Measured by `python -m bench.cost_curves --write-docs` in {document['wall_s']:.0f} s "
+        f"Measured by `python -m bench.cost_curves --write-docs` (the last stage of `make bench`) "
+        f"in {document['wall_s']:.0f} s "
         f"({document['machine']}; git {document['git'][:10]}). Torch backend, fp32, one PPO "
         f"iteration per point (prompt {PROMPT_LEN}, rollout batch B, 2 actor + critic steps "
         "of B/2 rows), each point in its own process; peak RSS is that process's max RSS.",
@@ -194,17 +200,14 @@ def _markdown(document: dict[str, Any]) -> str:
 
 def write_docs(markdown: str, path: Path = DOCS) -> None:
     """Replaces the text between the cost-curves markers of ``path``."""
-    text = path.read_text()
-    if START not in text or END not in text:
-        raise RuntimeError(f"{path}: no {START} ... {END} markers to write between")
-    head, rest = text.split(START, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{START}\n{markdown}\n{END}{tail}")
+    replace_section(path, "cost-curves", markdown)
 
 
-def run(out: Path, *, timeout: float = 300.0, only: tuple[str, ...] = ()) -> dict[str, Any]:
+def run(out: Path, *, timeout: float = 300.0, only: tuple[str, ...] = (),
+        model_cache: Path | None = None) -> dict[str, Any]:
     """Measures every point (module doc), fits, compares with the planner; returns and writes
-    the document (``<out>/cost_curves.json`` and ``.md``)."""
+    the document (``<out>/cost_curves.json`` and ``.md``). ``model_cache``: where the models
+    are built, or found from an earlier run (``bench.run --model-cache``)."""
     from bench.machine import git_revision, machine_info
     from shared.plan import BASELINE_RSS_BYTES
 
@@ -213,7 +216,7 @@ def run(out: Path, *, timeout: float = 300.0, only: tuple[str, ...] = ()) -> dic
     chosen = [p for p in points() if not only or _point_id(p) in only]
     with tempfile.TemporaryDirectory(prefix="cost-curves-", dir=out) as tmp:
         scratch = Path(tmp)
-        model_root = scratch / "models"
+        model_root = model_cache or scratch / "models"
         _run_child({"kind": "prepare", "model_root": str(model_root)}, scratch, timeout)
         rows = []
         for i, point in enumerate(chosen, 1):
@@ -253,13 +256,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("runs/bench"))
     p.add_argument("--write-docs", action="store_true",
                    help="also write the results into docs/performance.md (between markers)")
+    p.add_argument("--docs", type=Path, default=DOCS, help="the page --write-docs writes")
+    p.add_argument("--model-cache", type=Path, default=None,
+                   help="build the models here, or reuse those built there already (e.g. by "
+                   "bench.run --model-cache)")
     p.add_argument("--only", action="append", default=[], metavar="POINT",
                    help="only this point id (e.g. tiny/b8/a32/z0); repeatable")
     args = p.parse_args(argv)
-    document = run(args.out, only=tuple(args.only))
+    document = run(args.out, only=tuple(args.only), model_cache=args.model_cache)
     print(document["markdown"])
     if args.write_docs:
-        write_docs(document["markdown"])
+        write_docs(document["markdown"], args.docs)
     print(f"cost curves: {len(document['rows'])} points in {document['wall_s']:.0f} s; wrote "
           f"{args.out / 'cost_curves.json'}")
     return 0

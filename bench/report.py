@@ -25,7 +25,8 @@ from typing import Any
 
 from bench.models import SIZES, param_counts
 
-__all__ = ["build_document", "check_targets", "render_markdown", "write_outputs"]
+__all__ = ["build_document", "check_targets", "render_docs_section", "render_markdown",
+           "write_outputs"]
 
 SCHEMA = "rlhf-parity-bench/1"
 DISPLAY = {"hf": "HF generate", "torch": "torch rollout path", "torch_sdpa": "torch path, SDPA",
@@ -453,6 +454,27 @@ def _recipe_lines(recipe: list[dict[str, Any]]) -> list[str]:
                     [[p["recipe"], p["hardware"], p["step3"], p["source"]] for p in PUBLISHED])
     lines.append("")
     return lines
+
+
+def render_docs_section(doc: dict[str, Any]) -> str:
+    """docs/performance.md's "Latest run" section: ``results.md`` one heading level down, under
+    a few lines on how the run was made (the section ``bench.run --write-docs`` writes)."""
+    env = doc["environment"]
+    share = (env.get("cpu") or {}).get("other_cpu_share")
+    body = render_markdown(doc).splitlines()
+    title, body = body[0].removeprefix("# "), body[1:]
+    body = [f"#{line}" if line.startswith("## ") else line for line in body]
+    noisy = (f" Other processes took {_pct(share)} of the CPUs during this run: above ~5 % "
+             "its figures are noisy." if share is not None and share > 0.05 else "")
+    made_by = ("`make bench`, i.e. `python -m bench.run`" if doc["command"] == "python -m bench.run"
+               else f"`{doc['command']}`")
+    prose = [
+        f"## Latest run: {title[0].lower()}{title[1:]}", "",
+        f"Written by {made_by}: this section is that run's `results.md`, one heading level "
+        "down, and every full run rewrites it. Figures move by a few per cent between runs "
+        "(single calls by ±5 %), more than that for the tiny model." + noisy,
+    ]
+    return "\n".join(prose + body).rstrip("\n") + "\n"
 
 
 def write_outputs(document: dict[str, Any], out: Path) -> None:

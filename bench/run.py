@@ -11,7 +11,10 @@ One run measures, each in a fresh process (``bench.worker``):
 5. peak memory (max RSS) of each of those processes.
 
 and writes ``<out>/results.json`` and ``<out>/results.md`` (docs/performance.md explains every
-column). ``--gpu-recipe`` runs DeepSpeed-Chat's OPT-1.3B step-3 shapes instead (needs CUDA).
+column). A full default run (``python -m bench.run``, what ``make bench`` runs) also rewrites
+docs/performance.md's "Latest run" section, between its ``bench`` markers
+(``bench.docs_writer``); other runs leave docs/ alone unless given ``--write-docs``.
+``--gpu-recipe`` runs DeepSpeed-Chat's OPT-1.3B step-3 shapes instead (needs CUDA).
 ``bench.run.main(config, args)`` is the entry point ``rlhf bench`` calls.
 """
 
@@ -31,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.docs_writer import DOCS
 from bench.generation import IMPLEMENTATIONS
 from bench.machine import CpuMeter, git_revision, library_versions, load_average, machine_info
 from bench.workspace import Shapes
@@ -64,6 +68,9 @@ class Options:
     model_cache: Path | None = None
     profile: bool = False
     budget_s: float = 20.0
+    write_docs: bool | None = None
+    """None: only a full default run writes docs (:func:`writes_docs`)."""
+    docs: Path = DOCS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,6 +114,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="after timing, run each workload once more under cProfile and write "
                    "<out>/profiles/<task>/*.txt and *.pstats (figures are unaffected)")
+    p.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=None,
+                   help="rewrite the 'Latest run' section of --docs (between its bench "
+                   "markers) from this run's results; default: only a full default run "
+                   "(no --quick, --only, --sizes, --backend, --in-process, --gpu-recipe, ...) "
+                   "does; a run stopped part-way never does")
+    p.add_argument("--docs", type=Path, default=DOCS,
+                   help="the page --write-docs writes (default docs/performance.md)")
     return p
 
 
@@ -131,7 +145,17 @@ def _options(args: Any) -> Options:
         in_process=bool(get("in_process", False)), timeout=float(get("timeout", 900.0)),
         model_cache=Path(get("model_cache")) if get("model_cache") else None,
         profile=bool(get("profile", False)),
-        budget_s=float(get("budget_s", 20.0)))
+        budget_s=float(get("budget_s", 20.0)), write_docs=get("write_docs"),
+        docs=Path(get("docs", DOCS)))
+
+
+def writes_docs(options: Options) -> bool:
+    """Whether the run rewrites docs/performance.md's "Latest run": as asked by
+    ``--write-docs`` / ``--no-write-docs``, else only when it is the full default run (its
+    command, ``--out`` aside, is plain ``python -m bench.run``, in isolated processes)."""
+    if options.write_docs is not None:
+        return options.write_docs
+    return _command(dataclasses.replace(options, out=DEFAULT_OUT)) == "python -m bench.run"
 
 
 def _warmup(options: Options, kind: str) -> int:
@@ -350,7 +374,25 @@ def run(options: Options, *, command: str | None = None) -> dict[str, Any]:
                 (out / "logs").mkdir(exist_ok=True)
                 shutil.copy(log, out / "logs" / log.name)
         shutil.rmtree(scratch, ignore_errors=True)
+    if writes_docs(options):
+        _write_docs(options, document)
     return document
+
+
+def _write_docs(options: Options, document: dict[str, Any]) -> None:
+    """docs/performance.md's "Latest run" section from a finished run (never a partial one;
+    a default-on write is skipped outside a checkout with the page)."""
+    from bench.docs_writer import replace_section
+    from bench.report import render_docs_section
+
+    if document.get("partial"):
+        print(f"bench: partial run, {options.docs} left as it was", flush=True)
+        return
+    if options.write_docs is None and not options.docs.exists():
+        print(f"bench: no {options.docs} here; results only in {options.out}", flush=True)
+        return
+    replace_section(options.docs, "bench", render_docs_section(document))
+    print(f"bench: rewrote the 'Latest run' section of {options.docs}", flush=True)
 
 
 def main(config: Any = None, args: Any = None) -> int:
