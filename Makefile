@@ -18,7 +18,7 @@ PIP := $(VENV)/bin/python -m pip
 PINNED := $(PIP) install --quiet $(if $(LOCK),-c $(LOCK))
 STAMP := $(VENV)/.installed
 
-.PHONY: install lock demo test test-all bench lint demo-data clean
+.PHONY: install lock demo test test-all bench bench-peer lint demo-data clean
 
 install: $(STAMP)
 
@@ -60,6 +60,12 @@ test-all: install
 # Speed, MFU, PPO phase split and peak memory of both backends: runs/bench/results.{json,md}.
 bench: install
 	$(VENV)/bin/python -m bench.run
+
+# Issue 16 item 4's peer: TRL's PPO iteration against ours, alternately in one process
+# (runs/bench/peer_trl.{json,md}); installs the bench-only `peer` extra (trl) first.
+bench-peer: install
+	$(PINNED) -e ".[peer]"
+	$(VENV)/bin/python -m bench.peer_trl
 
 lint: install
 	$(VENV)/bin/ruff check .
