@@ -7,6 +7,7 @@ import json
 import socket
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -70,3 +71,20 @@ def served_models(tmp_path_factory) -> dict[str, str]:
         tokenizer.save_pretrained(out / name)
         paths[name] = str(out / name)
     return paths
+
+
+@pytest.fixture(scope="session")
+def in_process_ppo(served_models, tmp_path_factory) -> Callable[[str], Any]:
+    """``in_process_ppo(backend)``: the PPO step of tests/served_runs.py run in process on
+    ``served_models``, once a session per backend: what every served run must equal."""
+    from served_runs import run_ppo
+
+    runs: dict[str, Any] = {}
+
+    def run(backend: str):
+        if backend not in runs:
+            runs[backend] = run_ppo(backend, served_models,
+                                    tmp_path_factory.mktemp(f"in-process-{backend}"))
+        return runs[backend]
+
+    return run

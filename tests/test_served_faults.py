@@ -6,57 +6,20 @@ and oversized requests are in tests/shared/test_serving.py."""
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 import threading
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
-from safetensors.numpy import load_file
+from served_runs import assert_same_run, config, ppo_lines, role_handler, run_ppo
 
-from shared.config import load_config
-
-ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "configs" / "demo.yaml"
-TINY = ["ppo.per_device_generation_batch_size=8", "ppo.per_device_training_batch_size=4",
-        "ppo.max_iterations=2", "ppo.unsup_coef=0", "eval.max_prompts=8",
-        "eval.samples_per_prompt=1", "logging.progress_bar=false", "logging.plots=false"]
-TOLERANCE = 2e-5  # parity_tests/tolerances.py: whole PPO iterations, fp32
 ROLES = {"reward": ("reward", "ppo.reward_model"),
          "initial-policy": ("policy", "ppo.initial_policy")}
 
 
-def _ppo(models, run_dir, overrides=()):
-    from shared.pipeline import run_command
-    from torch_rlhf.deepspeed_config import init_distributed
-
-    init_distributed()  # a world of one, as `rlhf` starts the torch backend
-    summary = run_command("torch", "ppo", load_config(DEMO, [*TINY, *overrides]), run_dir,
-                          actor=models["policy"], critic=models["reward"])
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    weights = load_file(str(Path(summary["ppo"]["final_model"]) / "model.safetensors"))
-    return [m for m in metrics if m.get("step") == "ppo"], weights
-
-
-def _ppo_lines(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
-    return [m for m in map(json.loads, lines) if m.get("step") == "ppo"]
-
-
 def _handler(role, models, *overrides):
-    from torch_rlhf.serving import TorchRoleHandler
-
-    return TorchRoleHandler(role, models[ROLES[role][0]], load_config(DEMO, [*TINY, *overrides]))
-
-
-@pytest.fixture(scope="module")
-def undisturbed(served_models, tmp_path_factory):
-    """The run in process: what a served run, disturbed or not, must equal."""
-    return _ppo(served_models, tmp_path_factory.mktemp("undisturbed"))
+    return role_handler("torch", role, models[ROLES[role][0]], config(*overrides))
 
 
 class KilledAndRestarted:
@@ -101,27 +64,21 @@ class KilledAndRestarted:
 
 @pytest.mark.parametrize("role", ["reward", "initial-policy"])
 def test_a_server_killed_mid_run_and_restarted_gives_the_undisturbed_run(
-        served_models, undisturbed, tmp_path, role):
+        served_models, in_process_ppo, tmp_path, role):
     from shared.serving import ServerThread
 
     flaky = KilledAndRestarted(_handler(role, served_models), after=1)
     flaky.server = ServerThread(flaky).start()
     try:
-        metrics, weights = _ppo(served_models, tmp_path,
-                                [f"{ROLES[role][1]}.url={flaky.server.url}"])
+        run = run_ppo("torch", served_models, tmp_path,
+                      [f"{ROLES[role][1]}.url={flaky.server.url}"])
     finally:
         flaky.done.wait(60)
         flaky.server.stop()
         if flaky.restarted is not None:
             flaky.restarted.stop()
     assert flaky.cut_off.is_set() and flaky.calls == 2  # the fault happened, then recovered
-    base_metrics, base_weights = undisturbed
-    assert len(metrics) == len(base_metrics) == 2
-    for ours, theirs in zip(metrics, base_metrics, strict=True):
-        for key in ("reward_score", "kl", "actor_loss", "critic_loss", "approx_kl"):
-            assert abs(ours[key] - theirs[key]) <= TOLERANCE * max(1.0, abs(ours[key])), key
-    worst = max(float(np.abs(weights[k] - base_weights[k]).max()) for k in base_weights)
-    assert worst <= 1e-5, worst
+    assert_same_run(in_process_ppo("torch"), run)  # the undisturbed run
 
 
 def test_a_server_down_at_start_fails_naming_role_url_and_what_was_heard(
@@ -133,9 +90,9 @@ def test_a_server_down_at_start_fails_naming_role_url_and_what_was_heard(
             rf"initial-policy server {re.escape(url)}: no usable answer to GET /health in 1 s "
             r"\(last heard: URLError: \[Errno 111\] Connection refused\); is `rlhf serve "
             r"initial-policy` running there\?")):
-        _ppo(served_models, tmp_path, [f"ppo.initial_policy.url={url}",
-                                       "ppo.initial_policy.timeout_s=1"])
-    assert _ppo_lines(tmp_path) == []  # no iteration ran
+        run_ppo("torch", served_models, tmp_path, [f"ppo.initial_policy.url={url}",
+                                                   "ppo.initial_policy.timeout_s=1"])
+    assert ppo_lines(tmp_path) == []  # no iteration ran
 
 
 class Slow:
@@ -157,9 +114,9 @@ def test_a_server_slower_than_timeout_s_fails_naming_role_url_and_what_was_heard
             pytest.raises(ServedRoleError, match=(
                 rf"reward server {re.escape(server.url)}: no usable answer to POST /v1/score "
                 r"in 1 s \(last heard: TimeoutError: timed out\)")):
-        _ppo(served_models, tmp_path, [f"ppo.reward_model.url={server.url}",
-                                       "ppo.reward_model.timeout_s=1"])
-    assert _ppo_lines(tmp_path) == []
+        run_ppo("torch", served_models, tmp_path, [f"ppo.reward_model.url={server.url}",
+                                                   "ppo.reward_model.timeout_s=1"])
+    assert ppo_lines(tmp_path) == []
 
 
 def test_a_server_with_another_tokenizer_is_refused_at_start(served_models, tmp_path):
@@ -169,7 +126,7 @@ def test_a_server_with_another_tokenizer_is_refused_at_start(served_models, tmp_
     with ServerThread(_handler("reward", served_models)) as server, \
             pytest.raises(ServedRoleError, match=(
                 rf"reward server {re.escape(server.url)} uses another tokenizer")):
-        _ppo(served_models, tmp_path, [
+        run_ppo("torch", served_models, tmp_path, [
             f"ppo.reward_model.url={server.url}", "model.retokenize_for_reward=true",
             f"model.reward_tokenizer_name_or_path={served_models['tokenizer']}"])
-    assert _ppo_lines(tmp_path) == []
+    assert ppo_lines(tmp_path) == []

@@ -5,22 +5,15 @@ same text alike; the client checks the server's tokenizer is the one the config 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import transformers
-from safetensors.numpy import load_file
-
-from shared.config import load_config
+from served_runs import assert_same_run, config, role_handler, run_ppo
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO = ROOT / "configs" / "demo.yaml"
-TINY = ["ppo.per_device_generation_batch_size=8", "ppo.per_device_training_batch_size=4",
-        "ppo.max_iterations=2", "ppo.unsup_coef=0", "eval.max_prompts=8",
-        "eval.samples_per_prompt=1", "logging.progress_bar=false", "logging.plots=false"]
-TOLERANCE = 2e-5  # parity_tests/tolerances.py: fp32 forwards / whole PPO iterations
+TOLERANCE = 2e-5  # parity_tests/tolerances.py: fp32 forwards
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +23,8 @@ def models(served_models):
 
 
 def _config(models, *extra):
-    return load_config(DEMO, [*TINY, f"model.reward_tokenizer_name_or_path={models['tokenizer']}",
-                              "model.retokenize_for_reward=true", *extra])
+    return config(f"model.reward_tokenizer_name_or_path={models['tokenizer']}",
+                  "model.retokenize_for_reward=true", *extra)
 
 
 def test_the_reward_tokenizer_is_another_vocabulary(models):
@@ -72,53 +65,29 @@ def test_torch_and_jax_handlers_score_the_same_text(models):
 
 
 def _ppo(backend, models, run_dir, overrides=()):
-    from shared.pipeline import run_command
-
-    summary = run_command(backend, "ppo", _config(models, *overrides), run_dir,
-                          actor=models["policy"], critic=models["reward"])
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    weights = load_file(str(Path(summary["ppo"]["final_model"]) / "model.safetensors"))
-    return summary["ppo"], [m for m in metrics if m.get("step") == "ppo"], weights
+    return run_ppo(backend, models, run_dir, run_config=_config(models, *overrides))
 
 
 def _served_ppo(backend, server_backend, models, run_dir):
     from shared.serving import ServerThread
 
-    if server_backend == "torch":
-        from torch_rlhf.serving import TorchRoleHandler as Handler
-    else:
-        from jax_rlhf.serving import JaxRoleHandler as Handler
-    with ServerThread(Handler("reward", models["reward"], _config(models))) as reward:
+    with ServerThread(role_handler(server_backend, "reward", models["reward"],
+                                   _config(models))) as reward:
         return _ppo(backend, models, run_dir, [f"ppo.reward_model.url={reward.url}"])
-
-
-def _same_run(a, b):
-    (entry_a, metrics_a, weights_a), (entry_b, metrics_b, weights_b) = a, b
-    assert len(metrics_a) == len(metrics_b) == 2
-    for ma, mb in zip(metrics_a, metrics_b, strict=True):
-        for key in ("reward_score", "kl", "actor_loss", "critic_loss", "approx_kl"):
-            assert abs(ma[key] - mb[key]) <= TOLERANCE * max(1.0, abs(ma[key])), key
-    assert weights_a.keys() == weights_b.keys()
-    worst = max(float(np.abs(weights_a[k] - weights_b[k]).max()) for k in weights_a)
-    assert worst <= 1e-5, worst
-    assert entry_a["heldout"] == pytest.approx(entry_b["heldout"], abs=1e-9)
 
 
 def test_a_served_text_reward_gives_the_in_process_retokenising_run(models, tmp_path):
     """torch actor: in process (engine.reward_tokenizer) == served (score_text)."""
-    from torch_rlhf.deepspeed_config import init_distributed
-
-    init_distributed()  # a world of one, as `rlhf` starts the torch backend
     in_process = _ppo("torch", models, tmp_path / "in-process")
     served = _served_ppo("torch", "torch", models, tmp_path / "served")
-    _same_run(in_process, served)
-    assert any(m.startswith("reward_model@http://127.0.0.1:") for m in served[0]["models"])
-    assert all(m["reward_score"] != 0 for m in served[1])
+    assert_same_run(in_process, served)
+    assert any(m.startswith("reward_model@http://127.0.0.1:") for m in served.entry["models"])
+    assert all(m["reward_score"] != 0 for m in served.metrics)
 
 
 @pytest.mark.slow
 def test_a_jax_actor_scores_text_on_either_backends_server(models, tmp_path):
     """The JAX backend has no in-process re-tokenising reward model; served, a JAX actor's run
     is the same whichever backend's server re-encodes its text."""
-    _same_run(_served_ppo("jax", "jax", models, tmp_path / "jax-server"),
-              _served_ppo("jax", "torch", models, tmp_path / "torch-server"))
+    assert_same_run(_served_ppo("jax", "jax", models, tmp_path / "jax-server"),
+                    _served_ppo("jax", "torch", models, tmp_path / "torch-server"))
