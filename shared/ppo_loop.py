@@ -29,6 +29,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter
+from concurrent import futures
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -451,10 +452,18 @@ class PPOLoop:
                     ptx_normalizers = self._normalizers(
                         [m["attention_mask"][:, 1:] for m in ptx], "token-mean")
                 joint = ptx if self.ptx_mode == "joint" else None
-                stats = dict(self.train_step(micro, normalizers=normalizers, ptx=joint,
-                                             ptx_normalizers=ptx_normalizers, kl_coef=kl_coef))
-                if self.served_critic is not None:  # the same micro-batches, served
-                    stats.update(self.served_critic.train_step(micro, normalizers))
+                # a served critic trains on the same micro-batches while the actor does
+                served = (None if self.served_critic is None
+                          else self.served_critic.train_step_async(micro, normalizers))
+                try:
+                    stats = dict(self.train_step(micro, normalizers=normalizers, ptx=joint,
+                                                 ptx_normalizers=ptx_normalizers,
+                                                 kl_coef=kl_coef))
+                finally:  # the critic's request ends before anything else happens
+                    if served is not None:
+                        futures.wait([served])
+                if served is not None:
+                    stats.update(served.result())
                 if not self.has_critic:  # nothing trained a critic: 0 in the metrics
                     stats = {k: v for k, v in stats.items() if k not in CRITIC_STATS}
                 if self.ptx_mode == "separate":

@@ -3,7 +3,9 @@ steps, checkpoints and export. Its values at the rollout weights come with the o
 scores (`shared.serving.roles.ServedScoring`).
 
 `shared.ppo_loop` sends every critic optimiser step's micro-batches (the ones the in-process
-backend's step would train the critic on) with the step number it expects the server to be
+backend's step would train the critic on), while the actor's own step on them runs
+(`train_step_async`: the critic node trains while the actor node does, NeMo-RLHF's point of
+serving it), with the step number it expects the server to be
 at (`shared.serving.critic_handler`'s step rule: a retried step is answered from the server's
 cache, never applied twice); saves the server's critic with each of its own checkpoints (same
 tag) and records the server's answer in its loop state; on resume loads that tag there and
@@ -12,6 +14,7 @@ checks the step counter matches.
 
 from __future__ import annotations
 
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ class ServedCritic:
                                  timeout_s=served.timeout_s)
         self.total_steps = total_steps
         self.step = 0
+        self._sender: ThreadPoolExecutor | None = None
 
     @property
     def url(self) -> str:
@@ -52,6 +56,15 @@ class ServedCritic:
                            f"train_step {self.step}; not used")
         self.step += 1
         return {k: float(reply[k]) for k in CRITIC_STATS}
+
+    def train_step_async(self, micro_batches: list[dict[str, np.ndarray]],
+                         normalizers: list[float]) -> Future:
+        """`train_step`, sent from a thread of its own: the future's result is its stats.
+        One request at a time (a second waits for the first), so steps reach the server in
+        order."""
+        if self._sender is None:
+            self._sender = ThreadPoolExecutor(max_workers=1, thread_name_prefix="served-critic")
+        return self._sender.submit(self.train_step, micro_batches, normalizers)
 
     def save(self, tag: str) -> dict[str, Any]:
         """The server's checkpoint ``tag`` of its critic: {tag, step, digest, path}."""

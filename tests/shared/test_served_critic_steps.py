@@ -142,3 +142,27 @@ def test_values_and_a_wrong_total_steps(server):
                                   for f in ("prompt_ids", "prompt_mask", "response",
                                             "sample_mask")})
     assert np.all(reply["values"] == 0.0)
+
+
+def test_async_steps_run_while_the_caller_works_and_reach_the_server_in_order(tmp_path):
+    """`train_step_async` returns while the server is still training (the actor's own step
+    runs meanwhile); a second step waits for the first, so the server sees 0 then 1."""
+    import threading
+
+    release = threading.Event()
+
+    class HeldCritic(FakeCritic):
+        def train(self, micro_batches, normalizers):
+            assert release.wait(10), "the test never released the step"
+            return super().train(micro_batches, normalizers)
+
+    critic = HeldCritic()
+    with ServerThread(CriticHandler(critic, checkpoint_dir=tmp_path / "ckpt")) as thread:
+        client = _client(thread.url)
+        first = client.train_step_async(*_micro(1.0))
+        second = client.train_step_async(*_micro(0.5))
+        assert not first.done() and critic.applied == 0  # the caller goes on meanwhile
+        release.set()
+        assert first.result(10)["critic_loss"] == 2.0
+        assert second.result(10)["critic_loss"] == 3.0
+    assert critic.applied == 2 and client.step == 2
