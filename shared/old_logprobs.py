@@ -44,6 +44,8 @@ class OldLogprobs:
         """The iteration whose check found the gap over the bound (None: it never did)."""
         self.last_gap = 0.0
         """The latest measured gap (0 before any)."""
+        self.measured = False
+        """Whether the latest `choose` measured the gap (False: it reported ``last_gap``)."""
 
     @property
     def uses_rollout(self) -> bool:
@@ -66,7 +68,9 @@ class OldLogprobs:
             if not self.uses_rollout:
                 raise RuntimeError(f"{where}: old_logprobs recompute needs the actor's "
                                    "log-probs from the backend's score")
+            self.measured = False
             return np.asarray(sample_logprobs, np.float32), self.last_gap
+        self.measured = True
         recomputed = np.asarray(recomputed, np.float32)
         gap = np.abs(np.asarray(sample_logprobs, np.float32) - recomputed) * sample_mask
         self.last_gap = float(gap.max()) if gap.size else 0.0
@@ -84,8 +88,11 @@ class OldLogprobs:
 
     def metrics(self) -> dict[str, float]:
         """``old_logprobs_recomputed``: 1 while the run recomputes (always under
-        "recompute"), 0 while it trains on the recorded log-probs."""
-        return {"old_logprobs_recomputed": 0.0 if self.uses_rollout else 1.0}
+        "recompute"), 0 while it trains on the recorded log-probs;
+        ``rollout_logprob_gap_measured``: 1 when this iteration measured
+        ``rollout_logprob_gap``, 0 when the figure is the last check's."""
+        return {"old_logprobs_recomputed": 0.0 if self.uses_rollout else 1.0,
+                "rollout_logprob_gap_measured": 1.0 if self.measured else 0.0}
 
     def state_dict(self) -> dict[str, Any]:
         return {"fell_back_at": self.fell_back_at, "last_gap": self.last_gap}

@@ -61,6 +61,8 @@ def test_rollout_trains_as_recompute_when_the_gap_is_zero(tmp_path):
     assert [m["old_logprobs_recomputed"] for m in metrics] == [0.0, 0.0, 0.0]
     assert "old_logprobs_recomputed" not in ref_metrics[0]
     assert metrics[0]["rollout_logprob_gap"] == 0.0
+    # iteration 1 measured nothing: its gap is iteration 0's, and says so
+    assert [m["rollout_logprob_gap_measured"] for m in metrics] == [1.0, 0.0, 1.0]
 
 
 def test_a_gap_over_the_bound_falls_back_to_recompute(tmp_path, caplog):
