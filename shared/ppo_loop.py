@@ -230,7 +230,8 @@ class PPOLoop:
         # a served critic (ppo.critic.url): the backend builds none, this loop sends the
         # critic's micro-batches to its server (docs/serving.md)
         self.has_critic = any(m.split("@")[0] == "critic" for m in self.models)
-        self.served_critic = (ServedCritic(config, tokenizer, total_steps=steps)
+        self.served_critic = (ServedCritic(config, tokenizer, total_steps=steps,
+                                           client=self.served.critic_client)
                               if "critic" not in self.models and self.has_critic else None)
         self.kl_controller = make_kl_controller(self.conventions)
         # conventions.old_logprobs: recomputed by the actor, or the sampler's (checked)

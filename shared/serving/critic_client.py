@@ -31,11 +31,14 @@ __all__ = ["ServedCritic"]
 class ServedCritic:
     """A client of ``config.ppo.critic.url``; ``step``: the critic steps sent so far."""
 
-    def __init__(self, config: Any, tokenizer: Any, *, total_steps: int):
+    def __init__(self, config: Any, tokenizer: Any, *, total_steps: int,
+                 client: RoleClient | None = None):
+        """``client``: the critic server's client the loop already has (`ServedScoring`'s,
+        which asks it for values); one of its own when None."""
         served = config.ppo.critic
-        self.client = RoleClient("critic", served.url,
-                                 tokenizer_sha256=tokenizer_fingerprint(tokenizer),
-                                 timeout_s=served.timeout_s)
+        self.client = client or RoleClient("critic", served.url,
+                                           tokenizer_sha256=tokenizer_fingerprint(tokenizer),
+                                           timeout_s=served.timeout_s)
         self.total_steps = total_steps
         self.step = 0
         self._sender: ThreadPoolExecutor | None = None

@@ -58,6 +58,11 @@ class ServedScoring:
     def __bool__(self) -> bool:
         return bool(self.clients)
 
+    @property
+    def critic_client(self) -> RoleClient | None:
+        """The critic server's client (asked for values here; `ServedCritic` trains with it)."""
+        return self.clients["values"][0] if "values" in self.clients else None
+
     def wait_until_ready(self) -> dict[str, dict]:
         """Each server's identity, once it answers (a clear error naming it otherwise)."""
         return {key: client.wait_until_ready()["identity"]
