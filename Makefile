@@ -1,7 +1,8 @@
 # Two commands do all set-up on a fresh machine (Python 3.10+, no GPU needed):
 #   make demo   install into .venv and run `rlhf pipeline` on configs/demo.yaml
 #   make test   install into .venv and run the test suite
-#   make bench  install into .venv and run the benchmark (docs/performance.md)
+#   make bench  install into .venv, run the benchmark and the cost curves, and write their
+#               figures into docs/performance.md (~21 min on a 2-core CPU, estimated)
 #   make lock   refresh requirements/constraints.txt from a fresh unpinned install
 # Override TORCH_SPEC on a GPU cluster, e.g. TORCH_SPEC="torch==2.5.1" with your
 # CUDA index in PIP_EXTRA_INDEX_URL. Every install step but torch's is constrained by
@@ -57,9 +58,15 @@ test: install
 test-all: install
 	$(VENV)/bin/python -m pytest -m ""
 
-# Speed, MFU, PPO phase split and peak memory of both backends: runs/bench/results.{json,md}.
+# Speed, MFU, PPO phase split and peak memory of both backends (runs/bench/results.{json,md}),
+# then PPO cost against model size, batch, answer length and ZeRO stage with `rlhf plan`'s
+# estimate (runs/bench/cost_curves.{json,md}); each rewrites its section of
+# docs/performance.md. One model cache for both: the tiny and small models are built once.
 bench: install
-	$(VENV)/bin/python -m bench.run
+	set -e; mkdir -p runs; models=$$(mktemp -d runs/bench-models.XXXXXX); \
+	trap 'rm -rf "$$models"' EXIT; \
+	$(VENV)/bin/python -m bench.run --model-cache "$$models"; \
+	$(VENV)/bin/python -m bench.cost_curves --write-docs --model-cache "$$models"
 
 # Issue 16 item 4's peer: TRL's PPO iteration against ours, alternately in one process
 # (runs/bench/peer_trl.{json,md}); installs the bench-only `peer` extra (trl) first.

@@ -5,9 +5,14 @@ One run measures, each in a fresh process (``bench.worker``):
 1. the machine's limits (fp32 matmul FLOP/s in torch and JAX, bf16 where native, copy
    bandwidth), at the start and again at the end of the run;
 2. generation with the torch rollout path, the JAX sampler and Hugging Face ``generate`` on
-   the same weights, batch 1 and 16, prompt 64 + answer 64, for each model size;
+   the same weights, batch 1 and 16, prompt 64 + answer 64, for each model size; on the
+   largest size (where the targets are judged) also the JAX sampler in bf16 and the torch
+   path with ``rollout_decode: packed`` (``--variants``: every variant of
+   ``bench.generation`` at every size);
 3. the SFT step and the PPO actor + critic step of both backends (tokens/s, MFU);
-4. a PPO iteration of both backends, split into generation, scoring and training;
+4. a PPO iteration of both backends, split into generation, scoring and training, and on the
+   largest size again with ``conventions.old_logprobs: rollout`` (every size with
+   ``--variants``);
 5. peak memory (max RSS) of each of those processes.
 
 and writes ``<out>/results.json`` and ``<out>/results.md`` (docs/performance.md explains every
@@ -37,6 +42,7 @@ from typing import Any
 from bench.docs_writer import DOCS
 from bench.generation import IMPLEMENTATIONS
 from bench.machine import CpuMeter, git_revision, library_versions, load_average, machine_info
+from bench.report import TARGET_SIZE_ORDER
 from bench.workspace import Shapes
 
 __all__ = ["build_parser", "main", "plan"]
@@ -46,6 +52,13 @@ DEFAULT_OUT = Path("runs/bench")
 DEFAULT_SIZES = ("tiny", "small")
 QUICK_SIZES = ("tiny",)
 BACKENDS = ("torch", "jax")
+CORE_IMPLEMENTATIONS = ("hf", "torch", "jax")
+"""Generation rows of every size in every run."""
+TARGET_IMPLEMENTATIONS = ("jax_bf16", "torch_packed")
+"""Generation rows of the largest size only (unless ``--variants``): the bf16 targets and the
+``rollout_decode`` verdict are judged there. The other variants (SDPA, static, compiled, torch
+bf16) and the rows above at smaller sizes run with ``--variants`` or when ``--only`` names
+them: ``make bench`` must fit in 15 minutes on a 2-core CPU (docs/performance.md)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +81,7 @@ class Options:
     model_cache: Path | None = None
     profile: bool = False
     budget_s: float = 20.0
+    variants: bool = False
     write_docs: bool | None = None
     """None: only a full default run writes docs (:func:`writes_docs`)."""
     docs: Path = DOCS
@@ -86,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated model sizes (tiny, small, micro); default tiny,small")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="only this backend's workloads (HF generate always runs as baseline)")
+    p.add_argument("--variants", action="store_true",
+                   help="every generation variant (SDPA, bf16, static, packed, compiled) and "
+                   "the rollout-logprobs PPO rows at every size, not only the core rows and "
+                   "the largest size's target rows (~10 minutes more on 2 cores)")
     p.add_argument("--only", action="append", default=[], metavar="GLOB",
                    help="only tasks whose id matches (e.g. 'ppo/small/*'); repeatable")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
@@ -145,7 +163,8 @@ def _options(args: Any) -> Options:
         in_process=bool(get("in_process", False)), timeout=float(get("timeout", 900.0)),
         model_cache=Path(get("model_cache")) if get("model_cache") else None,
         profile=bool(get("profile", False)),
-        budget_s=float(get("budget_s", 20.0)), write_docs=get("write_docs"),
+        budget_s=float(get("budget_s", 20.0)), variants=bool(get("variants", False)),
+        write_docs=get("write_docs"),
         docs=Path(get("docs", DOCS)))
 
 
@@ -182,10 +201,17 @@ def plan(options: Options, *, model_root: Path, work_root: Path) -> list[dict[st
         return recipe_tasks(options, model_root=model_root, work_root=work_root)
     common = {"threads": options.threads, "model_root": str(model_root),
               "shapes": dataclasses.asdict(options.shapes), "budget_s": options.budget_s}
+    every = options.variants or bool(options.only)  # --only picks from every task
+    largest = next(s for s in (*TARGET_SIZE_ORDER, *options.sizes) if s in options.sizes)
+
+    def wanted(size: str, impl: str) -> bool:
+        return every or impl in CORE_IMPLEMENTATIONS or (
+            size == largest and impl in TARGET_IMPLEMENTATIONS)
+
     workloads = []
     for size in options.sizes:
         for impl in IMPLEMENTATIONS:
-            if impl == "hf" or impl.split("_")[0] in options.backends:
+            if (impl == "hf" or impl.split("_")[0] in options.backends) and wanted(size, impl):
                 workloads.append({"id": f"generation/{size}/{impl}", "kind": "generation",
                                   "size": size, "backend": impl})
     for kind in ("sft", "ppo"):
@@ -194,7 +220,7 @@ def plan(options: Options, *, model_root: Path, work_root: Path) -> list[dict[st
                 workloads.append({"id": f"{kind}/{size}/{backend}", "kind": kind, "size": size,
                                   "backend": backend})
     for size in options.sizes:  # conventions.old_logprobs rollout: no actor scoring forward
-        for backend in options.backends:
+        for backend in options.backends if every or size == largest else ():
             workloads.append({"id": f"ppo/{size}/{backend}/rollout-logprobs", "kind": "ppo",
                               "size": size, "backend": backend, "old_logprobs": "rollout"})
     if options.only:
@@ -239,6 +265,8 @@ def _command(options: Options, task_id: str | None = None) -> str:
         parts += ["--prompt-len", str(options.shapes.prompt_len)]
     if options.shapes.answer_len != Shapes.answer_len:
         parts += ["--answer-len", str(options.shapes.answer_len)]
+    if options.variants:
+        parts.append("--variants")
     if options.in_process:
         parts.append("--in-process")
     if options.profile:

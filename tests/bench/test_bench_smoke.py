@@ -32,9 +32,9 @@ def _args(out: Path, **options) -> argparse.Namespace:
 
 @pytest.fixture(scope="module")
 def micro_run(tmp_path_factory):
-    """Every workload of a full run on the micro model, in this process (fast)."""
+    """Every workload of a ``--variants`` run on the micro model, in this process (fast)."""
     out = tmp_path_factory.mktemp("bench")
-    assert bench_run.main(None, _args(out, in_process=True)) == 0
+    assert bench_run.main(None, _args(out, in_process=True, variants=True)) == 0
     return out, json.loads((out / "results.json").read_text())
 
 
