@@ -47,7 +47,7 @@ from shared.sampling import sample_token
 from torch_rlhf.deepspeed_config import HybridEngineUnavailable
 from torch_rlhf.models import position_ids_from_mask, takes_logits_to_keep, unwrap_model
 from torch_rlhf.rollout_decode import check_rollout_decode, decode_static, packed_linears
-from torch_rlhf.saving import gather_params_for
+from torch_rlhf.saving import gather_params_for_forward
 
 __all__ = [
     "GenerationOutput",
@@ -160,9 +160,11 @@ def generate(
     the model in eval mode (its mode is restored after).
 
     Under ZeRO-3 (``gather_zero3_params``) the full parameters are gathered once for the
-    whole decode: the entire model is materialised on every rank for its duration (as
-    the Hybrid Engine does), instead of one all-gather per layer per token. With False,
-    ZeRO-3's hooks fetch each layer as it runs: less memory, N x layers all-gathers.
+    whole decode (``torch_rlhf.saving.gather_params_for_forward``: ZeRO-3's fetch / release
+    hooks are lifted meanwhile, so ``model`` must be the engine, not its module): the entire
+    model is materialised on every rank for its duration (as the Hybrid Engine does),
+    instead of one all-gather per layer per token. With False, ZeRO-3's hooks fetch each
+    layer as it runs: less memory, N x layers all-gathers.
 
     Args:
       model: a causal LM or a DeepSpeed engine around one.
@@ -197,7 +199,7 @@ def generate(
                              f"got {tuple(uniforms.shape)}")
     else:
         uniforms = torch.zeros(batch, max_new_tokens, device=device)  # ignored by argmax
-    gather = gather_params_for(module) if gather_zero3_params else contextlib.nullcontext()
+    gather = gather_params_for_forward(model) if gather_zero3_params else contextlib.nullcontext()
     was_training = module.training
     module.eval()
     try:
