@@ -22,10 +22,13 @@ reward model; a served ``name@url`` role lives elsewhere and costs nothing here)
   4 x the largest layer + 18P/N (no 16-bit parameter partition), so ours, 20P/N plus the
   gathered buffer below, is 11-12 % above it for Llama-2-7b (tests/shared/test_plan.py).
 - **buffers** (DeepSpeed, ZeRO-2/3): the gradient reduce bucket (``reduce_bucket_size``,
-  5e8 elements, touched up to the trainable parameters) and, at ZeRO-3, the gathered full
-  parameters of the running model (``stage3_max_live_parameters``: 3e7 for the trained
-  models as DeepSpeed-Chat sets it, DeepSpeed's 1e9 for the frozen ones) beside their
-  partitions.
+  5e8 elements, touched up to the trainable parameters) and, at ZeRO-3 over several ranks,
+  the gathered full parameters of the running model (``stage3_max_live_parameters``: 3e7 for
+  the trained models as DeepSpeed-Chat sets it, DeepSpeed's 1e9 for the frozen ones) beside
+  their partitions; on one rank ZeRO-3 gathers nothing (the full parameter is a view of its
+  partition). The rollout gathers the whole actor (``torch_rlhf.generation``), counted in
+  the generation phase. :func:`zero3_buffers` names each ZeRO-3 buffer with its DeepSpeed
+  source.
 - **activations** of one training micro-batch, per layer: ``34 s b h`` bytes at 2-byte
   activations (Korthikanti et al. 2022, "Reducing Activation Recomputation", eq. 2 without
   its ``5 a s^2 b`` attention-score term: SDPA / flash attention never stores the scores),
@@ -44,7 +47,9 @@ Phases: ``generation`` (every resident state + KV cache), ``scoring`` (+ scoring
 largest. The verdict compares it with ``device_memory_gib`` less ``headroom`` (allocator
 fragmentation, CUDA context, communication buffers: 10 % by default). On a CPU run device
 and host are one process, whose resident memory is :data:`BASELINE_RSS_BYTES` (the
-framework's own, measured) plus both.
+framework's own, measured), plus :data:`ZERO3_IMPORT_RSS_BYTES` when a torch model runs at
+ZeRO-3, plus both. It does not count what the C allocator keeps after a free (glibc's arenas
+and heap; docs/plan.md measures it at ZeRO-3).
 
 DeepSpeed-Chat's rule of thumb (its README, "Supported models"): a step-3 run fits when actor
 + critic parameters, in billions, are at most GPU memory in GB / 6.
@@ -58,7 +63,8 @@ from typing import Any
 from shared.critic_free import models_used
 from shared.model_size import ModelShape, load_hf_config, model_shape
 
-__all__ = ["BASELINE_RSS_BYTES", "Plan", "estimate", "model_shapes", "plan_config"]
+__all__ = ["BASELINE_RSS_BYTES", "DEEPSPEED_ZERO", "ZERO3_IMPORT_RSS_BYTES", "Plan", "estimate",
+           "model_shapes", "plan_config", "zero3_buffers"]
 
 GIB = 2**30
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -69,9 +75,65 @@ CPU box): torch: a whole PPO iteration of the torch backend on ``bench``'s ``mic
 the process group, four engines, tokenizer and allocator pools (278 MiB of it is importing
 torch + DeepSpeed alone); jax: JAX + flax + the backend imported and the CPU runtime started
 (256 MiB; not yet re-measured on a whole JAX iteration)."""
+ZERO3_IMPORT_RSS_BYTES = {"torch": 45 * 2**20, "jax": 0}
+"""A CPU process's extra resident memory once a ZeRO-3 engine exists, whatever the model:
+DeepSpeed's ZeRO-3 parameter hooks (``runtime/zero/parameter_offload.py``, decorated
+``torch.compiler.disable``; ``runtime/compiler.py``) import ``torch._dynamo`` on the first
+engine: 563 more modules (networkx, sympy, functorch), 38.6 MiB of Python objects (tracemalloc
+over ``deepspeed.initialize``). Measured: ``bench``'s ``micro`` PPO iteration, 484 MiB max RSS
+at ZeRO-3 against 439 at ZeRO-0 (docs/plan.md)."""
 _ITEMS = ("weights", "gradients", "optimizer", "buffers", "activations", "kv_cache", "logits")
-_REDUCE_BUCKET = 500_000_000  # DeepSpeed's reduce_bucket_size default (elements)
-_LIVE_TRAINED, _LIVE_FROZEN = 30_000_000, 1_000_000_000  # stage3_max_live_parameters
+DEEPSPEED_ZERO = {
+    # DeepSpeed's default (runtime/zero/config.py); torch_rlhf.deepspeed_config sets none
+    "reduce_bucket_size": 500_000_000,
+    "sub_group_size": 1_000_000_000,
+    # torch_rlhf.deepspeed_config: make_ds_config sets DS-Chat's 3e7 for the trained models;
+    # make_eval_ds_config leaves DeepSpeed's 1e9 for the frozen ones
+    "stage3_max_live_parameters": {"trained": 30_000_000, "frozen": 1_000_000_000},
+}
+"""The ZeRO settings the planner's buffers depend on, as the torch backend's DeepSpeed
+configs produce them (``tests/shared/test_plan_zero3.py`` checks them against
+``make_ds_config`` / ``make_eval_ds_config`` and DeepSpeed's defaults)."""
+
+
+def zero3_buffers(*, params: int, trainable: int, width: int, world_size: int,
+                  trained: bool, offload: bool) -> dict[str, int]:
+    """Bytes of one model's ZeRO-3 state on one rank, per DeepSpeed buffer (0.19,
+    ``runtime/zero/stage3.py`` ``DeepSpeedZeroOptimizer_Stage3``, ``partition_parameters.py``).
+
+    - ``lp_param_buffer``: the rank's partition of the 16/32-bit parameters, ``P w / N``
+      (``_create_fp16_partitions_with_defragmentation``, each ``ds_tensor`` a view into it;
+      a frozen model keeps one ``ds_tensor`` per parameter, ``_partition_param``).
+    - ``grad_partitions_flat_buffer``: the partitioned gradients, ``T w / N``
+      (``_setup_for_real_optimizer``; ``gradient_accumulation_dtype`` is the model's dtype,
+      ``engine.get_data_types``).
+    - ``fp32_partitioned_groups_flat``: the fp32 master partition, ``4 T / N``; none when the
+      model is fp32 on the device, where it *is* the ``lp_param_buffer``
+      (``_create_fp32_partitions``).
+    - ``fp32_gradient_buffer``: the fp32 gradients of the sub-group being stepped, ``4 x
+      min(T / N, sub_group_size)`` (``initialize_optimizer_states``' ``gradient_buffer``;
+      with offload one per sub-group, ``4 T / N`` on the host).
+    - ``adam_states``: ``exp_avg`` and ``exp_avg_sq``, ``8 T / N``.
+    - ``ipg_bucket``: ``ipg_buckets[dtype].buffer``, ``torch.empty(reduce_bucket_size)``
+      filled with full (unpartitioned) gradients before each reduce-scatter: touched up to
+      ``min(reduce_bucket_size, T) w``.
+    - ``gathered_params``: the full parameters fetched for a forward / backward, at most
+      ``stage3_max_live_parameters`` live: ``min(P, live) w``; 0 on one rank, where
+      ``_no_gather_coalesced`` makes each full parameter a view of its partition.
+    """
+    n = world_size
+    live = DEEPSPEED_ZERO["stage3_max_live_parameters"]["trained" if trained else "frozen"]
+    out = {"lp_param_buffer": params * width // n,
+           "gathered_params": 0 if n == 1 else min(params, live) * width}
+    if trained:
+        out["grad_partitions_flat_buffer"] = trainable * width // n
+        out["fp32_partitioned_groups_flat"] = 0 if width == 4 and not offload else (
+            4 * trainable // n)
+        out["fp32_gradient_buffer"] = 4 * (trainable // n if offload else min(
+            trainable // n, DEEPSPEED_ZERO["sub_group_size"]))
+        out["adam_states"] = 8 * trainable // n
+        out["ipg_bucket"] = min(DEEPSPEED_ZERO["reduce_bucket_size"], trainable) * width
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +159,8 @@ class Plan:
     """Device bytes at the peak of each phase."""
     host_bytes: int
     backend: str
+    zero3: bool = False
+    """A model runs at ZeRO-3 (the process pays :data:`ZERO3_IMPORT_RSS_BYTES`)."""
 
     @property
     def peak_phase(self) -> str:
@@ -116,8 +180,10 @@ class Plan:
 
     @property
     def process_rss_bytes(self) -> int:
-        """A CPU run's peak resident memory: baseline + device peak + host."""
-        return BASELINE_RSS_BYTES[self.backend] + self.peak_bytes + self.host_bytes
+        """A CPU run's peak resident memory: baseline (+ ZeRO-3's imports) + device peak +
+        host."""
+        extra = ZERO3_IMPORT_RSS_BYTES[self.backend] if self.zero3 else 0
+        return BASELINE_RSS_BYTES[self.backend] + extra + self.peak_bytes + self.host_bytes
 
     def rule_of_thumb(self) -> dict[str, Any]:
         """DeepSpeed-Chat's "actor + critic (billions) <= GPU GB / 6"."""
@@ -132,7 +198,7 @@ class Plan:
                 "models": [dataclasses.asdict(m) for m in self.models],
                 "phases": self.phases, "peak_phase": self.peak_phase,
                 "peak_bytes": self.peak_bytes, "usable_bytes": self.usable_bytes,
-                "host_bytes": self.host_bytes, "fits": self.fits,
+                "host_bytes": self.host_bytes, "fits": self.fits, "zero3": self.zero3,
                 "process_rss_bytes": self.process_rss_bytes,
                 "rule_of_thumb": self.rule_of_thumb()}
 
@@ -178,6 +244,7 @@ def estimate(shapes: dict[str, ModelShape], *, models: tuple[str, ...], dtype: s
     width = DTYPE_BYTES[dtype]
     seq = prompt_len + answer_len
     out, work = [], {}
+    rollout_gather, zero3 = 0, False
     for name in models:
         if "@" in name or name == "reward_fn":
             continue
@@ -196,10 +263,24 @@ def estimate(shapes: dict[str, ModelShape], *, models: tuple[str, ...], dtype: s
             trainable = adapters + (shape.hidden if shape.value_head else 0) if only else params
         device = dict.fromkeys(_ITEMS, 0)
         host = dict.fromkeys(_ITEMS, 0)
-        weights = params * width // (world_size if stage == 3 else 1)
+        zero3 = zero3 or stage == 3
         weights_host = (offload and stage == 3) or (name == "reference" and offload_reference)
-        (host if weights_host else device)["weights"] = weights
-        if trained:
+        if stage == 3:
+            z3 = zero3_buffers(params=params, trainable=trainable, width=width,
+                               world_size=world_size, trained=trained, offload=offload)
+            (host if weights_host else device)["weights"] = z3["lp_param_buffer"]
+            device["buffers"] = z3["gathered_params"] + z3.get("ipg_bucket", 0)
+            if name == "actor" and world_size > 1:
+                # torch_rlhf.generation gathers the whole actor for the rollout
+                rollout_gather = params * width - z3["gathered_params"]
+        else:
+            (host if weights_host else device)["weights"] = params * width
+        if trained and stage == 3:
+            (host if offload else device)["gradients"] = z3["grad_partitions_flat_buffer"]
+            (host if offload else device)["optimizer"] = (
+                z3["fp32_partitioned_groups_flat"] + z3["fp32_gradient_buffer"]
+                + z3["adam_states"])
+        elif trained:
             gradients = trainable * width // (world_size if stage >= 2 else 1)
             # DeepSpeed's offload_optimizer moves the gradient partitions with the states.
             (host if offload and stage >= 1 else device)["gradients"] = gradients
@@ -208,15 +289,14 @@ def estimate(shapes: dict[str, ModelShape], *, models: tuple[str, ...], dtype: s
             optimizer = trainable * (8 + master + grads32)
             optimizer //= world_size if stage >= 1 else 1
             (host if offload else device)["optimizer"] = optimizer
+        if trained:
             checkpointing = actor_checkpointing if name == "actor" else critic_checkpointing
             work[name] = (_activations(shape, rows=training_batch, seq=seq, act_bytes=width,
                                        checkpointing=checkpointing)
                           + _logits(shape, rows=training_batch, seq=seq))
             device["activations"] = work[name]
-        if trained and stage >= 2:
-            device["buffers"] += min(_REDUCE_BUCKET, trainable) * width
-        if stage == 3:
-            device["buffers"] += min(params, _LIVE_TRAINED if trained else _LIVE_FROZEN) * width
+        if trained and stage == 2:
+            device["buffers"] += min(DEEPSPEED_ZERO["reduce_bucket_size"], trainable) * width
         if name == "actor":
             device["kv_cache"] = (shape.layers * 2 * generation_batch * seq * shape.kv_heads
                                   * shape.head_dim * width)
@@ -226,12 +306,14 @@ def estimate(shapes: dict[str, ModelShape], *, models: tuple[str, ...], dtype: s
     resident = sum(m.device[k] for m in out
                    for k in ("weights", "gradients", "optimizer", "buffers"))
     actor = next((m for m in out if m.name == "actor"), None)
-    phases = {"generation": resident + (actor.device["kv_cache"] if actor else 0),
+    phases = {"generation": resident + (actor.device["kv_cache"] if actor else 0)
+              + rollout_gather,
               "scoring": resident + (actor.device["logits"] if actor else 0),
               "training": resident + max(work.values(), default=0)}
     host = sum(sum(m.host.values()) for m in out)
     return Plan(world_size=world_size, device_memory_gib=device_memory_gib, headroom=headroom,
-                models=tuple(out), phases=phases, host_bytes=host, backend=backend)
+                models=tuple(out), phases=phases, host_bytes=host, backend=backend,
+                zero3=zero3 and backend == "torch")
 
 
 def plan_config(config: Any, *, world_size: int = 1, device_memory_gib: float = 80.0,
