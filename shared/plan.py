@@ -18,9 +18,13 @@ reward model; a served ``name@url`` role lives elsewhere and costs nothing here)
   whatever the dtype, and in mixed precision an fp32 gradient partition too (its estimator's
   "18 = 2 grads16 + 4 grads32 + 4 params32 + 8 optimizer states"), so from ZeRO-1 on both
   dtypes cost 20 bytes per parameter over the ranks. At ZeRO-1/2 this equals DeepSpeed's
-  ``estimate_zero2_model_states_mem_needs`` (2P + 18P/N); its ZeRO-3 estimator counts
-  4 x the largest layer + 18P/N (no 16-bit parameter partition), so ours, 20P/N plus the
-  gathered buffer below, is 11-12 % above it for Llama-2-7b (tests/shared/test_plan.py).
+  ``estimate_zero2_model_states_mem_needs`` (2P + 18P/N). At ZeRO-3 each buffer is counted
+  as DeepSpeed's stage3.py allocates it (:func:`zero3_buffers`): an fp32 model's master
+  partition is its parameter partition (no copy), and the fp32 gradients are held for one
+  optimizer sub-group (``sub_group_size``, 1e9) at a time; its ZeRO-3 estimator counts
+  4 x the largest layer + 18P/N (fp32 gradients for every parameter, no 16-bit parameter
+  partition): for Llama-2-7b in bf16 ours is 7 % below it on one device and 12 % above on 8
+  with the buffers (tests/shared/test_plan.py).
 - **buffers** (DeepSpeed, ZeRO-2/3): the gradient reduce bucket (``reduce_bucket_size``,
   5e8 elements, touched up to the trainable parameters) and, at ZeRO-3 over several ranks,
   the gathered full parameters of the running model (``stage3_max_live_parameters``: 3e7 for
