@@ -25,7 +25,7 @@ reward model; a served ``name@url`` role lives elsewhere and costs nothing here)
   4 x the largest layer + 18P/N (fp32 gradients for every parameter, no 16-bit parameter
   partition): for Llama-2-7b in bf16 ours is 7 % below it on one device and 12 % above on 8
   with the buffers (tests/shared/test_plan.py).
-- **buffers** (DeepSpeed, ZeRO-2/3): the gradient reduce bucket (``reduce_bucket_size``,
+- **buffers** (DeepSpeed, ZeRO-1/2/3): the gradient reduce bucket (``reduce_bucket_size``,
   5e8 elements, touched up to the trainable parameters) and, at ZeRO-3 over several ranks,
   the gathered full parameters of the running model (``stage3_max_live_parameters``: 3e7 for
   the trained models as DeepSpeed-Chat sets it, DeepSpeed's 1e9 for the frozen ones) beside
@@ -299,7 +299,9 @@ def estimate(shapes: dict[str, ModelShape], *, models: tuple[str, ...], dtype: s
                                        checkpointing=checkpointing)
                           + _logits(shape, rows=training_batch, seq=seq))
             device["activations"] = work[name]
-        if trained and stage == 2:
+        if trained and stage in (1, 2):
+            # stage_1_and_2.py setup_buckets: with contiguous_gradients (DeepSpeed's default)
+            # ZeRO-1 and -2 copy each gradient into a reduce_bucket_size bucket, touched up to T
             device["buffers"] += min(DEEPSPEED_ZERO["reduce_bucket_size"], trainable) * width
         if name == "actor":
             device["kv_cache"] = (shape.layers * 2 * generation_batch * seq * shape.kv_heads

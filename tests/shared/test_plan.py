@@ -132,6 +132,7 @@ def test_zero1_and_2_partition_optimizer_then_gradients():
     z1 = _model(_plan(stage=1, world_size=4), "actor")
     assert (z1.device["weights"], z1.device["gradients"]) == (2 * p, 2 * p)
     assert z1.device["optimizer"] == 16 * p // 4
+    assert z1.device["buffers"] == min(500_000_000, p) * 2  # ZeRO-1 fills the bucket too
     z2 = _model(_plan(stage=2, world_size=4), "actor")
     assert z2.device["gradients"] == 2 * p // 4
     assert z2.device["buffers"] == min(500_000_000, p) * 2  # the reduce bucket
