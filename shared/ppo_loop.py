@@ -438,6 +438,8 @@ class PPOLoop:
         # a non-finite score, value or log-prob in the rollout: no step trains on it
         bad_rollout = self._nonfinite_rollout(experience)
         steps: list[dict[str, float]] = []
+        if self.served_critic is not None:  # a rank ahead would train the critic server
+            self.barrier()  # before another rank has its values at the rollout weights
         with self.timer.phase("training"):
             if bad_rollout:
                 self._record_skip(where, [f"rollout {q}" for q in bad_rollout],

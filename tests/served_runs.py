@@ -63,7 +63,14 @@ def run_ppo(backend: str, models: dict[str, str], run_dir: Path, overrides=(), *
         init_distributed()  # a world of one, as `rlhf` starts the torch backend
     summary = run_command(backend, "ppo", run_config or config(*overrides), run_dir,
                           actor=models["policy"], critic=models["reward"], resume=resume)
-    entry = summary["ppo"]
+    return read_run(run_dir, summary["ppo"])
+
+
+def read_run(run_dir: Path, entry: dict[str, Any] | None = None) -> Run:
+    """The PPO step of ``run_dir`` (``entry``: its summary entry; read from summary.json
+    when None)."""
+    if entry is None:
+        entry = json.loads((run_dir / "summary.json").read_text())["ppo"]
     weights = {role: load_file(str(Path(entry[key]) / "model.safetensors"))
                for role, key in (("actor", "final_model"), ("critic", "critic_model"))
                if key in entry}

@@ -5,8 +5,11 @@ its in-process PPO step); `CriticHandler` turns it into the `RoleHandler` the se
 
 The step rule: the server counts the ``train_step`` requests it has applied (``step``, 0 when
 it starts). A request carries the step it expects to be: the server's ``step`` is applied and
-answered; ``step - 1``, the one just applied (a client retrying after a lost answer), gets the
-cached answer again and changes nothing; anything else is refused with a `ConflictError`
+answered; one of the last `ANSWERS_KEPT` steps already applied (a client retrying after a lost
+answer, or another rank of a multi-process actor sending the same global step: every rank
+holds all rows, and a rank may send its next step before another's request for this one
+arrives) gets the cached answer again and changes nothing; anything else is refused with a
+`ConflictError`
 (HTTP 409) naming both numbers, so a server that restarted and lost its state can never train
 a run on from the wrong weights without saying so.
 """
@@ -26,8 +29,13 @@ import numpy as np
 
 from shared.serving.protocol import ConflictError, ProtocolError
 
-__all__ = ["CRITIC_FIELDS", "CRITIC_STATS", "CriticHandler", "CriticTrainer",
+__all__ = ["ANSWERS_KEPT", "CRITIC_FIELDS", "CRITIC_STATS", "CriticHandler", "CriticTrainer",
            "critic_total_steps"]
+
+ANSWERS_KEPT = 4
+"""Answers of the latest applied steps the server keeps for repeats (a rank can be at most one
+step ahead of another: it sends step k + 1 before its own step k's actor update, which waits
+for every rank)."""
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +103,8 @@ class CriticHandler:
         self.trainer, self.identity = trainer, trainer.identity
         self.checkpoint_dir = Path(checkpoint_dir)
         self.step = 0
-        self.last: dict[str, Any] | None = None  # the answer to step - 1
+        self.answers: dict[int, dict[str, Any]] = {}  # the latest steps' answers, by step
+        self.repeats = 0  # requests answered from ``answers``
 
     def call(self, endpoint: str, arrays: dict[str, np.ndarray],
              body: Mapping[str, Any]) -> dict[str, Any]:
@@ -126,9 +135,11 @@ class CriticHandler:
         step = body.get("step")
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ProtocolError(f"step: {step!r} is not a step number (an int >= 0)")
-        if self.last is not None and step == self.step - 1:
-            logger.info("critic train_step %d again (a retry): the cached answer", step)
-            return self.last
+        if step < self.step and step in self.answers:
+            logger.info("critic train_step %d again (a retry or another rank): the cached "
+                        "answer", step)
+            self.repeats += 1
+            return self.answers[step]
         if step != self.step:
             if self.step == 0:
                 lost = (" (this server has applied no step: it started fresh or restarted and "
@@ -164,9 +175,11 @@ class CriticHandler:
                                 f"ppo.gradient_accumulation_steps {accumulation}")
         micro = [{f: arrays[f][a] for f in CRITIC_FIELDS} for a in range(count)]
         stats = self.trainer.train(micro, [float(n) for n in normalizers])
-        self.last = {**{k: float(stats[k]) for k in CRITIC_STATS}, "step": step}
+        answer = {**{k: float(stats[k]) for k in CRITIC_STATS}, "step": step}
+        self.answers = {k: v for k, v in self.answers.items() if k > step - ANSWERS_KEPT}
+        self.answers[step] = answer
         self.step += 1
-        return self.last
+        return answer
 
     # ------------------------------------------------------------ checkpoints
 
@@ -179,7 +192,8 @@ class CriticHandler:
         partial.mkdir(parents=True)
         self.trainer.save(partial / "critic")
         digest = _digest(partial / "critic")
-        record = {"tag": tag, "step": self.step, "digest": digest, "last": self.last}
+        record = {"tag": tag, "step": self.step, "digest": digest,
+                  "answers": [self.answers[k] for k in sorted(self.answers)]}
         (partial / STATE_FILE).write_text(json.dumps(record))
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
@@ -197,6 +211,7 @@ class CriticHandler:
             raise ConflictError(f"critic checkpoint {path}: its files changed since it was "
                                 f"saved (sha256 {digest[:12]}, saved {record['digest'][:12]})")
         self.trainer.load(path / "critic")
-        self.step, self.last = int(record["step"]), record.get("last")
+        self.step = int(record["step"])
+        self.answers = {int(a["step"]): a for a in record.get("answers", [])}
         logger.info("critic checkpoint %s loaded: step %d", tag, self.step)
         return {"tag": tag, "step": self.step, "digest": digest, "path": str(path)}

@@ -166,3 +166,20 @@ def test_async_steps_run_while_the_caller_works_and_reach_the_server_in_order(tm
         assert first.result(10)["critic_loss"] == 2.0
         assert second.result(10)["critic_loss"] == 3.0
     assert critic.applied == 2 and client.step == 2
+
+
+def test_a_rank_a_step_behind_gets_its_answer_from_the_cache(server):
+    """Two ranks send the same steps; one is a step ahead: the late repeat of step 0, after
+    step 1 was applied, is answered from the cache; a step older than the kept ones is 409."""
+    from shared.serving.critic_handler import ANSWERS_KEPT
+
+    thread, handler, critic = server
+    ahead, behind = _client(thread.url), _client(thread.url)
+    first = ahead.train_step(*_micro(1.0))
+    ahead.train_step(*_micro(0.5))
+    assert behind.train_step(*_micro(1.0)) == first  # step 0 again, after step 1
+    assert critic.applied == 2 and handler.step == 2
+    for value in range(ANSWERS_KEPT):
+        ahead.train_step(*_micro(float(value)))
+    with pytest.raises(ServedRoleError, match=r"HTTP 409.*request is for step 1\b"):
+        behind.train_step(*_micro(0.5))  # step 1: no longer kept
