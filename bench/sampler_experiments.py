@@ -276,12 +276,17 @@ def _relayout(x, src: str, dst: str):
     return jnp.transpose(x, [src.index(c) for c in dst])
 
 
+PRODUCT_KV_LAYOUT = "bksd"
+"""``jax_rlhf.models.kv_cache``'s layout, ``[B, kv_heads, max_len, head_dim]`` (it was
+``bskd`` before this experiment: the functional ``split`` variant keeps that one)."""
+
+
 def _relayout_cache(cache, layout: str):
-    """A product (``bskd``) cache with its keys/values in ``KV_LAYOUTS[layout]``."""
+    """A product cache with its keys/values in ``KV_LAYOUTS[layout]``."""
     k_axes, v_axes = KV_LAYOUTS[layout]
     return dataclasses.replace(
-        cache, keys=tuple(_relayout(k, "bskd", k_axes) for k in cache.keys),
-        values=tuple(_relayout(v, "bskd", v_axes) for v in cache.values))
+        cache, keys=tuple(_relayout(k, PRODUCT_KV_LAYOUT, k_axes) for k in cache.keys),
+        values=tuple(_relayout(v, PRODUCT_KV_LAYOUT, v_axes) for v in cache.values))
 
 
 def functional_step(cfg, *, head: bool = True, kv_layout: str = "bskd"):
@@ -425,7 +430,8 @@ def step_variants(ctx: SimpleNamespace, *, rounds: int, hlo_dir: Path | None,
     ref = np.asarray(ref, np.float32)
     check = {}
     for name, w in layouts.items():
-        got, _ = fstep(w, token, prefill(ctx.params, ctx.frozen, ctx.ids, ctx.mask))
+        got, _ = fstep(w, token, _relayout_cache(
+            prefill(ctx.params, ctx.frozen, ctx.ids, ctx.mask), "bskd"))
         got = np.asarray(got, np.float32)
         check[name] = {"max_abs_logit_diff": float(np.max(np.abs(got - ref))),
                        "argmax_agree": float(np.mean(got.argmax(-1) == ref.argmax(-1)))}
@@ -437,7 +443,9 @@ def step_variants(ctx: SimpleNamespace, *, rounds: int, hlo_dir: Path | None,
     caches = {}
 
     def runner(name, fn, *args, layout="bskd"):
-        caches[name] = _relayout_cache(prefill(ctx.params, ctx.frozen, ctx.ids, ctx.mask), layout)
+        caches[name] = prefill(ctx.params, ctx.frozen, ctx.ids, ctx.mask)
+        if fn is not product:
+            caches[name] = _relayout_cache(caches[name], layout)
 
         def call():
             out, caches[name] = fn(*args, token, caches[name])
@@ -459,7 +467,8 @@ def step_variants(ctx: SimpleNamespace, *, rounds: int, hlo_dir: Path | None,
     times = round_robin(fns, rounds=rounds, sync=jax.block_until_ready)
     floor = _matmul_floor(SIZES[ctx.size], batch, max(rounds, 10), cfg.dtype)
 
-    cache = prefill(ctx.params, ctx.frozen, ctx.ids, ctx.mask)
+    product_cache = prefill(ctx.params, ctx.frozen, ctx.ids, ctx.mask)
+    cache = _relayout_cache(product_cache, "bskd")
     int8_hlo = fstep.lower(layouts["int8"], token, cache).compile().as_text()
     d, f = cfg.hidden_size, cfg.intermediate_size
     shapes = {(d, d), (d, f), (f, d), (d, cfg.vocab_size), (d, cfg.num_kv_heads * cfg.head_dim)}
@@ -473,8 +482,10 @@ def step_variants(ctx: SimpleNamespace, *, rounds: int, hlo_dir: Path | None,
     transposes = {}
     for name, fn in cache_sizes.items():
         lay = name[3:] if name.startswith("kv_") else "bskd"
-        text = fn.lower(layouts["split"], token, _relayout_cache(cache, lay)).compile().as_text()
-        transposes[name] = _cache_transposes(text, cache.keys[0].size)
+        lowered = fn.lower(layouts["split"], token, _relayout_cache(product_cache, lay))
+        transposes[name] = _cache_transposes(lowered.compile().as_text(), cache.keys[0].size)
+    lowered = product.lower(ctx.params, ctx.frozen, token, product_cache)
+    transposes["product"] = _cache_transposes(lowered.compile().as_text(), cache.keys[0].size)
     return {"check": check, "times": times, "floor": floor, "cache_transposes": transposes,
             "int8_converts": _int8_converts(int8_hlo, shapes)}
 
