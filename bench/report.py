@@ -148,6 +148,24 @@ def _ppo_row(task, outcome, limits, counts, shapes) -> dict[str, Any]:
     return row
 
 
+def _rollout_logprobs_row(recompute, task, outcome, limits, counts, shapes) -> dict[str, Any]:
+    """The ``conventions.old_logprobs: rollout`` row of a PPO task that ran it alternately with
+    its recompute row (``bench.timing.alternating_ppo_iterations``): its own iterations, the
+    recompute row's plain reference and the process's peak memory (both rows share them),
+    and the ratios of the two rows' iteration and scoring times (same process)."""
+    raw = outcome["result"]
+    own = {**raw["rollout_logprobs"], "plain": raw["plain"],
+           "peak_rss_bytes": raw["peak_rss_bytes"],
+           "rss_after_load_bytes": raw.get("rss_after_load_bytes")}
+    row = _ppo_row({**task, "id": f"{task['id']}/rollout-logprobs", "old_logprobs": "rollout"},
+                   {**outcome, "result": own}, limits, counts, shapes)
+    row["same_process_as"] = recompute["id"]
+    row["vs_recompute_same_process"] = {
+        "iteration": row["iteration_s"] / recompute["iteration_s"],
+        "scoring": row["scoring_s"] / recompute["scoring_s"]}
+    return row
+
+
 def _with_context(row, task, outcome, environment) -> dict[str, Any]:
     machine = environment["machine"]
     row.update(
@@ -246,6 +264,9 @@ def build_document(tasks, outcomes, *, command: str, options, environment) -> di
             rows = [_sft_row(task, outcome, limits, counts, shapes)]
         elif kind == "ppo":
             rows = [_ppo_row(task, outcome, limits, counts, shapes)]
+            if task.get("with_rollout_logprobs"):
+                rows.append(_rollout_logprobs_row(rows[0], task, outcome, limits, counts,
+                                                  shapes))
         elif kind == "recipe":
             recipe.append({"id": task["id"], **outcome["result"],
                            "command": outcome["command"], "load_average":
@@ -286,6 +307,13 @@ def _pct(value: float | None) -> str:
 
 def _gib(value: float | None) -> str:
     return _f(value, 2, 1 / 2**30)
+
+
+def _spread(times: list[float] | None) -> float | None:
+    """(slowest − fastest) / median of timed calls (None for fewer than two)."""
+    if not times or len(times) < 2:
+        return None
+    return (max(times) - min(times)) / statistics.median(times)
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -347,19 +375,22 @@ def render_markdown(doc: dict[str, Any]) -> str:
         lines += [f"## Generation (prompt {s['prompt_len']}, answer {s['answer_len']}, "
                   "sampling, full-length answers)", ""]
         lines += _table(
-            ["model", "implementation", "batch", "tokens/s", "ms/token", "vs HF",
+            ["model", "implementation", "batch", "tokens/s", "spread", "ms/token", "vs HF",
              "vs HF, same process", "% fp32 peak", "% of roofline", "first call s",
              "peak RSS GiB", "other CPU"],
-            [[r["model"], DISPLAY.get(r["backend"], r["backend"]), str(r["batch"]),
-              _f(r["tokens_per_s"]),
+            [[r["model"], DISPLAY.get(r["backend"], r["backend"]) + (
+                " (pairs only)" if r.get("timed") == "paired_only" else ""), str(r["batch"]),
+              _f(r["tokens_per_s"]), _pct(_spread(r.get("times_s"))),
               _f(r["ms_per_token"]), _f(r.get("vs_hf"), 2, suffix="x"),
               _f(r.get("vs_hf_same_process"), 2, suffix="x"),
               _pct(r.get("fraction_of_fp32_peak")), _pct(r.get("fraction_of_roofline")),
               _f(r.get("first_call_s"), 2), _gib(r["peak_rss_bytes"]),
               _pct(r.get("other_cpu_share"))] for r in generation])
-        lines += ["", "vs HF: against the HF generate row (another process); same process: "
-                  "the two timed alternately in one process (the torch rollout path's target "
-                  "is judged on this).", ""]
+        lines += ["", "spread: (slowest − fastest) / median of the row's timed calls. vs HF: "
+                  "against the HF generate row (another process); same process: the two timed "
+                  "alternately in one process (the torch rollout path's target is judged on "
+                  "this). \"pairs only\": the row is timed in those pairs only, with HF's model "
+                  "loaded beside it (its first call runs alone and gives its peak RSS).", ""]
     training = [r for r in results if r["workload"] in ("sft_step", "ppo_iteration")]
     if training:
         lines += ["## Training steps", ""]
@@ -404,8 +435,17 @@ def render_markdown(doc: dict[str, Any]) -> str:
         lines += ["", "Framework overhead = (scoring − plain scoring) + (training − steps × "
                   "plain step) + other, as a share of the iteration. \"rollout log-probs\": "
                   "conventions.old_logprobs rollout (the sampler's log-probs are the old ones; "
-                  "no actor forward in scoring after the first iteration's check), against "
-                  "the same plain loops.", ""]
+                  "no actor forward in scoring; run alone, after its first iteration's "
+                  "check), against the same plain loops.", ""]
+        paired = [r for r in ppo if r.get("vs_recompute_same_process")]
+        if paired:
+            lines += ["Rollout log-probs against recompute, the two rows' iterations "
+                      "alternating in one process (one model load; the plain reference and "
+                      "peak RSS are that process's, shared by both rows): " + "; ".join(
+                          f"{r['model']} {r['backend']}: iteration "
+                          f"{_f(r['vs_recompute_same_process']['iteration'], 2, suffix='x')}, "
+                          f"scoring {_f(r['vs_recompute_same_process']['scoring'], 2, suffix='x')}"
+                          for r in paired) + ".", ""]
     if doc["targets"]:
         lines += ["## Targets", ""]
         lines += _table(["target", "model", "measured", "target", "met"],

@@ -5,14 +5,16 @@ One run measures, each in a fresh process (``bench.worker``):
 1. the machine's limits (fp32 matmul FLOP/s in torch and JAX, bf16 where native, copy
    bandwidth), at the start and again at the end of the run;
 2. generation with the torch rollout path, the JAX sampler and Hugging Face ``generate`` on
-   the same weights, batch 1 and 16, prompt 64 + answer 64, for each model size; on the
-   largest size (where the targets are judged) also the JAX sampler in bf16 and the torch
-   path with ``rollout_decode: packed`` (``--variants``: every variant of
-   ``bench.generation`` at every size);
+   the same weights, batch 1 and 16, prompt 64 + answer 64, for each model size (by default
+   the small one only; ``--sizes tiny,small`` for both); on the largest size (where the
+   targets are judged) also the JAX sampler in bf16 and the torch path with
+   ``rollout_decode: packed``, timed in their pairs with HF ``generate`` only
+   (``--variants``: every variant of ``bench.generation`` at every size);
 3. the SFT step and the PPO actor + critic step of both backends (tokens/s, MFU);
 4. a PPO iteration of both backends, split into generation, scoring and training, and on the
    largest size again with ``conventions.old_logprobs: rollout`` (every size with
-   ``--variants``);
+   ``--variants``), its iterations alternating with the recompute row's in that row's
+   process (one model load, one plain reference for both);
 5. peak memory (max RSS) of each of those processes.
 
 and writes ``<out>/results.json`` and ``<out>/results.md`` (docs/performance.md explains every
@@ -49,7 +51,10 @@ __all__ = ["build_parser", "main", "plan"]
 
 _REPO = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = Path("runs/bench")
-DEFAULT_SIZES = ("tiny", "small")
+DEFAULT_SIZES = ("small",)
+"""The default run measures the small model only (the targets are judged there; ``make bench``
+must fit in 15 minutes on a 2-core CPU); ``--sizes tiny,small`` adds the tiny one, ``--quick``
+runs tiny alone, and ``bench.cost_curves`` keeps its own four sizes."""
 QUICK_SIZES = ("tiny",)
 BACKENDS = ("torch", "jax")
 CORE_IMPLEMENTATIONS = ("hf", "torch", "jax")
@@ -97,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="tiny model only, one timed repeat, short machine probe (~2 min)")
     p.add_argument("--sizes", default=None,
-                   help="comma-separated model sizes (tiny, small, micro); default tiny,small")
+                   help="comma-separated model sizes (tiny, small, micro); default small")
     p.add_argument("--backend", choices=BACKENDS, default=None,
                    help="only this backend's workloads (HF generate always runs as baseline)")
     p.add_argument("--variants", action="store_true",
@@ -111,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed calls first (default 2 for SFT steps, 1 elsewhere)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed calls (default 3 for generation/SFT, 2 PPO iterations; 1 quick)")
+                   help="timed calls (default 2 for generation, 3 for SFT, 2 PPO iterations; "
+                   "1 quick)")
     p.add_argument("--budget", type=float, default=20.0, dest="budget_s", metavar="SECONDS",
                    help="stop timing a workload once its timed calls add up to this (at least "
                    "one call; default 20)")
@@ -190,7 +196,7 @@ def _repeats(options: Options, kind: str) -> int:
         return options.repeats
     if options.quick:
         return 1
-    return 2 if kind == "ppo" else 3
+    return 2 if kind in ("ppo", "generation") else 3
 
 
 def plan(options: Options, *, model_root: Path, work_root: Path) -> list[dict[str, Any]]:
@@ -226,6 +232,7 @@ def plan(options: Options, *, model_root: Path, work_root: Path) -> list[dict[st
     if options.only:
         workloads = [w for w in workloads
                      if any(fnmatch.fnmatchcase(w["id"], pattern) for pattern in options.only)]
+    workloads = _pair_rollout_logprobs(workloads)
     for task in workloads:
         name = task["id"].replace("/", "-")
         task.update(common, warmup=_warmup(options, task["kind"]),
@@ -239,8 +246,26 @@ def plan(options: Options, *, model_root: Path, work_root: Path) -> list[dict[st
             {"id": "machine/start", **machine}, *workloads, {"id": "machine/end", **machine}]
 
 
-def _command(options: Options, task_id: str | None = None) -> str:
-    """The command line that reproduces the run (or one task of it)."""
+def _pair_rollout_logprobs(workloads: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A rollout-log-probs PPO row whose recompute row is planned too runs in that row's
+    process (``with_rollout_logprobs``: ``bench.timing.alternating_ppo_iterations``, the two
+    rows' iterations alternating on one trainer, one plain reference for both); alone (an
+    ``--only`` that picks it alone) it keeps its own process."""
+    ids = {w["id"] for w in workloads}
+    out = []
+    for w in workloads:
+        if w.get("old_logprobs") == "rollout" and w["id"].removesuffix("/rollout-logprobs") in ids:
+            continue
+        if w["kind"] == "ppo" and not w.get("old_logprobs") and \
+                f"{w['id']}/rollout-logprobs" in ids:
+            w = {**w, "with_rollout_logprobs": True,
+                 "row_ids": [w["id"], f"{w['id']}/rollout-logprobs"]}
+        out.append(w)
+    return out
+
+
+def _command(options: Options, task_id: str | list[str] | None = None) -> str:
+    """The command line that reproduces the run (or one task of it: its row ids)."""
     parts = ["python", "-m", "bench.run"]
     if options.gpu_recipe:
         parts.append("--gpu-recipe")
@@ -272,7 +297,8 @@ def _command(options: Options, task_id: str | None = None) -> str:
     if options.profile:
         parts.append("--profile")
     if task_id is not None:
-        parts += ["--only", task_id]
+        for one in [task_id] if isinstance(task_id, str) else task_id:
+            parts += ["--only", one]
     elif options.only:
         for pattern in options.only:
             parts += ["--only", pattern]
@@ -378,7 +404,7 @@ def run(options: Options, *, command: str | None = None) -> dict[str, Any]:
                 outcome = _run_subprocess(task, scratch, options.timeout)
             outcome["cpu"] = meter.stop()
             outcome["command"] = _command(options, None if task["kind"] in (
-                "prepare", "machine") else task["id"])
+                "prepare", "machine") else task.get("row_ids", task["id"]))
             outcomes[task["id"]] = outcome
             status = "ok" if outcome["ok"] else "FAILED"
             share = outcome["cpu"]["other_cpu_share"]

@@ -20,8 +20,9 @@ from typing import Any
 from bench.machine import current_rss_bytes, peak_rss_bytes
 
 __all__ = [
-    "PROFILE_ENV", "finish_ppo_iterations", "iteration_record", "iterations_done",
-    "memory_snapshot", "profile_call", "summarize", "time_calls", "time_pairs",
+    "PROFILE_ENV", "alternating_ppo_iterations", "finish_ppo_iterations", "iteration_record",
+    "iterations_done", "memory_snapshot", "profile_call", "summarize", "time_calls",
+    "time_pairs", "timed_ppo_iterations",
 ]
 
 PROFILE_ENV = "BENCH_PROFILE_DIR"
@@ -150,6 +151,63 @@ def timed_ppo_iterations(trainer: Any, prompts: Any, *, warmup: int, repeats: in
             break
     return finish_ppo_iterations(trainer, prompts, experience, iterations, warmup=warmup,
                                  repeats=repeats, rss_after_load=rss_after_load)
+
+
+def alternating_ppo_iterations(trainer: Any, prompts: Any, *, warmup: int, repeats: int,
+                               budget_s: float | None, rss_after_load: int | None,
+                               sync: Any = None) -> tuple[dict[str, Any], Any]:
+    """The recompute PPO row and its ``conventions.old_logprobs: rollout`` row from one
+    trainer: iterations alternate recompute, rollout, recompute, ... (``warmup`` of each
+    first), switching the loop's old-log-prob rule (``trainer.old_logprobs``) between them,
+    as ``bench.scoring_ab`` alternates the scoring pass: one process, one model load, and
+    the machine's drift shared by both rows. The rollout rule never checks (its iterations are
+    the odd ones; a check iteration runs the actor's forward, i.e. is a recompute one), so
+    every rollout iteration skips the actor's scoring forward, as the timed iterations of a
+    separate rollout run do. Stops once both rows' timed iterations fill ``budget_s`` each.
+
+    Returns the recompute row's result (:func:`finish_ppo_iterations`) with the rollout
+    row's iterations under ``"rollout_logprobs"``, and the last recompute experience."""
+    from shared.old_logprobs import OldLogprobs
+
+    recompute = trainer.old_logprobs
+    if recompute.mode != "recompute":
+        raise ValueError("alternating_ppo_iterations: the trainer's conventions.old_logprobs "
+                         f"is {recompute.mode!r}; it must be recompute (the rollout rule is "
+                         "switched in here)")
+    rules = {"recompute": recompute,
+             "rollout": OldLogprobs(mode="rollout", max_gap=recompute.max_gap,
+                                    check_interval=2**62)}
+    iterations: dict[str, list[dict[str, Any]]] = {name: [] for name in rules}
+    experience = None
+    i = 0
+    try:
+        for _ in range(warmup + repeats):
+            for name, rule in rules.items():
+                trainer.old_logprobs = rule
+                trainer.timer.pop()
+                start = time.perf_counter()
+                exp = trainer.generate_experience(prompts, iteration=i, batch_index=0)
+                metrics = trainer.train_on_experience([exp], iteration=i)
+                if sync is not None:
+                    sync()
+                total = time.perf_counter() - start
+                iterations[name].append(iteration_record(
+                    total, trainer.timer.pop(), rollout_path=trainer.rollout_path,
+                    response_length=metrics["response_length"]))
+                if name == "recompute":
+                    experience = exp
+                i += 1
+            if all(iterations_done(its, warmup, budget_s) for its in iterations.values()):
+                break
+    finally:
+        trainer.old_logprobs = recompute
+    out, experience = finish_ppo_iterations(trainer, prompts, experience,
+                                            iterations["recompute"], warmup=warmup,
+                                            repeats=repeats, rss_after_load=rss_after_load)
+    rollout = iterations["rollout"]
+    out["rollout_logprobs"] = {"iterations": rollout[warmup:], "warmup": rollout[:warmup],
+                               "order": "alternating with recompute, one process"}
+    return out, experience
 
 
 def finish_ppo_iterations(trainer: Any, prompts: Any, experience: Any,

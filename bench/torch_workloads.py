@@ -18,7 +18,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bench.timing import memory_snapshot, time_calls, timed_ppo_iterations
+from bench.timing import (
+    alternating_ppo_iterations,
+    memory_snapshot,
+    time_calls,
+    timed_ppo_iterations,
+)
 from bench.workspace import Shapes, prompt_batch, sft_batch
 
 __all__ = ["ppo_iteration", "sft_step"]
@@ -68,7 +73,8 @@ def sft_step(config: Any, run_dir: Path, lm_dir: str, shapes: Shapes, *, vocab_s
 
 def ppo_iteration(config: Any, run_dir: Path, lm_dir: str, value_dir: str, shapes: Shapes, *,
                   vocab_size: int, warmup: int = 1, repeats: int = 2,
-                  budget_s: float | None = None, plain: bool = True) -> dict[str, Any]:
+                  budget_s: float | None = None, plain: bool = True,
+                  rollout_logprobs: bool = False) -> dict[str, Any]:
     """PPO iterations through ``PPOTrainer`` (generation, scoring, training phases from its
     ``PhaseTimer``), then the plain scoring pass and plain actor + critic step."""
     from torch_rlhf.deepspeed_config import init_distributed
@@ -82,9 +88,10 @@ def ppo_iteration(config: Any, run_dir: Path, lm_dir: str, value_dir: str, shape
     loaded = memory_snapshot()
     prompts = prompt_batch(shapes.ppo_rollout_batch, shapes, vocab_size)
 
-    out, experience = timed_ppo_iterations(trainer, prompts, warmup=warmup, repeats=repeats,
-                                           budget_s=budget_s, rss_after_load=loaded["rss_bytes"],
-                                           sync=_sync)
+    # rollout_logprobs: the conventions.old_logprobs rollout row too, alternating with this one
+    loop = alternating_ppo_iterations if rollout_logprobs else timed_ppo_iterations
+    out, experience = loop(trainer, prompts, warmup=warmup, repeats=repeats,
+                           budget_s=budget_s, rss_after_load=loaded["rss_bytes"], sync=_sync)
     if plain:
         out["plain"] = _plain_ppo(trainer, experience, shapes, warmup=warmup, repeats=repeats,
                                   budget_s=budget_s)

@@ -71,8 +71,10 @@ def run_task(task: dict[str, Any]) -> Any:
         return workloads.sft_step(config, work / "run", lm_dir, shapes, vocab_size=vocab,
                                   **timing)
     if kind == "ppo":
+        # with_rollout_logprobs: the rollout row alternates with this one in this process
         return workloads.ppo_iteration(config, work / "run", lm_dir, value_dir, shapes,
-                                       vocab_size=vocab, **timing)
+                                       vocab_size=vocab, **timing,
+                                       rollout_logprobs=bool(task.get("with_rollout_logprobs")))
     raise ValueError(f"unknown task kind {kind!r}")
 
 

@@ -16,28 +16,62 @@ def _ids(argv: list[str]) -> list[str]:
     return [t["id"] for t in bench_run.plan(options, model_root=Path("m"), work_root=Path("w"))]
 
 
+def _tasks(argv: list[str]) -> list[dict]:
+    options = bench_run._options(bench_run.build_parser().parse_args(argv))  # noqa: SLF001
+    return bench_run.plan(options, model_root=Path("m"), work_root=Path("w"))
+
+
 def test_the_default_run_keeps_what_the_targets_are_judged_on():
     ids = _ids([])
     assert ids[:2] == ["prepare", "machine/start"] and ids[-1] == "machine/end"
-    for size in ("tiny", "small"):  # generation vs HF, SFT and PPO of both backends
-        for impl in ("hf", "torch", "jax"):
-            assert f"generation/{size}/{impl}" in ids
-        for kind in ("sft", "ppo"):
-            assert {f"{kind}/{size}/torch", f"{kind}/{size}/jax"} <= set(ids)
-    # the largest size's target rows: bf16 sampler, rollout_decode packed, rollout log-probs
-    assert {"generation/small/jax_bf16", "generation/small/torch_packed",
-            "ppo/small/torch/rollout-logprobs", "ppo/small/jax/rollout-logprobs"} <= set(ids)
-    assert not any(i.startswith("generation/tiny/") and i.split("/")[2] not in
-                   bench_run.CORE_IMPLEMENTATIONS for i in ids)
-    assert "ppo/tiny/torch/rollout-logprobs" not in ids
+    for impl in ("hf", "torch", "jax"):  # generation vs HF, SFT and PPO of both backends
+        assert f"generation/small/{impl}" in ids
+    for kind in ("sft", "ppo"):
+        assert {f"{kind}/small/torch", f"{kind}/small/jax"} <= set(ids)
+    # the small model's target rows: bf16 sampler, rollout_decode packed
+    assert {"generation/small/jax_bf16", "generation/small/torch_packed"} <= set(ids)
+    # the tiny model only with --sizes tiny,small or --quick; cost curves keep their sizes
+    assert not any("/tiny/" in i for i in ids)
     assert "generation/small/torch_compiled" not in ids
 
 
+def test_the_rollout_logprobs_rows_run_in_their_recompute_rows_process():
+    tasks = {t["id"]: t for t in _tasks([])}
+    for backend in ("torch", "jax"):
+        task = tasks[f"ppo/small/{backend}"]
+        assert task["with_rollout_logprobs"] is True and "old_logprobs" not in task
+        assert task["row_ids"] == [f"ppo/small/{backend}",
+                                   f"ppo/small/{backend}/rollout-logprobs"]
+        # no second process for the rollout row
+        assert f"ppo/small/{backend}/rollout-logprobs" not in tasks
+    # the task's command reproduces both rows
+    options = bench_run._options(bench_run.build_parser().parse_args([]))  # noqa: SLF001
+    assert bench_run._command(options, tasks["ppo/small/jax"]["row_ids"]) == (  # noqa: SLF001
+        "python -m bench.run --only ppo/small/jax --only ppo/small/jax/rollout-logprobs")
+
+
+def test_a_rollout_logprobs_row_picked_alone_keeps_its_own_process():
+    tasks = _tasks(["--only", "ppo/small/torch/rollout-logprobs"])[2:-1]
+    assert [(t["id"], t.get("old_logprobs"), t.get("with_rollout_logprobs")) for t in tasks] == [
+        ("ppo/small/torch/rollout-logprobs", "rollout", None)]
+    recompute = _tasks(["--only", "ppo/small/torch"])[2:-1]
+    assert [t["id"] for t in recompute] == ["ppo/small/torch"]
+    assert "with_rollout_logprobs" not in recompute[0]
+
+
+def test_generation_takes_two_timed_calls_sft_three():
+    repeats = {t["id"]: t["repeats"] for t in _tasks([]) if "repeats" in t}
+    assert repeats["generation/small/hf"] == 2 and repeats["sft/small/torch"] == 3
+    assert repeats["ppo/small/jax"] == 2
+
+
 def test_variants_plan_every_row_at_every_size():
-    ids = set(_ids(["--variants"]))
+    ids = set(_ids(["--variants", "--sizes", "tiny,small"]))
+    tasks = {t["id"]: t for t in _tasks(["--variants", "--sizes", "tiny,small"])}
     for size in ("tiny", "small"):
         assert {f"generation/{size}/{impl}" for impl in IMPLEMENTATIONS} <= ids
-        assert {f"ppo/{size}/{b}/rollout-logprobs" for b in ("torch", "jax")} <= ids
+        for b in ("torch", "jax"):
+            assert tasks[f"ppo/{size}/{b}"]["row_ids"][1] == f"ppo/{size}/{b}/rollout-logprobs"
 
 
 @pytest.mark.parametrize("pattern, expected", [
@@ -46,7 +80,7 @@ def test_variants_plan_every_row_at_every_size():
                                      "ppo/tiny/jax/rollout-logprobs"]),
 ])
 def test_only_picks_from_every_row(pattern, expected):
-    assert _ids(["--only", pattern])[2:-1] == expected
+    assert _ids(["--sizes", "tiny,small", "--only", pattern])[2:-1] == expected
 
 
 def test_the_largest_size_given_gets_the_target_rows():

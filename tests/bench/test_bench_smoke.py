@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bench import run as bench_run
-from bench.generation import PAIRED_WITH_HF
+from bench.generation import PAIRED_ONLY, PAIRED_WITH_HF
 
 REPO = Path(__file__).resolve().parents[2]
 MICRO = dict(sizes="micro", prompt_len=8, answer_len=8, repeats=1, threads=1)
@@ -84,6 +84,9 @@ def test_derived_figures(micro_run):
             pair = r["paired_hf"]
             assert r["vs_hf_same_process"] == pair["vs_hf"] == pytest.approx(
                 pair["hf"]["median_s"] / pair["self"]["median_s"])
+            if r["backend"] in PAIRED_ONLY:  # timed in its pairs only
+                assert r["timed"] == "paired_only"
+                assert r["times_s"] == pair["self"]["times_s"]
     for r in by_workload["sft_step"]:
         assert {"tokens_per_s", "mfu", "plain_mfu", "overhead_fraction",
                 "step_s"} <= set(r)
@@ -94,6 +97,9 @@ def test_derived_figures(micro_run):
         assert r["rollout_path"] in ("module", "jax_sampler")
         assert r["old_logprobs"] == ("rollout" if r["id"].endswith("/rollout-logprobs")
                                      else "recompute")
+        if r["old_logprobs"] == "rollout":  # measured in its recompute row's process
+            assert r["same_process_as"] == r["id"].removesuffix("/rollout-logprobs")
+            assert set(r["vs_recompute_same_process"]) == {"iteration", "scoring"}
     targets = {t["target"] for t in doc["targets"]}
     jax_paired = "vs HF generate, tokens/s at batch 16 (same process, alternating calls)"
     assert {f"JAX sampler {jax_paired}", f"JAX sampler, bf16 rollouts, {jax_paired}",
