@@ -23,6 +23,7 @@ import json
 import math
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,7 @@ class TRLSide:
             events["optimizer_steps"] = events.get("optimizer_steps", 0) + 1
 
         optimizer.register_step_post_hook(count)
+        self.optimizer = _optimizer_info(optimizer)
 
     def iteration(self) -> dict[str, Any]:
         self.events.clear()
@@ -187,6 +189,13 @@ class TRLSide:
                 "generated_tokens": e["generated_tokens"],
                 "optimizer_steps": e.get("optimizer_steps", 0),
                 "step_rows": e.get("step_rows", [])}
+
+
+def _optimizer_info(optimizer) -> dict[str, Any]:
+    defaults = optimizer.defaults
+    return {"class": type(optimizer).__name__, "fused": defaults.get("fused"),
+            "foreach": defaults.get("foreach"),
+            "parameters": sum(p.numel() for g in optimizer.param_groups for p in g["params"])}
 
 
 def _tokenizer():
@@ -218,12 +227,14 @@ class OursSide:
         self.prompts = prompts
         self.index = 0
         self.steps = {"actor": 0, "critic": 0}
+        self.optimizer: dict[str, Any] = {}
         for name in self.steps:
             optimizer = getattr(self.trainer.engine, name).optimizer
             while not hasattr(optimizer, "register_step_post_hook") and hasattr(
                     optimizer, "optimizer"):
                 optimizer = optimizer.optimizer
             optimizer.register_step_post_hook(lambda *_, name=name: self._count(name))
+            self.optimizer[name] = _optimizer_info(optimizer)
 
     def _count(self, name: str) -> None:
         self.steps[name] += 1
@@ -244,6 +255,7 @@ class OursSide:
                    ("generation_time", "scoring_time", "training_time")},
                 "generated_tokens": int(response.shape[0] * response.shape[1]),
                 "response_length": float(metrics["response_length"]),
+                "rollout_path": trainer.rollout_path,
                 "optimizer_steps": {k: self.steps[k] - before[k] for k in self.steps}}
 
 
@@ -292,7 +304,10 @@ def run_peer(size: str = "small", *, repeats: int = 3, warmup: int = 1,
     warm: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
     for round_ in range(warmup + repeats):
         for name, side in sides.items():
-            (warm if round_ < warmup else records)[name].append(side.iteration())
+            record = side.iteration()
+            (warm if round_ < warmup else records)[name].append(record)
+            print(f"peer_trl: round {round_ + 1}/{warmup + repeats} {name} "
+                  f"{record['total_s']:.2f} s", file=sys.stderr, flush=True)
     load["end"] = load_average()
     summary = {name: _summary(rs) for name, rs in records.items()}
     trl_total = summary["trl"]["median_total_s"]
@@ -304,6 +319,7 @@ def run_peer(size: str = "small", *, repeats: int = 3, warmup: int = 1,
                                                     "deepspeed")},
             "trl_expected_work": sides["trl"].expected,
             "trl_distributed_type": sides["trl"].distributed_type,
+            "optimizers": {name: side.optimizer for name, side in sides.items()},
             "threads": _threads(), "load_average": load, "summary": summary,
             "iterations": records, "warmup_iterations": warm}
 
