@@ -15,8 +15,11 @@ on the benchmark's random-weight ``small`` Llama (batch 16, prompt 64, answer 64
   logits) in these weight layouts: ``split`` (as the model stores them), ``fused`` (q/k/v and
   gate/up concatenated once, as a rollout copy could be), ``int8`` (weight-only int8 with a
   per-output-channel scale, converted to the compute dtype inside the step), ``int8_fused``
-  and ``no_head`` (``split`` without the LM head: the head's share of a step). Plus the XLA
-  matmul floor of ``bench.profile_generation`` (the weight matmuls alone).
+  and ``no_head`` (``split`` without the LM head: the head's share of a step); and KV-cache
+  layouts (``split`` uses the old ``[B, S, K, D]``; ``kv_bksd`` is the product's heads-major
+  ``[B, K, S, D]``, ``kv_k_bksd_v_bkds`` values ``[B, K, D, S]``; ``fused+kv_bksd`` both),
+  with the count of whole-cache relayouts in each step's optimized HLO. Plus the XLA matmul
+  floor of ``bench.profile_generation`` (the weight matmuls alone, timed separately).
 - whether XLA fused the int8 -> float convert into the dot: the int8 step's optimized HLO is
   searched for a converted weight-sized buffer outside a dot fusion.
 
