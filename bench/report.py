@@ -440,8 +440,10 @@ def render_markdown(doc: dict[str, Any]) -> str:
         paired = [r for r in ppo if r.get("vs_recompute_same_process")]
         if paired:
             lines += ["Rollout log-probs against recompute, the two rows' iterations "
-                      "alternating in one process (one model load; the plain reference and "
-                      "peak RSS are that process's, shared by both rows): " + "; ".join(
+                      "alternating in one process after the recompute row's warm-up (and one "
+                      "scoring pass without the actor, which warms the rollout row: it has no "
+                      "first iteration of its own); the plain reference and peak RSS are that "
+                      "process's, shared by both rows: " + "; ".join(
                           f"{r['model']} {r['backend']}: iteration "
                           f"{_f(r['vs_recompute_same_process']['iteration'], 2, suffix='x')}, "
                           f"scoring {_f(r['vs_recompute_same_process']['scoring'], 2, suffix='x')}"

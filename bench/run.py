@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=None,
                    help="untimed calls first (default 2 for SFT steps, 1 elsewhere)")
     p.add_argument("--repeats", type=int, default=None,
-                   help="timed calls (default 2 for generation, 3 for SFT, 2 PPO iterations; "
+                   help="timed calls (default 2: generation and SFT calls, PPO iterations; "
                    "1 quick)")
     p.add_argument("--budget", type=float, default=20.0, dest="budget_s", metavar="SECONDS",
                    help="stop timing a workload once its timed calls add up to this (at least "
@@ -196,7 +196,7 @@ def _repeats(options: Options, kind: str) -> int:
         return options.repeats
     if options.quick:
         return 1
-    return 2 if kind in ("ppo", "generation") else 3
+    return 2  # generation and SFT: 3 before make bench had 15 minutes (a median of 2 = mean)
 
 
 def plan(options: Options, *, model_root: Path, work_root: Path) -> list[dict[str, Any]]:

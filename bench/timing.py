@@ -157,13 +157,16 @@ def alternating_ppo_iterations(trainer: Any, prompts: Any, *, warmup: int, repea
                                budget_s: float | None, rss_after_load: int | None,
                                sync: Any = None) -> tuple[dict[str, Any], Any]:
     """The recompute PPO row and its ``conventions.old_logprobs: rollout`` row from one
-    trainer: iterations alternate recompute, rollout, recompute, ... (``warmup`` of each
-    first), switching the loop's old-log-prob rule (``trainer.old_logprobs``) between them,
-    as ``bench.scoring_ab`` alternates the scoring pass: one process, one model load, and
-    the machine's drift shared by both rows. The rollout rule never checks (its iterations are
-    the odd ones; a check iteration runs the actor's forward, i.e. is a recompute one), so
-    every rollout iteration skips the actor's scoring forward, as the timed iterations of a
-    separate rollout run do. Stops once both rows' timed iterations fill ``budget_s`` each.
+    trainer, as ``bench.scoring_ab`` alternates the scoring pass: one process, one model load,
+    the machine's drift shared by both rows. First ``warmup`` recompute iterations, then one
+    scoring pass without the actor's forward on their last rollout (the only code a rollout
+    iteration runs that they did not: JAX compiles that variant there), then timed pairs of
+    iterations, recompute then rollout, switching the loop's old-log-prob rule
+    (``trainer.old_logprobs``). The rollout rule never checks (a check iteration runs the
+    actor's forward, i.e. is a recompute one), so every rollout iteration skips the actor's
+    scoring forward, as the timed iterations of a separate rollout run do. Stops once the
+    timed pairs add up to ``budget_s`` (both rows' iterations together, as
+    :func:`time_pairs` counts a pair; at least one pair, at most ``repeats``).
 
     Returns the recompute row's result (:func:`finish_ppo_iterations`) with the rollout
     row's iterations under ``"rollout_logprobs"``, and the last recompute experience."""
@@ -176,36 +179,47 @@ def alternating_ppo_iterations(trainer: Any, prompts: Any, *, warmup: int, repea
                          "switched in here)")
     rules = {"recompute": recompute,
              "rollout": OldLogprobs(mode="rollout", max_gap=recompute.max_gap,
-                                    check_interval=2**62)}
+                                    check_interval=2**62)}  # checks at iteration 0 only
     iterations: dict[str, list[dict[str, Any]]] = {name: [] for name in rules}
     experience = None
-    i = 0
+
+    def one(name: str, i: int) -> Any:
+        trainer.old_logprobs = rules[name]
+        trainer.timer.pop()
+        start = time.perf_counter()
+        exp = trainer.generate_experience(prompts, iteration=i, batch_index=0)
+        metrics = trainer.train_on_experience([exp], iteration=i)
+        if sync is not None:
+            sync()
+        iterations[name].append(iteration_record(
+            time.perf_counter() - start, trainer.timer.pop(),
+            rollout_path=trainer.rollout_path, response_length=metrics["response_length"]))
+        return exp
+
+    warm_scoring_s = None
     try:
-        for _ in range(warmup + repeats):
-            for name, rule in rules.items():
-                trainer.old_logprobs = rule
-                trainer.timer.pop()
-                start = time.perf_counter()
-                exp = trainer.generate_experience(prompts, iteration=i, batch_index=0)
-                metrics = trainer.train_on_experience([exp], iteration=i)
-                if sync is not None:
-                    sync()
-                total = time.perf_counter() - start
-                iterations[name].append(iteration_record(
-                    total, trainer.timer.pop(), rollout_path=trainer.rollout_path,
-                    response_length=metrics["response_length"]))
-                if name == "recompute":
-                    experience = exp
-                i += 1
-            if all(iterations_done(its, warmup, budget_s) for its in iterations.values()):
+        for i in range(warmup):
+            experience = one("recompute", i)
+        if experience is not None:  # the rollout rule's scoring, untimed in the rows
+            start = time.perf_counter()
+            trainer.score(experience.prompt_ids, experience.prompt_mask, experience.response,
+                          experience.sample_mask, logprobs=False)
+            warm_scoring_s = time.perf_counter() - start
+        i = warmup
+        for _ in range(max(repeats, 1)):
+            experience = one("recompute", i)
+            one("rollout", i + 1)
+            i += 2
+            timed = iterations["recompute"][warmup:] + iterations["rollout"]
+            if budget_s is not None and sum(it["total_s"] for it in timed) >= budget_s:
                 break
     finally:
         trainer.old_logprobs = recompute
     out, experience = finish_ppo_iterations(trainer, prompts, experience,
                                             iterations["recompute"], warmup=warmup,
                                             repeats=repeats, rss_after_load=rss_after_load)
-    rollout = iterations["rollout"]
-    out["rollout_logprobs"] = {"iterations": rollout[warmup:], "warmup": rollout[:warmup],
+    out["rollout_logprobs"] = {"iterations": iterations["rollout"], "warmup": [],
+                               "warmup_scoring_s": warm_scoring_s,
                                "order": "alternating with recompute, one process"}
     return out, experience
 

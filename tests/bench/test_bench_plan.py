@@ -59,10 +59,10 @@ def test_a_rollout_logprobs_row_picked_alone_keeps_its_own_process():
     assert "with_rollout_logprobs" not in recompute[0]
 
 
-def test_generation_takes_two_timed_calls_sft_three():
+def test_every_workload_takes_two_timed_calls():
     repeats = {t["id"]: t["repeats"] for t in _tasks([]) if "repeats" in t}
-    assert repeats["generation/small/hf"] == 2 and repeats["sft/small/torch"] == 3
-    assert repeats["ppo/small/jax"] == 2
+    assert repeats["generation/small/hf"] == repeats["sft/small/torch"] == 2
+    assert repeats["ppo/small/jax"] == 2 and _tasks(["--repeats", "3"])[2]["repeats"] == 3
 
 
 def test_variants_plan_every_row_at_every_size():

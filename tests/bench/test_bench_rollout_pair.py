@@ -5,6 +5,8 @@ is which old-log-prob rule each iteration ran under, not how fast it ran."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 
 from bench.report import _rollout_logprobs_row  # noqa: PLC2701 - the row under test
@@ -30,10 +32,14 @@ class _StubTrainer:
     def generate_experience(self, prompts, *, iteration, batch_index):
         rule = self.old_logprobs
         self.seen.append((iteration, rule.mode, rule.recompute(iteration)))
-        return {"iteration": iteration, "mode": rule.mode}
+        return types.SimpleNamespace(iteration=iteration, mode=rule.mode, prompt_ids=None,
+                                     prompt_mask=None, response=None, sample_mask=None)
 
     def train_on_experience(self, buffer, *, iteration):
         return {"response_length": 4.0}
+
+    def score(self, prompt_ids, prompt_mask, response, sample_mask, *, logprobs=True):
+        self.seen.append(("score", "rollout" if not logprobs else "recompute", logprobs))
 
 
 def test_iterations_alternate_and_rollout_ones_skip_the_actor_forward():
@@ -41,22 +47,24 @@ def test_iterations_alternate_and_rollout_ones_skip_the_actor_forward():
     original = trainer.old_logprobs
     out, experience = alternating_ppo_iterations(trainer, None, warmup=1, repeats=2,
                                                  budget_s=None, rss_after_load=None)
-    assert [(i, mode) for i, mode, _ in trainer.seen] == [
-        (0, "recompute"), (1, "rollout"), (2, "recompute"), (3, "rollout"),
-        (4, "recompute"), (5, "rollout")]
-    # recompute iterations run the actor's forward, rollout ones never (no check iteration)
-    assert all(actor == (mode == "recompute") for _, mode, actor in trainer.seen)
+    # a recompute warm-up, one scoring pass without the actor (the rollout rule's code),
+    # then pairs: recompute, rollout
+    assert trainer.seen == [
+        (0, "recompute", True), ("score", "rollout", False),
+        (1, "recompute", True), (2, "rollout", False),
+        (3, "recompute", True), (4, "rollout", False)]
     assert trainer.old_logprobs is original  # the trainer's own rule is put back
-    assert experience == {"iteration": 4, "mode": "recompute"}  # the plain loops train on it
-    assert len(out["warmup"]) == len(out["rollout_logprobs"]["warmup"]) == 1
+    assert (experience.iteration, experience.mode) == (3, "recompute")  # the plain loops'
+    assert len(out["warmup"]) == 1 and out["rollout_logprobs"]["warmup"] == []
     assert len(out["iterations"]) == len(out["rollout_logprobs"]["iterations"]) == 2
+    assert out["rollout_logprobs"]["warmup_scoring_s"] >= 0
 
 
-def test_the_budget_stops_after_a_whole_pair():
+def test_the_budget_counts_both_rows_and_stops_after_a_whole_pair():
     trainer = _StubTrainer()
     out, _ = alternating_ppo_iterations(trainer, None, warmup=1, repeats=5, budget_s=0.0,
                                         rss_after_load=None)
-    assert len(trainer.seen) == 4  # the warm-up pair and one timed pair
+    assert len(trainer.seen) == 4  # the warm-up, its scoring pass and one timed pair
     assert len(out["iterations"]) == len(out["rollout_logprobs"]["iterations"]) == 1
 
 
@@ -81,8 +89,7 @@ def test_the_report_splits_the_task_into_two_rows_sharing_the_plain_reference():
              "step": {"median_s": 0.5, "times_s": [0.5]}}
     raw = {"iterations": _iterations(4.0, 1.0), "warmup": _iterations(5.0, 1.0),
            "plain": plain, "peak_rss_bytes": 10, "rss_after_load_bytes": 5,
-           "rollout_logprobs": {"iterations": _iterations(3.5, 0.5),
-                                "warmup": _iterations(4.5, 0.5)}}
+           "rollout_logprobs": {"iterations": _iterations(3.5, 0.5), "warmup": []}}
     task = {"id": "ppo/micro/torch", "size": "micro", "with_rollout_logprobs": True}
     outcome = {"result": raw}
     recompute = _ppo_row(task, outcome, {}, counts, shapes)
@@ -92,6 +99,6 @@ def test_the_report_splits_the_task_into_two_rows_sharing_the_plain_reference():
     assert rollout["same_process_as"] == "ppo/micro/torch"
     assert rollout["plain_scoring_s"] == recompute["plain_scoring_s"]
     assert rollout["peak_rss_bytes"] == recompute["peak_rss_bytes"]
-    assert rollout["iteration_s"] == 3.5 and rollout["first_iteration_s"] == 4.5
+    assert rollout["iteration_s"] == 3.5 and rollout["first_iteration_s"] is None
     assert rollout["vs_recompute_same_process"] == pytest.approx(
         {"iteration": 3.5 / 4.0, "scoring": 0.5 / 1.0})
