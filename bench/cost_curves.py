@@ -9,11 +9,13 @@ is ``Plan.process_rss_bytes``: the framework's baseline (``shared.plan.BASELINE_
 re-measured here as the ``micro`` model's point, whose own bytes are under 1 MiB) plus the peak
 phase plus the host share.
 
-Fitted (ordinary least squares over the points; N = parameters of one model, T = rollout
-tokens B x (prompt + answer)):
+Fitted (least squares of the relative residuals over the ZeRO-0 points; N = parameters of one
+model, T = rollout tokens B x (prompt + answer)):
 
-- iteration time ~ a + b N T
-- peak RSS ~ c + d N + e B L (L = prompt + answer)
+- iteration time ~ a + b T + c N T (the points over 1M parameters)
+- peak RSS ~ d + e N + f T
+
+and ZeRO-3 as a factor on time and extra bytes against the ZeRO-0 point of the same model.
 
 Writes ``<out>/cost_curves.json`` and ``<out>/cost_curves.md``; ``--write-docs`` also replaces
 the section between the ``cost-curves`` markers of docs/performance.md
@@ -137,22 +139,42 @@ def _predict(point: dict[str, Any], model_root: Path, work: Path) -> dict[str, A
             "planned_device_bytes": plan.peak_bytes}
 
 
+def _relative_lstsq(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Least squares of the relative residuals (each row weighted by 1 / y): a fit that is as
+    good for a 1 s point as for a 10 s one."""
+    coef, *_ = np.linalg.lstsq(x / y[:, None], np.ones_like(y), rcond=None)
+    return coef
+
+
 def fit(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Least-squares fits of iteration time and peak RSS (module doc) over ``rows``."""
+    """The growth models (module doc), fitted on the ZeRO-0 points (the time model on the
+    points with over 1M parameters: the micro point measures the baseline); ZeRO-3 as its
+    factor on time and extra bytes against the ZeRO-0 point of the same model and shapes.
+    Residuals are relative, for every row (None where a row is not in a model)."""
     n = np.array([r["params"] for r in rows], float)
-    batch = np.array([r["batch"] for r in rows], float)
-    length = np.array([PROMPT_LEN + r["answer"] for r in rows], float)
+    tokens = np.array([r["batch"] * (PROMPT_LEN + r["answer"]) for r in rows], float)
     seconds = np.array([r["iteration_s"] for r in rows], float)
     rss = np.array([r["peak_rss_bytes"] for r in rows], float)
-    time_x = np.stack([np.ones_like(n), n * batch * length], 1)
-    mem_x = np.stack([np.ones_like(n), n, batch * length], 1)
-    (a, b), *_ = np.linalg.lstsq(time_x, seconds, rcond=None)
-    (c, d, e), *_ = np.linalg.lstsq(mem_x, rss, rcond=None)
-    time_fit, mem_fit = time_x @ [a, b], mem_x @ [c, d, e]
-    return {"time": {"a_s": a, "b_s_per_param_token": b,
-                     "relative_residuals": list((seconds - time_fit) / seconds)},
-            "memory": {"c_bytes": c, "d_bytes_per_param": d, "e_bytes_per_token": e,
-                       "relative_residuals": list((rss - mem_fit) / rss)}}
+    zero0 = np.array([r["zero"] == 0 for r in rows])
+    timed = zero0 & (n > 1e6)
+    time_x = np.stack([np.ones_like(n), tokens, n * tokens], 1)
+    mem_x = np.stack([np.ones_like(n), n, tokens], 1)
+    a, b, c = _relative_lstsq(time_x[timed], seconds[timed])
+    d, e, f = _relative_lstsq(mem_x[zero0], rss[zero0])
+    time_res = (seconds - time_x @ [a, b, c]) / seconds
+    mem_res = (rss - mem_x @ [d, e, f]) / rss
+    same = {(r["size"], r["batch"], r["answer"]): r for r in rows if r["zero"] == 0}
+    zero3 = [{"size": r["size"], "time_factor": r["iteration_s"] / base["iteration_s"],
+              "extra_bytes": r["peak_rss_bytes"] - base["peak_rss_bytes"]}
+             for r in rows if r["zero"] == 3
+             and (base := same.get((r["size"], r["batch"], r["answer"]))) is not None]
+    return {"time": {"a_s": a, "b_s_per_token": b, "c_s_per_param_token": c,
+                     "relative_residuals": [float(x) if t else None
+                                            for x, t in zip(time_res, timed, strict=True)]},
+            "memory": {"d_bytes": d, "e_bytes_per_param": e, "f_bytes_per_token": f,
+                       "relative_residuals": [float(x) if z else None
+                                              for x, z in zip(mem_res, zero0, strict=True)]},
+            "zero3": zero3}
 
 
 def _markdown(document: dict[str, Any]) -> str:
@@ -169,6 +191,9 @@ def _markdown(document: dict[str, Any]) -> str:
         "peak RSS MiB | planned MiB | planned − measured | time fit residual | "
         "memory fit residual |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    def pct(value):
+        return "—" if value is None else f"{value:+.1%}"
+
     for r, tres, mres in zip(rows, f["time"]["relative_residuals"],
                              f["memory"]["relative_residuals"], strict=True):
         tokens = r["batch"] * r["answer"] / r["iteration_s"]
@@ -177,18 +202,29 @@ def _markdown(document: dict[str, Any]) -> str:
             f"| {r['size']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['answer']} | "
             f"{r['zero']} | {r['iteration_s']:.2f} | {tokens:.0f} | "
             f"{r['peak_rss_bytes'] / mib:.0f} | {r['planned_rss_bytes'] / mib:.0f} | "
-            f"{error:+.1%} | {tres:+.1%} | {mres:+.1%} |")
+            f"{error:+.1%} | {pct(tres)} | {pct(mres)} |")
     t, m = f["time"], f["memory"]
     errors = [abs(r["planned_rss_bytes"] - r["peak_rss_bytes"]) / r["peak_rss_bytes"]
               for r in rows]
+
+    def worst(residuals):
+        return max(abs(x) for x in residuals if x is not None)
+
+    zero3 = "; ".join(f"{z['size']} × {z['time_factor']:.2f} time, "
+                      f"+{z['extra_bytes'] / mib:.0f} MiB" for z in f["zero3"])
     lines += [
         "",
-        f"- time fit: iteration s ≈ {t['a_s']:.2f} + {t['b_s_per_param_token'] * 1e12:.3f}e-12 "
-        "· N · B · L (N parameters of one model, L = prompt + answer); largest residual "
-        f"{max(map(abs, t['relative_residuals'])):.0%}.",
-        f"- memory fit: peak RSS ≈ {m['c_bytes'] / mib:.0f} MiB + "
-        f"{m['d_bytes_per_param']:.1f} B · N + {m['e_bytes_per_token'] / 1024:.1f} KiB · B · L; "
-        f"largest residual {max(map(abs, m['relative_residuals'])):.0%}.",
+        f"- time fit (ZeRO-0, the points over 1M parameters): iteration s ≈ {t['a_s']:.2f} + "
+        f"{t['b_s_per_token'] * 1e3:.3f} ms · T + {t['c_s_per_param_token'] * 1e12:.1f}e-12 "
+        "s · N · T (N parameters of one model, T = B · (prompt + answer) rollout tokens: a "
+        "fixed cost, a per-token cost of the layers that do not grow with N, the matmuls); "
+        f"largest residual {worst(t['relative_residuals']):.1%}.",
+        f"- memory fit (ZeRO-0): peak RSS ≈ {m['d_bytes'] / mib:.0f} MiB + "
+        f"{m['e_bytes_per_param']:.1f} B · N + {m['f_bytes_per_token'] / 1024:.0f} KiB · T; "
+        f"largest residual {worst(m['relative_residuals']):.1%}.",
+        f"- ZeRO-3 against ZeRO-0 on one process (same model and shapes): {zero3 or 'no pair'}."
+        " On one process ZeRO-3 partitions nothing away and adds its gathers, hooks and "
+        "buffers (docs/plan.md).",
         f"- `rlhf plan` (process RSS = baseline {document['baseline_bytes'] / mib:.0f} MiB "
         "+ peak phase + host) against the measured peak: largest error "
         f"{max(errors):.0%}, mean {np.mean(errors):.0%}; the micro point measures the "

@@ -217,17 +217,34 @@ def check_targets(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 + (" (same process, alternating calls)" if paired is not None else ""),
                 paired if paired is not None else
                 ratio(f"generation/{size}/{impl}/b{big}", f"generation/{size}/hf/b{big}"), 3.0)
-        bf16 = by_id.get(f"generation/{size}/jax_bf16/b{big}")
-        if bf16:  # ppo.rollout_dtype: bfloat16 (issue 16: 3x HF and 80 % of its roofline)
-            add(f"JAX sampler, bf16 rollouts, share of its roofline at batch {big}",
-                bf16.get("fraction_of_roofline"), 0.80, unit="fraction")
-    for batch in batches:
-        torch_row = by_id.get(f"generation/{size}/torch/b{batch}") or {}
-        paired = torch_row.get("vs_hf_same_process")
-        add(f"torch rollout path vs HF generate, tokens/s at batch {batch}"
-            + (" (same process, alternating calls)" if paired is not None else ""),
-            paired if paired is not None else
-            ratio(f"generation/{size}/torch/b{batch}", f"generation/{size}/hf/b{batch}"), 1.0)
+        # issue 16 item 1: 3x HF and 80 % of the roofline, fp32 and (ppo.rollout_dtype) bf16
+        for impl, name in (("jax", "JAX sampler"), ("jax_bf16", "JAX sampler, bf16 rollouts,")):
+            row = by_id.get(f"generation/{size}/{impl}/b{big}")
+            if row:
+                add(f"{name} share of its roofline at batch {big}",
+                    row.get("fraction_of_roofline"), 0.80, unit="fraction")
+    # issue 16 item 2: >= 1.3x HF at the largest batch, >= 1x at batch 1 (the default module
+    # path, and engine.torch.rollout_decode: packed)
+    for impl, name in (("torch", "torch rollout path"),
+                       ("torch_packed", "torch rollout path, rollout_decode packed,")):
+        for batch in batches:
+            row = by_id.get(f"generation/{size}/{impl}/b{batch}")
+            if row is None:
+                continue
+            paired = row.get("vs_hf_same_process")
+            add(f"{name} vs HF generate, tokens/s at batch {batch}"
+                + (" (same process, alternating calls)" if paired is not None else ""),
+                paired if paired is not None else
+                ratio(f"generation/{size}/{impl}/b{batch}", f"generation/{size}/hf/b{batch}"),
+                1.3 if batch == big and batch > 1 else 1.0)
+    # issue 16 item 3: scoring <= 15 % of a PPO iteration
+    for backend in ("torch", "jax"):
+        for suffix, label in (("", ""), ("/rollout-logprobs", ", rollout log-probs")):
+            row = by_id.get(f"ppo/{size}/{backend}{suffix}")
+            if row and row.get("iteration_s"):
+                add(f"{backend} PPO scoring share of the iteration{label}",
+                    row["scoring_s"] / row["iteration_s"], 0.15, higher_is_better=False,
+                    unit="fraction")
     for backend in ("torch", "jax"):
         sft, ppo = by_id.get(f"sft/{size}/{backend}"), by_id.get(f"ppo/{size}/{backend}")
         if sft:
@@ -404,7 +421,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
                              _pct(r.get("other_cpu_share"))])
             else:
                 plain = r["plain_step_s"]
-                rows.append([r["model"], r["backend"], "PPO actor+critic step",
+                rows.append([r["model"], r["backend"], "PPO actor+critic step"
+                             + (", rollout log-probs iterations"
+                                if r["id"].endswith("/rollout-logprobs") else ""),
                              str(r["ppo_step_tokens"]), _f(r["ppo_step_s"], 2),
                              _f(r["ppo_step_tokens_per_s"]), _pct(r.get("ppo_step_mfu")),
                              _pct(r.get("plain_step_mfu")),
