@@ -1,14 +1,10 @@
 """Static-shape key/value cache and the per-call attention context derived from masks.
 
-The cache is pre-allocated to `[B, kv_heads, max_len, head_dim]` per layer and written at one
-shared slot index, so a jitted decode step never changes shape. Heads come before slots: the
-attention dots batch over (row, head), and in this layout XLA reads the cache as it is; in
-`[B, max_len, kv_heads, head_dim]` it relaid every layer's keys and values out on every decode
-step (two whole-cache transposes per layer; `bench.sampler_experiments`).
-
-The cache also remembers which slots hold real tokens (`mask`), so left-padded prompts stay
-masked for the whole generation and positions continue from the number of real tokens seen,
-exactly as a full forward over the concatenated sequence computes them.
+The cache is pre-allocated to `[B, max_len, kv_heads, head_dim]` per layer and written at one
+shared slot index, so a jitted decode step never changes shape. It also remembers which slots hold
+real tokens (`mask`), so left-padded prompts stay masked for the whole generation and positions
+continue from the number of real tokens seen, exactly as a full forward over the concatenated
+sequence computes them.
 """
 
 from __future__ import annotations
@@ -30,9 +26,9 @@ class KVCache:
     """
 
     keys: tuple[jax.Array, ...]
-    """Per layer `[B, kv_heads, max_len, head_dim]`, RoPE already applied (Llama)."""
+    """Per layer `[B, max_len, kv_heads, head_dim]`, RoPE already applied (Llama)."""
     values: tuple[jax.Array, ...]
-    """Per layer `[B, kv_heads, max_len, head_dim]`."""
+    """Per layer `[B, max_len, kv_heads, head_dim]`."""
     mask: jax.Array
     """`[B, max_len]` bool: the slot holds a real (non-padding) token."""
     index: jax.Array
@@ -50,7 +46,7 @@ class KVCache:
         dtype: jnp.dtype,
     ) -> KVCache:
         """An empty cache: zero keys/values, no valid slot, write index 0."""
-        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        shape = (batch_size, max_len, num_kv_heads, head_dim)
         return cls(
             keys=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
             values=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
@@ -142,12 +138,10 @@ def window_mask(ctx: AttentionContext, window: int) -> jax.Array:
 def write_layer(
     layer_cache: tuple[jax.Array, jax.Array], keys: jax.Array, values: jax.Array, index
 ) -> tuple[jax.Array, jax.Array]:
-    """Writes `[B, T, K, D]` keys/values into `[B, K, S, D]` cache arrays at slot `index`."""
+    """Writes `[B, T, K, D]` keys/values into `[B, S, K, D]` cache arrays at slot `index`."""
     cache_keys, cache_values = layer_cache
-    start = (0, 0, index, 0)
-    new_keys = jnp.swapaxes(keys, 1, 2).astype(cache_keys.dtype)  # [B, K, T, D]
-    new_values = jnp.swapaxes(values, 1, 2).astype(cache_values.dtype)
+    start = (0, index, 0, 0)
     return (
-        jax.lax.dynamic_update_slice(cache_keys, new_keys, start),
-        jax.lax.dynamic_update_slice(cache_values, new_values, start),
+        jax.lax.dynamic_update_slice(cache_keys, keys.astype(cache_keys.dtype), start),
+        jax.lax.dynamic_update_slice(cache_values, values.astype(cache_values.dtype), start),
     )

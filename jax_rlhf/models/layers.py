@@ -302,12 +302,10 @@ class Attention(nnx.Module):
             cos, sin = self._rope_tables(ctx.positions, x.dtype)  # [B, T, R]
             q = apply_rope(q, cos[:, :, None, None, :], sin[:, :, None, None, :])
             k = apply_rope(k, cos[:, :, None, :], sin[:, :, None, :])
-        kv_axes = "bskd"
         if layer_cache is not None:
-            k, v = write_layer(layer_cache, k, v, ctx.index)  # [B, K, S, D]
-            kv_axes = "bksd"
+            k, v = write_layer(layer_cache, k, v, ctx.index)  # [B, S, K, D]
 
-        scores = jnp.einsum(f"btkgd,{kv_axes}->bkgts", q, k) * self.scale  # [B, K, G, T, S]
+        scores = jnp.einsum("btkgd,bskd->bkgts", q, k) * self.scale  # [B, K, G, T, S]
         if self.logit_softcap is not None:
             scores = jnp.tanh(scores / self.logit_softcap) * self.logit_softcap
         allowed = ctx.allowed  # [B, T, S]
@@ -319,7 +317,7 @@ class Attention(nnx.Module):
             jnp.finfo(jnp.float32).min,  # finite: fully padded query rows stay NaN-free
         )
         probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-        out = jnp.einsum(f"bkgts,{kv_axes}->btkgd", probs, v)  # [B, T, K, G, D]
+        out = jnp.einsum("bkgts,bskd->btkgd", probs, v)  # [B, T, K, G, D]
         out = out.reshape(batch, length, self.num_heads * head_dim)  # [B, T, N*D]
         return self.o_proj(out), (k, v)
 

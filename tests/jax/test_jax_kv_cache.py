@@ -51,4 +51,4 @@ def test_chunked_prefill_equals_one_prefill(ours, token_ids, apply):
     np.testing.assert_allclose(
         jnp.concatenate([first, second], axis=1)[:, 1:], whole[:, 1:], atol=CACHE_TOL, rtol=0
     )
-    assert cache.keys[0].shape == (2, 2, 8, 8)  # [B, kv_heads, max_len, head_dim]
+    assert cache.keys[0].shape == (2, 8, 2, 8)  # [B, max_len, kv_heads, head_dim]
