@@ -16,7 +16,7 @@ on the benchmark's random-weight ``small`` Llama (batch 16, prompt 64, answer 64
   gate/up concatenated once, as a rollout copy could be), ``int8`` (weight-only int8 with a
   per-output-channel scale, converted to the compute dtype inside the step), ``int8_fused``
   and ``no_head`` (``split`` without the LM head: the head's share of a step); and KV-cache
-  layouts (``split`` uses the old ``[B, S, K, D]``; ``kv_bksd`` is the product's heads-major
+  layouts (``split`` uses the old ``[B, S, K, D]``; ``kv_bksd`` is the heads-major
   ``[B, K, S, D]``, ``kv_k_bksd_v_bkds`` values ``[B, K, D, S]``; ``fused+kv_bksd`` both),
   with the count of whole-cache relayouts in each step's optimized HLO. Plus the XLA matmul
   floor of ``bench.profile_generation`` (the weight matmuls alone, timed separately).
@@ -279,7 +279,7 @@ def _relayout(x, src: str, dst: str):
     return jnp.transpose(x, [src.index(c) for c in dst])
 
 
-PRODUCT_KV_LAYOUT = "bksd"
+PRODUCT_KV_LAYOUT = "bskd"  # the product cache: [B, S, K, D] (46cac81 reverted)
 """``jax_rlhf.models.kv_cache``'s layout, ``[B, kv_heads, max_len, head_dim]`` (it was
 ``bskd`` before this experiment: the functional ``split`` variant keeps that one)."""
 
