@@ -21,8 +21,8 @@ from bench.machine import current_rss_bytes, peak_rss_bytes
 
 __all__ = [
     "PROFILE_ENV", "alternating_ppo_iterations", "finish_ppo_iterations", "iteration_record",
-    "iterations_done", "memory_snapshot", "profile_call", "summarize", "time_calls",
-    "time_pairs", "timed_ppo_iterations",
+    "iterations_done", "memory_snapshot", "one_ppo_iteration", "profile_call", "summarize",
+    "time_calls", "time_pairs", "timed_ppo_iterations",
 ]
 
 PROFILE_ENV = "BENCH_PROFILE_DIR"
@@ -127,6 +127,21 @@ def iteration_record(total_s: float, phases: dict[str, float], *, rollout_path: 
             "rollout_path": rollout_path, "response_length": response_length}
 
 
+def one_ppo_iteration(trainer: Any, prompts: Any, i: int, *,
+                      sync: Any = None) -> tuple[dict[str, Any], Any]:
+    """Iteration ``i`` of ``trainer`` on ``prompts``, timed: its :func:`iteration_record` and
+    its experience."""
+    trainer.timer.pop()
+    start = time.perf_counter()
+    experience = trainer.generate_experience(prompts, iteration=i, batch_index=0)
+    metrics = trainer.train_on_experience([experience], iteration=i)
+    if sync is not None:
+        sync()
+    total = time.perf_counter() - start
+    return iteration_record(total, trainer.timer.pop(), rollout_path=trainer.rollout_path,
+                            response_length=metrics["response_length"]), experience
+
+
 def timed_ppo_iterations(trainer: Any, prompts: Any, *, warmup: int, repeats: int,
                          budget_s: float | None, rss_after_load: int | None,
                          sync: Any = None) -> tuple[dict[str, Any], Any]:
@@ -137,16 +152,8 @@ def timed_ppo_iterations(trainer: Any, prompts: Any, *, warmup: int, repeats: in
     iterations = []
     experience = None
     for i in range(warmup + repeats):
-        trainer.timer.pop()
-        start = time.perf_counter()
-        experience = trainer.generate_experience(prompts, iteration=i, batch_index=0)
-        metrics = trainer.train_on_experience([experience], iteration=i)
-        if sync is not None:
-            sync()
-        total = time.perf_counter() - start
-        iterations.append(iteration_record(total, trainer.timer.pop(),
-                                           rollout_path=trainer.rollout_path,
-                                           response_length=metrics["response_length"]))
+        record, experience = one_ppo_iteration(trainer, prompts, i, sync=sync)
+        iterations.append(record)
         if iterations_done(iterations, warmup, budget_s):
             break
     return finish_ppo_iterations(trainer, prompts, experience, iterations, warmup=warmup,
@@ -185,15 +192,8 @@ def alternating_ppo_iterations(trainer: Any, prompts: Any, *, warmup: int, repea
 
     def one(name: str, i: int) -> Any:
         trainer.old_logprobs = rules[name]
-        trainer.timer.pop()
-        start = time.perf_counter()
-        exp = trainer.generate_experience(prompts, iteration=i, batch_index=0)
-        metrics = trainer.train_on_experience([exp], iteration=i)
-        if sync is not None:
-            sync()
-        iterations[name].append(iteration_record(
-            time.perf_counter() - start, trainer.timer.pop(),
-            rollout_path=trainer.rollout_path, response_length=metrics["response_length"]))
+        record, exp = one_ppo_iteration(trainer, prompts, i, sync=sync)
+        iterations[name].append(record)
         return exp
 
     warm_scoring_s = None
