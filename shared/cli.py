@@ -218,6 +218,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="where to write results.json and results.md (default runs/bench)")
             p.add_argument("--quick", action="store_true",
                            help="smallest sizes only (a smoke run, minutes less)")
+            p.add_argument("--variants", action="store_true",
+                           help="also every other generation variant (SDPA, bf16 torch path, "
+                                "rollout_decode static and compiled)")
+            p.add_argument("--write-docs", action=argparse.BooleanOptionalAction, default=None,
+                           help="rewrite docs/performance.md's 'Latest run' section (default: "
+                                "only a full default run does)")
         p.add_argument("overrides", nargs="*", metavar="key=value",
                        help="config overrides (dotted keys or DS-Chat/NeMo names)")
     return parser

@@ -113,8 +113,9 @@ def test_parity_runs_both_backends_not_one(monkeypatch, tmp_path):
 def test_bench_runs_both_backends_unless_one_is_named(monkeypatch):
     seen = []
     fake = types.ModuleType("bench.run")
-    fake.main = lambda config, args: seen.append((args.backend, args.quick)) or 0
+    fake.main = lambda config, args: seen.append(
+        (args.backend, args.quick, args.variants, args.write_docs)) or 0
     monkeypatch.setitem(sys.modules, "bench.run", fake)
     assert cli.main(["bench", "--quick"]) == 0
-    assert cli.main(["bench", "--backend", "jax"]) == 0
-    assert seen == [(None, True), ("jax", False)]
+    assert cli.main(["bench", "--backend", "jax", "--variants", "--no-write-docs"]) == 0
+    assert seen == [(None, True, False, None), ("jax", False, True, False)]
