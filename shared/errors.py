@@ -54,6 +54,7 @@ __all__ = [
     "is_hub_name",
     "loading",
     "one_line",
+    "process_count",
     "process_rank",
 ]
 
@@ -460,6 +461,19 @@ def loading(what: str, name_or_path: str | os.PathLike) -> Iterator[None]:
 
 
 # --------------------------------------------------------------------------- processes
+
+
+def process_count() -> int:
+    """The processes of this run (1 when alone): torchrun / deepspeed's WORLD_SIZE, else the
+    JAX process count once ``jax.distributed`` is up."""
+    if os.environ.get("WORLD_SIZE", "").isdigit():
+        return int(os.environ["WORLD_SIZE"])
+    jax = sys.modules.get("jax")
+    if jax is not None:
+        with contextlib.suppress(Exception):
+            if jax.distributed.is_initialized():
+                return int(jax.process_count())
+    return 1
 
 
 def process_rank() -> int:

@@ -88,7 +88,7 @@ class Launcher:
     def before_step(self, step: str, run_dir: Path) -> None:
         if step != "ppo" or self.processes or not self.roles:
             return
-        from shared.errors import process_rank
+        from shared.errors import process_count, process_rank
 
         if process_rank() != 0:
             return  # rank 0 starts them; every rank waits for them in the PPO loop
@@ -99,8 +99,10 @@ class Launcher:
             model = self._model(role, served, run_dir)
             argv = [sys.executable, "-m", "shared.cli", "serve", role, "--model", model,
                     "--port", str(port), "--backend", self.args.backend]
-            if role == "critic":  # its checkpoints beside the actor's
-                argv += ["--checkpoint-dir", str(run_dir / "ppo" / "critic-server")]
+            if role == "critic":  # its checkpoints beside the actor's; the actor's processes
+                # fix its number of steps (its LR schedule)
+                argv += ["--checkpoint-dir", str(run_dir / "ppo" / "critic-server"),
+                         "--world-size", str(process_count())]
             if self.args.config is not None:
                 argv += ["--config", str(self.args.config)]
             argv += list(self.args.overrides or [])
